@@ -1,0 +1,1 @@
+"""Where a stage runs: ``python -m launch local`` (processes on this machine) or, later, Slurm."""

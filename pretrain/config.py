@@ -1,0 +1,372 @@
+"""Typed run configuration: dataclass defaults, YAML recipes as diffs, ``key=value`` overrides.
+
+A recipe is a YAML mapping of sections (``run``, ``model``, ``data``, ``objective``, ``optim``,
+``train``, ``engine``). It may name a ``base`` recipe (a path relative to itself) that it amends.
+Everything is checked before any work starts: an unknown key, a wrong type or a value out of range
+raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the key or file it is about."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
+
+    def validate(self) -> None:
+        _require(self.threads is None or self.threads > 0, "run.threads", self.threads, "must be positive")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_small_patch16_224"  # any timm vit_* or swin_* name
+    kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (depth, embed_dim, window_size, ...)
+    drop_path: float = 0.1
+    grad_checkpointing: bool = False
+    fused_attn: bool = True
+
+    def validate(self) -> None:
+        _require(self.name.startswith(("vit_", "swin_")), "model.name", self.name,
+                 "must be a timm vit_* or swin_* model")
+        _require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] | None = None  # a writer's output dir, a brace pattern, or a list of URLs
+    val: str | list[str] | None = None
+    prepare: Literal["none", "digits"] = "none"  # write a built-in dataset into data.train's dir on first use
+    synthetic: bool = False  # random uint8 batches instead of shards (benchmarks)
+    num_classes: int | None = None  # taken from the shard index when None
+    train_samples: int | None = None  # taken from the shard index when None
+    batch_size: int = 64  # per process
+    val_batch_size: int | None = None  # defaults to batch_size
+    workers: int = 4
+    image_size: int = 224
+    shuffle_buffer: int = 2000
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    pin_memory: bool = True
+
+    def validate(self) -> None:
+        _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
+        _require(self.val_batch_size is None or self.val_batch_size > 0, "data.val_batch_size",
+                 self.val_batch_size, "must be positive")
+        _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        _require(self.image_size > 0, "data.image_size", self.image_size, "must be positive")
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        _require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
+                 "must be positive")
+        _require(self.train is not None or self.synthetic, "data.train", None,
+                 "is required (or set data.synthetic=true)")
+        _require(self.prepare == "none" or isinstance(self.train, str), "data.prepare", self.prepare,
+                 "needs data.train to be the directory to write into")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Base of every objective's config; ``name`` picks the objective (see pretrain.objectives)."""
+
+    name: str = "supervised"
+
+    def validate(self) -> None:
+        pass
+
+    def validate_run(self, cfg: "Config") -> None:
+        """Checks that involve other sections (batch size, image size, ...)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # absolute peak lr; when None, base_lr * global_batch / base_batch
+    base_lr: float = 1e-3
+    base_batch: int = 1024
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (DINO)
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # alternative to warmup_steps, converted with the epoch length
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        _require(self.lr is None or self.lr > 0, "optim.lr", self.lr, "must be positive")
+        _require(self.base_lr > 0, "optim.base_lr", self.base_lr, "must be positive")
+        _require(self.base_batch > 0, "optim.base_batch", self.base_batch, "must be positive")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _require(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_epochs", self.warmup_epochs,
+                 "cannot be combined with optim.warmup_steps")
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None  # optimizer steps; exactly one of steps and epochs
+    epochs: float | None = None
+    stop_at: int | None = None  # end this run at this step; the schedules still span the whole run
+    grad_accum: int = 1
+    clip_grad: float | None = None
+    eval_every: int = 0  # steps; 0 evaluates only at the end
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
+    resume: bool = True  # continue from run.dir's latest checkpoint when there is one
+    export: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        _require((self.steps is None) != (self.epochs is None), "train.steps", self.steps,
+                 "set exactly one of train.steps and train.epochs")
+        _require(self.steps is None or self.steps > 0, "train.steps", self.steps, "must be positive")
+        _require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
+        _require(self.stop_at is None or self.stop_at > 0, "train.stop_at", self.stop_at, "must be positive")
+        _require(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
+        _require(self.clip_grad is None or self.clip_grad > 0, "train.clip_grad", self.clip_grad,
+                 "must be positive (or null for no clipping)")
+        for key in ("eval_every", "ckpt_every"):
+            _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        _require(self.keep_last > 0, "train.keep_last", self.keep_last, "must be positive")
+        _require(self.log_every > 0, "train.log_every", self.log_every, "must be positive")
+        _require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be positive")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
+
+    def validate(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        self.objective.validate_run(self)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, so the saved YAML is plain and loads back unchanged."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a plain dict, with its ``base`` chain merged underneath it."""
+    path = Path(path).expanduser().resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a path, got {base!r}")
+    return merge(read_recipe(path.parent / base, _seen + (path,)), raw)
+
+
+def merge(base: dict, diff: dict) -> dict:
+    """``diff`` over ``base``, recursively for mappings."""
+    out = dict(base)
+    for key, value in diff.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML (``null``, ``[1, 2]``, ``3e-4``)."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                if child is not None:
+                    raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read, merge and check a recipe; raises ConfigError naming the first bad key."""
+    raw = read_recipe(path) if path else {}
+    raw = apply_overrides(raw, list(overrides))
+    cfg = build(raw)
+    cfg.validate()
+    return cfg
+
+
+def build(raw: dict) -> Config:
+    unknown = set(raw) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        _unknown(sorted(unknown)[0], "", [f.name for f in dataclasses.fields(Config)])
+    sections = {}
+    for section in dataclasses.fields(Config):
+        data = raw.get(section.name, {}) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{section.name}: must be a mapping, got {data!r}")
+        cls = objective_config_class(data.get("name", "supervised")) if section.name == "objective" else \
+            section.default_factory
+        sections[section.name] = _from_dict(cls, data, section.name + ".")
+    return Config(**sections)
+
+
+def objective_config_class(name: Any) -> type:
+    from pretrain.objectives import OBJECTIVES
+
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r}: unknown objective; choose one of {sorted(OBJECTIVES)}")
+    return importlib.import_module(OBJECTIVES[name]).Config
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            _unknown(key, prefix, names)
+        kwargs[key] = _check(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown(key: str, prefix: str, names: list[str]) -> None:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+    raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+
+
+def _check(value: Any, hint: Any, key: str) -> Any:
+    """``value`` converted to ``hint`` (int -> float, list -> tuple), or ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        for option in args:
+            try:
+                return _check(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {_describe(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(repr, args))}")
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    else:
+        raise TypeError(f"unsupported config type {hint!r} for {key}")
+    raise ConfigError(f"{key}={value!r}: expected {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if origin in (list, tuple):
+        return f"a {origin.__name__} of " + ", ".join(_describe(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,146 @@
+"""Where samples live: shard URL lists, the writer's index file, and opening one shard.
+
+A source (``data.train`` / ``data.val``) is one of:
+- a directory written by ``pretrain.data.write`` (its ``index.json`` names shards, counts and classes);
+- a brace pattern (``/data/in21k/train-{000000..001023}.tar``);
+- a list of paths or URLs (``pipe:`` commands, ``http(s)://``, or any fsspec URL whose backend is installed).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+import braceexpand
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "vitscale-shards/1"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardError(ValueError):
+    """A shard source that cannot be used; the message names the shards or the file."""
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    samples: int | None = None  # known when an index describes the shards
+    classes: list[str] | None = None
+    counts: list[int] | None = field(default=None, repr=False)  # samples per shard, aligned with urls
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def resolve(source: str | list[str], split: str) -> ShardSet:
+    """The shards a source names; for a writer directory, those of ``split`` (``train`` or ``val``)."""
+    if isinstance(source, str) and is_local(source) and Path(source).expanduser().is_dir():
+        return read_index(Path(source).expanduser(), split)
+    items = [source] if isinstance(source, str) else list(source)
+    urls = [url for item in items for url in braceexpand.braceexpand(item)]
+    if not urls:
+        raise ShardError(f"no shards in {source!r}")
+    return ShardSet([os.path.expanduser(u) if is_local(u) else u for u in urls])
+
+
+def read_index(directory: Path, split: str) -> ShardSet:
+    path = directory / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{directory} is a directory without {INDEX_NAME}: write it with "
+                         f"`python -m pretrain.data.write` or name its shards with a brace pattern") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: unreadable index: {e}") from None
+    if index.get("format") != INDEX_FORMAT:
+        raise ShardError(f"{path}: format {index.get('format')!r} is not {INDEX_FORMAT!r}")
+    entry = index.get("splits", {}).get(split)
+    if not entry or not entry["shards"]:
+        raise ShardError(f"{path}: no {split!r} split (has: {sorted(index.get('splits', {}))})")
+    shards = entry["shards"]
+    return ShardSet(urls=[str(directory / s["name"]) for s in shards],
+                    samples=sum(s["samples"] for s in shards),
+                    classes=index.get("classes"),
+                    counts=[s["samples"] for s in shards])
+
+
+def write_index(directory: Path, classes: list[str], splits: dict[str, list[dict]], extra: dict = None) -> None:
+    """Write ``index.json`` atomically: ``splits`` maps a split to ``[{name, samples}, ...]``."""
+    index = {"format": INDEX_FORMAT, "classes": classes,
+             "splits": {name: {"samples": sum(s["samples"] for s in shards), "shards": shards}
+                        for name, shards in splits.items()},
+             **(extra or {})}
+    tmp = directory / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, directory / INDEX_NAME)
+
+
+def missing_shards(urls: list[str]) -> list[str]:
+    """Local shards that do not exist or cannot be read (remote ones are checked when opened)."""
+    return [u for u in urls if is_local(u) and not os.access(u, os.R_OK)]
+
+
+def open_shard(url: str) -> IO[bytes]:
+    if is_local(url):
+        return open(url, "rb")
+    scheme = url.split(":", 1)[0]
+    if scheme in ("pipe", "http", "https"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    import fsspec  # object stores: s3://, gs://, ... through whatever backend the user installed
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_tar_samples(url: str, stream: IO[bytes] | None = None) -> Iterator[dict]:
+    """Samples of one shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``, in tar order.
+
+    Files are grouped by their name up to the first dot after the last slash, as WebDataset does.
+    A truncated or corrupt tar raises ``tarfile.TarError`` after the samples read so far.
+    """
+    stream = stream if stream is not None else open_shard(url)
+    try:
+        current: dict | None = None
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                key, dot, ext = base.partition(".")
+                if not dot or key.startswith("__"):
+                    continue
+                key = f"{directory}/{key}" if directory else key
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = data
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+def tar_bytes(samples: list[dict]) -> bytes:
+    """A tar shard in memory from ``[{"__key__": k, ext: bytes, ...}]`` (used by the writer and tests)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext.startswith("__"):
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                info.mode = 0o444
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()

@@ -1,0 +1,113 @@
+"""Process topology from the environment (torchrun, srun, or a single process) and small collectives.
+
+Nothing here is global: callers hold a :class:`DistEnv` and pass it on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (``sum``, ``max`` or ``min``); a no-op for a single process."""
+        if self.world_size > 1:
+            tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX,
+                                         "min": tdist.ReduceOp.MIN}[op])
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            tdist.barrier()
+
+    def sum_counts(self, counts: dict[str, float]) -> dict[str, float]:
+        """Per-key sums of every rank's numbers (keys may differ between ranks; a collective)."""
+        if self.world_size == 1:
+            return dict(counts)
+        gathered = [None] * self.world_size
+        tdist.all_gather_object(gathered, dict(counts))
+        total: dict[str, float] = {}
+        for part in gathered:
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def topology_from_environment() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun or srun set them; (0, 1, 0) otherwise."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
+    """Join (or, alone, create) the process group: NCCL on GPUs, gloo on CPU."""
+    rank, world_size, local_rank = topology_from_environment()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set: start several processes with `python -m launch`")
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not tdist.is_initialized():
+        import datetime
+
+        tdist.init_process_group(backend, rank=rank, world_size=world_size,
+                                 timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def spawn_local(nproc: int, module: str, args: list[str]) -> int:
+    """Run ``python -m module args`` in ``nproc`` local processes through torch.distributed's launcher.
+
+    Returns the exit code: non-zero as soon as any process fails (the others are stopped).
+    """
+    from torch.distributed.run import get_args_parser, run
+
+    launcher_args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", module, *args])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        run(launcher_args)
+    except Exception as e:  # torchrun's ChildFailedError already printed which rank failed and why
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,147 @@
+"""The DeepSpeed engine: the only module that imports deepspeed.
+
+It translates the run config into a DeepSpeed config, wraps the objective with a torch AdamW whose
+step can be skipped (for non-finite losses), sets the scheduled lr and weight decay on the
+optimizer's groups, and saves, loads and gathers the fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import deepspeed
+import torch
+import torch.nn as nn
+from deepspeed.utils import safe_get_full_fp32_param
+
+from pretrain.config import Config, merge
+from pretrain.dist import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights and moments untouched while ``skip`` is set.
+
+    DeepSpeed's ZeRO wrappers call the inner optimizer once per parameter sub-group, so the flag
+    is held for the whole of one ``engine.step()`` rather than consumed by the first call.
+    """
+
+    skip = False
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    generated = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.train.clip_grad or 0.0,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: fused on GPUs, portable on CPU
+        "steps_per_print": 2**62,  # the trainer does the logging
+        "wall_clock_breakdown": False,
+    }
+    return merge(generated, cfg.engine.deepspeed)
+
+
+class Engine:
+    def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
+        self.cfg, self.dist = cfg, dist
+        o = cfg.optim
+        fused = dist.device.type == "cuda"
+        self.optimizer = SkippableAdamW(param_groups, lr=0.0, betas=o.betas, eps=o.eps,
+                                        weight_decay=o.weight_decay, fused=fused or None)
+        for group in self.optimizer.param_groups:
+            group.setdefault("lr_scale", 1.0)
+        self.ds_config = deepspeed_config(cfg, dist.world_size)
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
+                                               dist_init_required=False)
+        self.module = self.engine.module
+
+    # -- one step -----------------------------------------------------------------------------------
+    def set_hyperparameters(self, lr: float, weight_decay: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+            if group.get("apply_weight_decay", True):
+                group["weight_decay"] = weight_decay
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, skip: bool = False) -> None:
+        """One micro-step; at the accumulation boundary the optimizer steps (or skips, on request)."""
+        self.optimizer.skip = skip
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skip = False
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def local_grad_norm(self) -> float:
+        """Norm of the gradients held right now (for ZeRO-0 without mixed precision, where DeepSpeed
+        keeps no norm); call before the boundary ``step``."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    @property
+    def tracks_grad_norm(self) -> bool:
+        return self.cfg.engine.zero_stage > 0 or self.cfg.engine.precision != "fp32"
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def weights_finite(self) -> bool:
+        """Whether every rank's share of the weights is finite (a collective)."""
+        bad = torch.zeros((), device=self.dist.device)
+        for p in self.module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3 holds a partition
+            if not torch.isfinite(local).all():
+                bad.fill_(1.0)
+                break
+        return self.dist.all_reduce(bad, "max").item() == 0
+
+    def save(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
+        return client_state
+
+    def full_fp32_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s state dict with every parameter from the fp32 master weights, on the CPU.
+
+        A collective under ZeRO-3 (every rank must call it); every rank gets the full result.
+        """
+        params = {}
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            params[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        state = {}
+        for name, value in module.state_dict().items():
+            state[name] = params[name] if name in params else value.detach().cpu().clone()
+        return state

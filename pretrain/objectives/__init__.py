@@ -1,0 +1,8 @@
+"""Objectives by name; each module defines ``Config`` (its config section) and ``Objective``.
+
+The trainer names none of them: it builds whatever ``objective.name`` selects from this table.
+"""
+
+OBJECTIVES = {
+    "supervised": "pretrain.objectives.supervised",
+}

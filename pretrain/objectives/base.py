@@ -1,0 +1,90 @@
+"""The Objective interface: everything that differs between supervised, MoBY and DINO training.
+
+An objective owns its backbone, heads, loss, views and any extra state (teacher, queues, centre);
+the trainer only calls the methods below, so a new objective is one new file and one config.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import Config
+from pretrain.dist import DistEnv
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an objective may need to know about the run it is part of."""
+
+    num_classes: int
+    total_steps: int
+    steps_per_epoch: int
+    dist: DistEnv
+
+
+class Objective(nn.Module):
+    def __init__(self, cfg: Config, ctx: RunContext) -> None:
+        super().__init__()
+        self.cfg, self.ctx = cfg, ctx
+
+    # -- data ---------------------------------------------------------------------------------------
+    def train_view(self) -> Callable:
+        """Picklable ``PIL.Image -> dict of uint8 tensors`` run in the data workers."""
+        raise NotImplementedError
+
+    def eval_view(self) -> Callable | None:
+        """The view for validation batches, or None when the objective does not validate."""
+        return None
+
+    # -- training -----------------------------------------------------------------------------------
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of one micro-batch; metrics are detached scalar tensors."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, engine) -> None:
+        """Called after every optimizer step (momentum teachers update here)."""
+
+    def val_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Sums over the batch, including ``count``; the trainer reports ``sum / count`` per key."""
+        raise NotImplementedError
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def backbone(self) -> nn.Module:
+        """The timm model that is exported."""
+        raise NotImplementedError
+
+    def backbone_prefix(self) -> str:
+        """The backbone's name inside this module's state dict (``backbone.`` for ``self.backbone``)."""
+        for name, module in self.named_modules():
+            if module is self.backbone():
+                return name + "."
+        raise ValueError("backbone() is not a submodule of the objective")
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters split into decayed and not decayed (norms, biases, tokens, position
+        embeddings, and whatever the timm models list in ``no_weight_decay()``)."""
+        skip = set()
+        for name, module in self.named_modules():
+            if hasattr(module, "no_weight_decay"):
+                prefix = name + "." if name else ""
+                skip |= {prefix + n for n in module.no_weight_decay()}
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            excluded = param.ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip)
+            (no_decay if excluded else decay).append(param)
+        groups = [{"params": decay, "apply_weight_decay": True},
+                  {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+
+def build_objective(cfg: Config, ctx: RunContext) -> Objective:
+    from pretrain.objectives import OBJECTIVES
+
+    return importlib.import_module(OBJECTIVES[cfg.objective.name]).Objective(cfg, ctx)

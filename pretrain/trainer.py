@@ -1,0 +1,356 @@
+"""The one training loop: batch -> objective -> engine -> after_step -> metrics -> checkpoint.
+
+It names no objective. Everything random is seeded from (run seed, rank, step), and every piece of
+state (step, data position, weights, optimizer, objective buffers) goes into the checkpoint, so a
+resumed run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data._utils.collate import default_collate
+
+from pretrain.checkpoint import Checkpoints, atomic_write, export_backbone
+from pretrain.config import Config, ConfigError
+from pretrain.data import shards
+from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
+from pretrain.dist import DistEnv
+from pretrain.engine import Engine
+from pretrain.metrics import Metrics, memory_gib
+from pretrain.models.backbone import backbone_kwargs
+from pretrain.objectives.base import RunContext, build_objective
+from pretrain.schedules import cosine, scaled_lr, warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's derived numbers, written to ``run.json``."""
+
+    world_size: int
+    global_batch: int
+    peak_lr: float
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    num_classes: int
+    train_samples: int | None
+
+
+def make_plan(cfg: Config, world_size: int, train: shards.ShardSet | None) -> Plan:
+    """Batch, lr and step arithmetic; raises ConfigError when the config leaves it undetermined."""
+    global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
+    samples = cfg.data.train_samples or (train.samples if train else None)
+    steps_per_epoch = samples // global_batch if samples else 0
+    if samples is not None and steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: the global batch of {global_batch} is larger "
+                          f"than the {samples} training samples")
+    if cfg.train.epochs is not None:
+        if not steps_per_epoch:
+            raise ConfigError("train.epochs needs the number of training samples: use shards with an index "
+                              "or set data.train_samples (or use train.steps)")
+        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    else:
+        total = cfg.train.steps
+    warmup = cfg.optim.warmup_steps
+    if cfg.optim.warmup_epochs:
+        if not steps_per_epoch:
+            raise ConfigError("optim.warmup_epochs needs the number of training samples; use optim.warmup_steps")
+        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    num_classes = cfg.data.num_classes or (len(train.classes) if train and train.classes else None)
+    if num_classes is None:
+        raise ConfigError("data.num_classes is required when the shards have no index naming the classes")
+    lr = cfg.optim.lr or scaled_lr(cfg.optim.base_lr, cfg.optim.base_batch, global_batch)
+    return Plan(world_size, global_batch, lr, total, steps_per_epoch or total, min(warmup, total),
+                num_classes, samples)
+
+
+def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSet | None]:
+    """The train and val shards; ShardError listing every missing local shard."""
+    found = []
+    for source, split in ((cfg.data.train, "train"), (cfg.data.val, "val")):
+        if source is None or (cfg.data.synthetic and split == "train"):
+            found.append(None)
+            continue
+        shard_set = shards.resolve(source, split)
+        missing = shards.missing_shards(shard_set.urls)
+        if missing:
+            listed = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise shards.ShardError(f"data.{split}: {len(missing)} of {len(shard_set.urls)} shards are missing "
+                                    f"or unreadable:\n  {listed}")
+        found.append(shard_set)
+    return found[0], found[1]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: DistEnv) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.run_dir = Path(cfg.run.dir)
+        train_set, val_set = resolve_sources(cfg)
+        self.plan = make_plan(cfg, dist.world_size, train_set)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist)
+        self.objective = build_objective(cfg, ctx).to(dist.device)
+        self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
+        self.train_loader = self._train_loader(train_set)
+        self.val_loader = self._val_loader(val_set)
+        self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist)
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
+
+    # -- data ---------------------------------------------------------------------------------------
+    def _train_loader(self, train_set) -> Loader:
+        d = self.cfg.data
+        if d.synthetic:
+            dataset = SyntheticDataset(self.objective.train_view(), d.batch_size, d.image_size,
+                                       self.plan.num_classes, self.cfg.run.seed)
+        else:
+            dataset = ShardDataset(train_set.urls, self.objective.train_view(), d.batch_size, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, seed=self.cfg.run.seed, train=True,
+                                   shuffle_buffer=d.shuffle_buffer)
+        return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda")
+
+    def _val_loader(self, val_set) -> Loader | None:
+        view = self.objective.eval_view()
+        if val_set is None or view is None:
+            return None
+        d = self.cfg.data
+        dataset = ShardDataset(val_set.urls, view, d.val_batch_size or d.batch_size, rank=self.dist.rank,
+                               world_size=self.dist.world_size, seed=self.cfg.run.seed, train=False)
+        return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items() if not k.startswith("__")}
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
+                            "world_size": self.dist.world_size},
+                "data": self.train_loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        trainer = state["trainer"]
+        if trainer["world_size"] != self.dist.world_size:
+            raise RuntimeError(f"the checkpoint was written by {trainer['world_size']} processes, this run has "
+                               f"{self.dist.world_size}: the data stream cannot continue exactly")
+        self.step = trainer["step"]
+        self.nonfinite_steps = trainer["nonfinite_steps"]
+        self.train_loader.load_state_dict(state["data"])
+
+    def resume(self) -> str | None:
+        tag = self.checkpoints.latest() if self.cfg.train.resume else None
+        if tag is not None:
+            self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag))
+        return tag
+
+    def save(self) -> str:
+        return self.checkpoints.save(self.engine, self.step, self.state_dict())
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _seed_step(self, step: int) -> None:
+        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def hyperparameters(self, step: int) -> tuple[float, float]:
+        o, p = self.cfg.optim, self.plan
+        lr = warmup_cosine(step, p.total_steps, p.peak_lr, o.min_lr, p.warmup_steps)
+        wd = o.weight_decay if o.weight_decay_end is None else \
+            cosine(step, p.total_steps, o.weight_decay, o.weight_decay_end)
+        return lr, wd
+
+    def fit(self) -> dict:
+        cfg, dist, plan = self.cfg, self.dist, self.plan
+        resumed = self.resume()
+        end = min(plan.total_steps, cfg.train.stop_at or plan.total_steps)
+        if dist.is_main:
+            self._write_summary({"resumed_from": resumed})
+        metrics = Metrics(self.run_dir, dist, self.step, plan.total_steps, cfg.train.progress)
+        if resumed:
+            metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
+        last_saved = self.step if resumed else -1
+        batches = iter(self.train_loader)
+        window = _Window(self.dist.device)
+        consecutive_nonfinite = 0
+        final: dict = {}
+        try:
+            while self.step < end:
+                step = self.step
+                lr, wd = self.hyperparameters(step)
+                self.engine.set_hyperparameters(lr, wd)
+                self._seed_step(step)
+                self.engine.train()
+                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
+                nonfinite = torch.zeros((), device=dist.device)
+                grad_norm = None
+                for micro in range(cfg.train.grad_accum):
+                    waited = time.perf_counter()
+                    batch = next(batches)
+                    window.data_time += time.perf_counter() - waited
+                    loss, values = self.engine.forward(self._to_device(batch), step)
+                    loss_ok = torch.isfinite(loss.detach())
+                    nonfinite = torch.maximum(nonfinite, (~loss_ok).float())
+                    window.add(torch.where(loss_ok, loss.detach().float(), 0.0), values)
+                    self.engine.backward(loss)
+                    boundary = micro == cfg.train.grad_accum - 1
+                    skip = False
+                    if boundary:
+                        if log_now and not self.engine.tracks_grad_norm:
+                            grad_norm = self.engine.local_grad_norm()
+                        # One host sync per step: every rank must agree to skip, or none does.
+                        skip = bool(dist.all_reduce(nonfinite, "max").item())
+                    self.engine.step(skip=skip)
+                if skip:
+                    self.nonfinite_steps += 1
+                    consecutive_nonfinite += 1
+                    metrics.write(f"step {step}: non-finite loss, step skipped "
+                                  f"({consecutive_nonfinite} in a row, {self.nonfinite_steps} in all)")
+                    if consecutive_nonfinite >= cfg.train.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"step {step}: {consecutive_nonfinite} non-finite losses in a row "
+                            f"(train.max_nonfinite={cfg.train.max_nonfinite}); stopping. The last complete "
+                            f"checkpoint is {self.checkpoints.latest() or 'none'}")
+                else:
+                    consecutive_nonfinite = 0
+                    self.objective.after_step(step, self.engine)
+                self.step = step + 1
+                self.step_times.append(time.perf_counter())
+                window.steps += 1
+                if log_now:
+                    steps_in_window, values = window.flush(dist, plan.global_batch)
+                    values.update({"train/lr": lr, "train/weight_decay": wd,
+                                   "train/memory_gib": memory_gib(dist.device),
+                                   "train/nonfinite_steps": float(self.nonfinite_steps)})
+                    grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
+                    if grad_norm is not None:
+                        values["train/grad_norm"] = grad_norm
+                    values.update({f"data/skipped_{k}": float(v) for k, v in
+                                   dist.sum_counts(self.train_loader.skipped).items()})
+                    metrics.log(self.step, values)
+                    metrics.progress(steps_in_window, loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}",
+                                     img_s=f"{values['train/images_per_s']:.0f}")
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < end:
+                    metrics.log(self.step, self.evaluate())
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                    self.save()
+                    last_saved = self.step
+            final = self.evaluate()
+            if final:
+                metrics.log(self.step, final)
+                metrics.write("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+            if last_saved != self.step:
+                self.save()
+            if cfg.train.export and self.step == plan.total_steps:
+                self.export()
+        finally:
+            metrics.close()
+        skipped = dist.sum_counts(self.train_loader.skipped)  # a collective: before the rank-0 branch
+        if dist.is_main:
+            self._write_summary({"resumed_from": resumed, "step": self.step, "final": final,
+                                 "nonfinite_steps": self.nonfinite_steps, "skipped_samples": skipped})
+        return final
+
+    # -- evaluation and export ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Every validation sample once across ranks; metrics are ``sum / count`` over all of them."""
+        if self.val_loader is None:
+            return {}
+        self.engine.eval()
+        sums: dict[str, torch.Tensor] = {}
+        batches = iter(self.val_loader)
+        placeholder = None
+        while True:
+            batch = next(batches, None)
+            # Under ZeRO-3 a forward gathers weights from every rank, so ranks whose share of the
+            # validation set ran out keep stepping (on a placeholder) until all are done.
+            more = torch.tensor(float(batch is not None), device=self.dist.device)
+            if not self.dist.all_reduce(more, "max").item():
+                break
+            if batch is None:
+                placeholder = placeholder or self._placeholder_batch()
+            else:
+                placeholder = batch
+            out = self.objective.val_step(self._to_device(placeholder))
+            if batch is not None:
+                for key, value in out.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+        self.engine.train()
+        totals = self.dist.sum_counts({k: v.item() for k, v in sums.items()})
+        count = totals.pop("count", 0)
+        return {f"val/{k}": v / max(count, 1) for k, v in sorted(totals.items())}
+
+    def _placeholder_batch(self) -> dict:
+        size = self.cfg.data.image_size
+        view = self.objective.eval_view()(Image.new("RGB", (size, size)))
+        return default_collate([{**view, "label": 0}])
+
+    def export(self) -> Path | None:
+        """The backbone's fp32 master weights in timm's format (a collective; rank 0 writes)."""
+        backbone = self.objective.backbone()
+        state = self.engine.full_fp32_state_dict(backbone)
+        path = None
+        if self.dist.is_main:
+            kwargs = backbone_kwargs(self.cfg.model, self.cfg.data.image_size, self.plan.num_classes)
+            path = export_backbone(state, self.run_dir / "export", self.cfg.model.name, kwargs,
+                                   extra={"step": self.step, "objective": self.cfg.objective.name})
+        self.dist.barrier()
+        return path
+
+    def _write_summary(self, extra: dict) -> None:
+        summary = {**self.plan.__dict__, **extra}
+        atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
+
+
+class _Window:
+    """Sums over the steps since the last log line, kept on the device until they are printed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.values: dict[str, torch.Tensor] = {}
+        self.micro = 0
+        self.steps = 0
+        self.data_time = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        self.loss += loss
+        for key, value in values.items():
+            self.values[key] = self.values.get(key, 0.0) + value.detach().float()
+        self.micro += 1
+
+    def flush(self, dist: DistEnv, global_batch: int) -> tuple[int, dict[str, float]]:
+        """(steps in the window, rank-averaged metrics with throughput and data-wait share); resets."""
+        keys = sorted(self.values)
+        stacked = torch.stack([self.loss, *[self.values[k] for k in keys]]) / max(self.micro, 1)
+        dist.all_reduce(stacked)
+        stacked /= dist.world_size
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = {"train/loss": stacked[0].item(), **{f"train/{k}": stacked[i + 1].item() for i, k in enumerate(keys)},
+               "train/images_per_s": self.steps * global_batch / elapsed,
+               "train/data_wait": self.data_time / elapsed}
+        steps = self.steps
+        self.reset()
+        return steps, out
