@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def train(cfg: Config) -> dict:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     trainer = Trainer(cfg, dist)
+    # SIGUSR1 asks for a checkpoint and a clean stop at the next step boundary (all ranks agree
+    # on it there); launchers send it before a time limit or a preemption.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: trainer.request_stop())
     result = trainer.fit()
     if dist.is_main:
         print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"

@@ -112,6 +112,8 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist)
         self.step = 0
         self.nonfinite_steps = 0
+        self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
+        self.interrupted = False
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -153,6 +155,10 @@ class Trainer:
         self.step = trainer["step"]
         self.nonfinite_steps = trainer["nonfinite_steps"]
         self.train_loader.load_state_dict(state["data"])
+
+    def request_stop(self) -> None:
+        """Save and stop at the next step boundary (safe to call from a signal handler)."""
+        self.stop_requested = True
 
     def resume(self) -> str | None:
         tag = self.checkpoints.latest() if self.cfg.train.resume else None
@@ -215,8 +221,11 @@ class Trainer:
                     if boundary:
                         if log_now and not self.engine.tracks_grad_norm:
                             grad_norm = self.engine.local_grad_norm()
-                        # One host sync per step: every rank must agree to skip, or none does.
-                        skip = bool(dist.all_reduce(nonfinite, "max").item())
+                        # One host sync per step, so that every rank agrees to skip the step (or
+                        # not) and to stop for a save (or not).
+                        flags = torch.stack([nonfinite, torch.tensor(float(self.stop_requested),
+                                                                     device=dist.device)])
+                        skip, stop = (bool(f) for f in dist.all_reduce(flags, "max").tolist())
                     self.engine.step(skip=skip)
                 if skip:
                     self.nonfinite_steps += 1
@@ -249,9 +258,13 @@ class Trainer:
                                      img_s=f"{values['train/images_per_s']:.0f}")
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < end:
                     metrics.log(self.step, self.evaluate())
-                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                if stop or (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
                     self.save()
                     last_saved = self.step
+                if stop:
+                    self.interrupted = True
+                    metrics.write(f"stopped on request at step {self.step}; checkpoint saved")
+                    return {}
             final = self.evaluate()
             if final:
                 metrics.log(self.step, final)
