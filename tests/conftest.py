@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny shards written on the fly, tiny models, and runs through the real entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny ViT and a tiny Swin for 32x32 digits: seconds per run on a CPU.
+TINY_VIT = ["model.name=vit_tiny_patch16_224",
+            "model.kwargs={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2.0}"]
+TINY_SWIN = ["model.name=swin_tiny_patch4_window7_224",
+             "model.kwargs={patch_size: 2, window_size: 4, embed_dim: 16, depths: [1, 1], num_heads: [1, 2]}"]
+# Deterministic, light training settings shared by the integration tests.
+QUIET = ["run.threads=1", "train.progress=false", "data.workers=0", "objective.mixup=0", "objective.cutmix=0",
+         "objective.reprob=0", "objective.auto_augment=null", "objective.hflip=0", "model.drop_path=0",
+         "data.image_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's digits as shards (train and val splits with an index), written once per session."""
+    from pretrain.data.builtin import prepare
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare("digits", out)
+    return out
+
+
+def python_env(threads: int = 1) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def run_module(module: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, as a user would run it."""
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=python_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"python -m {module} {' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout\n{result.stdout[-5000:]}\n--- stderr\n{result.stderr[-8000:]}")
+    return result
