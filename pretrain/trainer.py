@@ -170,8 +170,10 @@ class Trainer:
         return self.checkpoints.save(self.engine, self.step, self.state_dict())
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _seed_step(self, step: int) -> None:
-        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step]).generate_state(1)[0])
+    def _seed_micro_step(self, step: int, micro: int) -> None:
+        """Seed the model-side randomness (drop path, Mixup) from (seed, rank, step, micro-step) alone,
+        so it does not depend on what the data pipeline drew, nor on where a run was resumed."""
+        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step, micro]).generate_state(1)[0])
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -202,7 +204,6 @@ class Trainer:
                 step = self.step
                 lr, wd = self.hyperparameters(step)
                 self.engine.set_hyperparameters(lr, wd)
-                self._seed_step(step)
                 self.engine.train()
                 log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
                 nonfinite = torch.zeros((), device=dist.device)
@@ -211,6 +212,7 @@ class Trainer:
                     waited = time.perf_counter()
                     batch = next(batches)
                     window.data_time += time.perf_counter() - waited
+                    self._seed_micro_step(step, micro)
                     loss, values = self.engine.forward(self._to_device(batch), step)
                     loss_ok = torch.isfinite(loss.detach())
                     nonfinite = torch.maximum(nonfinite, (~loss_ok).float())

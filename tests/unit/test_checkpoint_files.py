@@ -1,0 +1,45 @@
+"""The latest pointer and keep-last-K pruning, on the files alone."""
+
+import pytest
+
+from pretrain.checkpoint import Checkpoints, atomic_write, tag_for
+from pretrain.dist import DistEnv
+
+
+def make(directory, steps):
+    for step in steps:
+        (directory / tag_for(step)).mkdir(parents=True)
+        (directory / tag_for(step) / "weights").write_text(str(step))
+
+
+def test_prune_keeps_the_newest_and_never_the_pointer_target(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=2, dist=DistEnv())
+    make(ckpts.directory, [100, 200, 300, 400])
+    atomic_write(ckpts.directory / "latest", tag_for(300).encode())
+    ckpts.prune(keep=tag_for(300))
+    # 400 is newer than what "latest" names: a save that never completed, so it goes too.
+    assert sorted(p.name for p in ckpts.directory.iterdir() if p.is_dir()) == [tag_for(200), tag_for(300)]
+    assert ckpts.latest() == tag_for(300)
+
+
+def test_keep_last_one_keeps_only_the_latest(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=1, dist=DistEnv())
+    make(ckpts.directory, [1, 2])
+    ckpts.prune(keep=tag_for(2))
+    assert [p.name for p in ckpts.directory.iterdir() if p.is_dir()] == [tag_for(2)]
+
+
+def test_latest_is_none_for_a_fresh_run_and_an_error_when_dangling(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=2, dist=DistEnv())
+    assert ckpts.latest() is None
+    ckpts.directory.mkdir()
+    atomic_write(ckpts.directory / "latest", tag_for(5).encode())
+    with pytest.raises(RuntimeError, match="step_00000005"):
+        ckpts.latest()
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write(tmp_path / "latest", b"step_00000001")
+    atomic_write(tmp_path / "latest", b"step_00000002")
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+    assert (tmp_path / "latest").read_text() == "step_00000002"

@@ -1,0 +1,28 @@
+"""AdamW groups: no weight decay on norms, biases, tokens, position embeddings, relative position biases."""
+
+import pytest
+
+from pretrain.config import load_config
+from pretrain.dist import DistEnv
+from pretrain.objectives.base import RunContext, build_objective
+from tests.conftest import TINY_SWIN, TINY_VIT
+
+
+def groups_by_name(model_args):
+    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.image_size=32", *model_args])
+    objective = build_objective(cfg, RunContext(num_classes=10, total_steps=1, steps_per_epoch=1, dist=DistEnv()))
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed, plain = objective.param_groups()
+    assert decayed["apply_weight_decay"] and not plain["apply_weight_decay"] and plain["weight_decay"] == 0
+    return {names[id(p)] for p in decayed["params"]}, {names[id(p)] for p in plain["params"]}
+
+
+@pytest.mark.parametrize("model, no_decay", [(TINY_VIT, {"model.pos_embed", "model.cls_token"}),
+                                             (TINY_SWIN, {"model.layers.0.blocks.0.attn.relative_position_bias_table"})])
+def test_weight_decay_only_on_weight_matrices(model, no_decay):
+    decayed, plain = groups_by_name(model)
+    assert no_decay <= plain
+    assert all(not n.endswith(".bias") and "norm" not in n for n in decayed)
+    head = "model.head.fc" if model is TINY_SWIN else "model.head"
+    assert f"{head}.weight" in decayed and f"{head}.bias" in plain
+    assert any(n.endswith("qkv.weight") for n in decayed)
