@@ -16,6 +16,7 @@ from pathlib import Path
 from pretrain import DEMO_RECIPE
 from pretrain.config import Config, ConfigError, dump_config, load_config, save_config
 from pretrain.data.shards import ShardError
+from pretrain.trainer import NonFiniteLossError
 
 DEMO_PROCESSES = 2
 
@@ -39,10 +40,12 @@ def preflight(cfg: Config, world_size: int) -> None:
     import timm
 
     from pretrain.data.builtin import prepare
+    from pretrain.engine import check_precision
     from pretrain.trainer import make_plan, resolve_sources
 
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
+    check_precision(cfg.engine.precision)
     if cfg.data.prepare != "none":
         prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

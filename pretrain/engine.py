@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from deepspeed.utils import safe_get_full_fp32_param
 
-from pretrain.config import Config, merge
+from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,21 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return merge(generated, cfg.engine.deepspeed)
 
 
+def check_precision(precision: str) -> None:
+    """ConfigError unless this machine's accelerator can train in ``precision``."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        raise ConfigError(f"engine.precision={precision!r}: not supported on {accelerator.device_name()} "
+                          f"(supported here: {', '.join(k for k, ok in supported.items() if ok)})")
+
+
 class Engine:
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
         self.cfg, self.dist = cfg, dist
+        check_precision(cfg.engine.precision)
         o = cfg.optim
         fused = dist.device.type == "cuda"
         self.optimizer = SkippableAdamW(param_groups, lr=0.0, betas=o.betas, eps=o.eps,

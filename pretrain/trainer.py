@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -115,6 +116,8 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.interrupted = False
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
+        # Fault injection for the tests: steps whose loss is made NaN (e.g. "3,4").
+        self.inject_nan = {int(s) for s in os.environ.get("VITSCALE_TEST_NAN_STEPS", "").split(",") if s}
 
     # -- data ---------------------------------------------------------------------------------------
     def _train_loader(self, train_set) -> Loader:
@@ -206,29 +209,7 @@ class Trainer:
                 self.engine.set_hyperparameters(lr, wd)
                 self.engine.train()
                 log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
-                nonfinite = torch.zeros((), device=dist.device)
-                grad_norm = None
-                for micro in range(cfg.train.grad_accum):
-                    waited = time.perf_counter()
-                    batch = next(batches)
-                    window.data_time += time.perf_counter() - waited
-                    self._seed_micro_step(step, micro)
-                    loss, values = self.engine.forward(self._to_device(batch), step)
-                    loss_ok = torch.isfinite(loss.detach())
-                    nonfinite = torch.maximum(nonfinite, (~loss_ok).float())
-                    window.add(torch.where(loss_ok, loss.detach().float(), 0.0), values)
-                    self.engine.backward(loss)
-                    boundary = micro == cfg.train.grad_accum - 1
-                    skip = False
-                    if boundary:
-                        if log_now and not self.engine.tracks_grad_norm:
-                            grad_norm = self.engine.local_grad_norm()
-                        # One host sync per step, so that every rank agrees to skip the step (or
-                        # not) and to stop for a save (or not).
-                        flags = torch.stack([nonfinite, torch.tensor(float(self.stop_requested),
-                                                                     device=dist.device)])
-                        skip, stop = (bool(f) for f in dist.all_reduce(flags, "max").tolist())
-                    self.engine.step(skip=skip)
+                skip, stop, grad_norm = self._train_step(step, batches, window, want_grad_norm=log_now)
                 if skip:
                     self.nonfinite_steps += 1
                     consecutive_nonfinite += 1
@@ -282,6 +263,37 @@ class Trainer:
             self._write_summary({"resumed_from": resumed, "step": self.step, "final": final,
                                  "nonfinite_steps": self.nonfinite_steps, "skipped_samples": skipped})
         return final
+
+    def _train_step(self, step: int, batches, window: "_Window", want_grad_norm: bool):
+        """One optimizer step over ``train.grad_accum`` micro-batches.
+
+        Returns (skipped, stop requested, grad norm measured here or None). Non-finite losses are
+        detected on the device and agreed on across ranks in the step's single host sync.
+        """
+        dist = self.dist
+        nonfinite = torch.zeros((), device=dist.device)
+        accum = self.cfg.train.grad_accum
+        grad_norm = None
+        for micro in range(accum):
+            waited = time.perf_counter()
+            batch = next(batches)
+            window.data_time += time.perf_counter() - waited
+            self._seed_micro_step(step, micro)
+            loss, values = self.engine.forward(self._to_device(batch), step)
+            if step in self.inject_nan:
+                loss = loss + float("nan")
+            loss_ok = torch.isfinite(loss.detach())
+            nonfinite = torch.maximum(nonfinite, (~loss_ok).float())
+            window.add(torch.where(loss_ok, loss.detach().float(), 0.0), values)
+            self.engine.backward(loss)
+            if micro < accum - 1:
+                self.engine.step()
+        if want_grad_norm and not self.engine.tracks_grad_norm:
+            grad_norm = self.engine.local_grad_norm()
+        stop_flag = torch.tensor(float(self.stop_requested), device=dist.device)
+        skip, stop = (bool(f) for f in dist.all_reduce(torch.stack([nonfinite, stop_flag]), "max").tolist())
+        self.engine.step(skip=skip)
+        return skip, stop, grad_norm
 
     # -- evaluation and export ----------------------------------------------------------------------
     @torch.no_grad()

@@ -34,6 +34,9 @@ def digits_dir(tmp_path_factory) -> Path:
 
 def python_env(threads: int = 1) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    # DeepSpeed compiles a small CPU op on first use; one build cache per virtualenv keeps two
+    # environments (say a checkout's and CI's) from rebuilding it over each other.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     return env

@@ -7,6 +7,7 @@ start-up: the uninterrupted ZeRO-3 run serves the resume, ZeRO-0-vs-3 and export
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,38 @@ def test_missing_shards_are_listed_before_training(tmp_path):
     assert result.returncode == 2
     assert "3 of 3 shards are missing" in result.stderr and "train-000001.tar" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_nonfinite_steps_are_skipped_entirely(runs, tmp_path):
+    """NaN losses at steps 2 and 3 of 4: both skipped on every rank, so the final weights are the
+    weights after step 2, weight decay and all."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run_dir = tmp_path / "nan"
+    env_args = ["launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}", f"data.train={runs.digits}",
+                "data.prepare=none", *EXACT, "engine.zero_stage=3", "train.steps=4", "train.ckpt_every=2",
+                "train.max_nonfinite=3"]
+    os.environ["VITSCALE_TEST_NAN_STEPS"] = "2,3"
+    try:
+        run_module(*env_args)
+    finally:
+        del os.environ["VITSCALE_TEST_NAN_STEPS"]
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["nonfinite_steps"] == 2 and summary["step"] == 4
+    after_step_2 = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000002")
+    export = exported(run_dir)
+    for key, value in after_step_2.items():
+        assert torch.equal(value.float(), export[key.removeprefix("model.")]), key
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(runs, tmp_path):
+    run_dir = tmp_path / "nan-stop"
+    os.environ["VITSCALE_TEST_NAN_STEPS"] = "1,2,3,4,5"
+    try:
+        result = run_module("pretrain", RECIPE, f"run.dir={run_dir}", f"data.train={runs.digits}", "data.prepare=none",
+                            *EXACT, "engine.zero_stage=0", "train.steps=8", "train.max_nonfinite=3", check=False)
+    finally:
+        del os.environ["VITSCALE_TEST_NAN_STEPS"]
+    assert result.returncode == 1
+    assert "step 3: 3 non-finite losses in a row" in result.stderr
+    assert not (run_dir / "checkpoints" / "latest").exists()

@@ -1,0 +1,41 @@
+"""The README's two commands: the demo runs on a fresh machine, and CI runs exactly the test command."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, python_env
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    demo, tests = readme_commands()[:2]
+    ci_lines = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert tests in ci_lines
+    assert "rm -rf .venv" in ci_lines[ci_lines.index(tests) - 1]  # a fresh virtual environment each time
+    assert demo.endswith(".venv/bin/python -m pretrain")
+
+
+def test_demo_runs_from_an_empty_home_and_directory(tmp_path):
+    """`python -m pretrain` with no arguments: writes its shards, trains on 2 processes, exports."""
+    env = python_env()
+    env["HOME"] = str(tmp_path / "home")  # no demo shards yet: it must write them
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run([sys.executable, "-m", "pretrain"], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    run_dir = work / "runs" / "demo"
+    assert (tmp_path / "home/.cache/vitscale/digits/index.json").exists()
+    assert (run_dir / "export" / "backbone.safetensors").exists()
+    assert f"tensorboard --logdir {Path('runs/demo/tb')}" in result.stdout
+    final = json.loads((run_dir / "run.json").read_text())["final"]
+    assert final["val/top1"] > 0.5, final  # ten classes: chance is 0.1
