@@ -171,8 +171,9 @@ def submit_sweep(options: SlurmOptions, base_run_dir: Path, points: list[tuple[s
         jobs = [executor.submit(StageJob(stage, str(stage.run_dir()), options.max_requeues))
                 for _, stage in points]
     for job, (_, stage) in zip(jobs, points):
-        events.record(stage.run_dir(), "submitted", job_id=job.job_id, command=stage.command_line(),
-                      stderr=str(job.paths.stderr).replace("%t", "0"))
+        record = dict(job_id=job.job_id, command=stage.command_line(), stderr=str(job.paths.stderr).replace("%t", "0"))
+        events.record(stage.run_dir(), "submitted", **record)
+        events.record(base_run_dir, "submitted", run_dir=str(stage.run_dir()), **record)  # the sweep's overview
     return [job.job_id for job in jobs]
 
 
@@ -196,6 +197,14 @@ def run(options: SlurmOptions, stage_tokens: list[str], dry_run: bool = False) -
     if dry_run:
         print_dry_run(options, stages, points)
         return 0
+    try:
+        submit(options, stages, points)
+    except submitit.core.utils.FailedJobError as e:  # sbatch's own message says what it refused
+        raise ConfigError(f"sbatch refused the job: {e}") from None
+    return 0
+
+
+def submit(options: SlurmOptions, stages: list[Stage], points: list[tuple[str, Stage]]) -> None:
     if points:
         base = sweep_base(stages[0]).run_dir()
         job_ids = submit_sweep(options, base, points)
@@ -205,8 +214,7 @@ def run(options: SlurmOptions, stage_tokens: list[str], dry_run: bool = False) -
         job_ids = submit_chain(options, stages)
         for job_id, stage in zip(job_ids, stages):
             print(f"submitted job {job_id}: {stage.command_line()} -> {stage.run_dir()}")
-    print(f"follow it with: python -m launch status {(points[0][1] if points else stages[-1]).run_dir()}")
-    return 0
+    print(f"follow it with: python -m launch status {(sweep_base(stages[0]) if points else stages[-1]).run_dir()}")
 
 
 def print_dry_run(options: SlurmOptions, stages: list[Stage], points: list[tuple[str, Stage]]) -> None:
@@ -219,7 +227,7 @@ def print_dry_run(options: SlurmOptions, stages: list[Stage], points: list[tuple
             print(stage.describe_config())
         return
     for i, stage in enumerate(stages):
-        dependency = f"afterok:<job {i - 1}>" if i else None
+        dependency = f"afterok:JOB{i - 1}" if i else None  # the id job i-1 will get
         print(f"# job {i}: {stage.command_line()}\n# run dir: {stage.run_dir()}")
         print(sbatch_script(options, stage, stage.run_dir() / "slurm", dependency))
         print(f"# resolved config of job {i}\n{stage.describe_config()}")

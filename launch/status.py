@@ -80,11 +80,14 @@ def summarize(run_dir: str | Path) -> list[str] | None:
     for event in submitted:
         job_id = event["job_id"]
         state = slurm_state(job_id)
-        later = [e for e in record if e.get("job_id") == job_id and e["event"] != "submitted"]
+        # A sweep's overview points to each task's own run dir, where the task records its events.
+        own = events.read(event["run_dir"]) if "run_dir" in event else record
+        later = [e for e in own if e.get("job_id") == job_id and e["event"] != "submitted"]
         last_event = later[-1]["event"] if later else "submitted"
         requeues = sum(e["event"] == "requeued" for e in later)
+        where = f"run dir {event['run_dir']}" if "run_dir" in event else event.get("command", "")
         out.append(f"job {job_id}: {state or 'gone from Slurm'} (last event: {last_event}, "
-                   f"requeues: {requeues}) {event.get('command', '')}")
+                   f"requeues: {requeues}) {where}")
     step, checkpoint = last_step(run_dir), last_checkpoint(run_dir)
     out.append(f"last step: {step if step is not None else 'none logged'}")
     out.append(f"last checkpoint: {run_dir / 'checkpoints' / checkpoint if checkpoint else 'none'}")

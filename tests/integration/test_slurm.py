@@ -161,11 +161,11 @@ def test_preempted_twice_requeues_resumes_and_continues_the_trajectory(reference
 
 def test_sweep_runs_one_array_task_per_point(digits_dir, tmp_path):
     base = tmp_path / "sweep"
-    job_ids = submit(*ONE_TASK, "--", *stage(digits_dir, base, "train.steps=3", "optim.lr=1e-3,2e-3"))
+    job_ids = submit(*ONE_TASK, "--", *stage(digits_dir, base, "train.steps=3", "optim.lr=0.001,0.002"))
     assert len(job_ids) == 2 and len({j.split("_")[0] for j in job_ids}) == 1  # one array
     for job_id in job_ids:
         assert wait_ended(job_id) == "COMPLETED", logs(base)
-    for lr in ("1e-3", "2e-3"):
+    for lr in ("0.001", "0.002"):
         summary = json.loads((base / f"optim.lr={lr}" / "run.json").read_text())
         assert summary["peak_lr"] == pytest.approx(float(lr)) and summary["step"] == 3
 

@@ -28,7 +28,7 @@ def pretrain(digits_dir, run_dir, *extra):
 def test_dry_run_prints_the_sbatch_script_and_the_resolved_config(digits_dir, tmp_path, capsys):
     code = main(["slurm", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "64G",
                  "--partition", "debug", "--account", "vision", "--qos", "high", "--constraint", "a100",
-                 "--exclude", "node7", "--time", "1-02:30:00", "--job-name", "vit-l", "--",
+                 "--exclude", "node7", "--time", "1-02:30:00", "--job-name", "vit-l", "--dry-run", "--",
                  *pretrain(digits_dir, tmp_path / "run", "data.batch_size=8")])
     out = capsys.readouterr().out
     assert code == 0
@@ -47,13 +47,13 @@ def test_dry_run_of_a_chain_and_a_sweep(digits_dir, tmp_path, capsys):
     assert main(["slurm", "--tasks-per-node", "2", "--dry-run", "--", *pretrain(digits_dir, tmp_path / "a"),
                  "--", *pretrain(digits_dir, tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert out.count("#!/bin/bash") == 2 and "#SBATCH --dependency=afterok:<job 0>" in out
+    assert out.count("#!/bin/bash") == 2 and "#SBATCH --dependency=afterok:JOB0" in out
 
-    assert main(["slurm", "--dry-run", "--", *pretrain(digits_dir, tmp_path / "s", "optim.lr=1e-3,2e-3",
+    assert main(["slurm", "--dry-run", "--", *pretrain(digits_dir, tmp_path / "s", "optim.lr=0.001,0.002",
                                                         "train.steps=3,4")]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-3%4" in out
-    for label in ["optim.lr=1e-3_train.steps=3", "optim.lr=2e-3_train.steps=4"]:
+    for label in ["optim.lr=0.001_train.steps=3", "optim.lr=0.002_train.steps=4"]:
         assert f"# run dir: {tmp_path / 's' / label}\n" in out
 
 
