@@ -57,6 +57,7 @@ class StageJob:
             if main_rank:
                 events.record(self.run_dir, "failed", job_id=env.job_id, error=f"{type(e).__name__}: {e}")
             raise
+        leave_process_group()
         if save_request.received.is_set():
             if main_rank:
                 events.record(self.run_dir, "requeued" if self.requeues < self.max_requeues else "failed",
@@ -97,6 +98,16 @@ class SaveRequest:
 
     def hand_over_to_submitit(self) -> None:
         self._submitit_handler(signal.SIGUSR2, None)
+
+
+def leave_process_group() -> None:
+    """Tear the process group down together: a rank that exits while its peers still hold
+    connections can abort in the communication library's destructors, which fails the whole job."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
 
 
 def export_topology(env) -> None:
@@ -173,7 +184,7 @@ def submit_sweep(options: SlurmOptions, base_run_dir: Path, points: list[tuple[s
     for job, (_, stage) in zip(jobs, points):
         record = dict(job_id=job.job_id, command=stage.command_line(), stderr=str(job.paths.stderr).replace("%t", "0"))
         events.record(stage.run_dir(), "submitted", **record)
-        events.record(base_run_dir, "submitted", run_dir=str(stage.run_dir()), **record)  # the sweep's overview
+        events.record(base_run_dir, "submitted", point=str(stage.run_dir()), **record)  # the sweep's overview
     return [job.job_id for job in jobs]
 
 

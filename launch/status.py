@@ -81,11 +81,11 @@ def summarize(run_dir: str | Path) -> list[str] | None:
         job_id = event["job_id"]
         state = slurm_state(job_id)
         # A sweep's overview points to each task's own run dir, where the task records its events.
-        own = events.read(event["run_dir"]) if "run_dir" in event else record
+        own = events.read(event["point"]) if "point" in event else record
         later = [e for e in own if e.get("job_id") == job_id and e["event"] != "submitted"]
         last_event = later[-1]["event"] if later else "submitted"
         requeues = sum(e["event"] == "requeued" for e in later)
-        where = f"run dir {event['run_dir']}" if "run_dir" in event else event.get("command", "")
+        where = f"run dir {event['point']}" if "point" in event else event.get("command", "")
         out.append(f"job {job_id}: {state or 'gone from Slurm'} (last event: {last_event}, "
                    f"requeues: {requeues}) {where}")
     step, checkpoint = last_step(run_dir), last_checkpoint(run_dir)
