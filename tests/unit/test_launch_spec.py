@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launch.spec import SlurmOptions, parse_stages, resolve_options, split_values, sweep_points, time_minutes
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, for_world_size, load_config
 
 
 @pytest.mark.parametrize("text, minutes", [
@@ -38,7 +38,8 @@ def test_only_top_level_commas_separate_sweep_values():
 
 
 def test_sweep_points_are_the_product_each_in_its_own_run_dir(tmp_path):
-    stage = parse_stages(["pretrain", f"run.dir={tmp_path}", "train.steps=10", "data.mean=[0.5,0.5,0.5]",
+    stage = parse_stages(["pretrain", f"run.dir={tmp_path}", "data.synthetic=true", "data.num_classes=2",
+                          "train.steps=10", "data.mean=[0.5,0.5,0.5]",
                           "optim.lr=0.1,0.2", "run.seed=0,1,2"])[0]
     points = sweep_points(stage)
     assert len(points) == 6
@@ -48,7 +49,8 @@ def test_sweep_points_are_the_product_each_in_its_own_run_dir(tmp_path):
     cfg = first.resolved()
     assert cfg.optim.lr == 0.1 and cfg.run.seed == 0 and cfg.data.mean == (0.5, 0.5, 0.5)
     assert {p.resolved().run.seed for _, p in points} == {0, 1, 2}
-    assert sweep_points(parse_stages(["pretrain", f"run.dir={tmp_path}", "train.steps=10"])[0]) == []
+    no_sweep = parse_stages(["pretrain", f"run.dir={tmp_path}", "data.synthetic=true", "train.steps=1"])[0]
+    assert sweep_points(no_sweep) == []
 
 
 def test_tasks_follow_gpus_unless_given():
@@ -69,3 +71,13 @@ def test_profiles_are_checked_and_flags_override_them(tmp_path):
         resolve_options("no-such-cluster", {})
     with pytest.raises(ConfigError, match="--mem='lots'"):
         resolve_options(None, {"mem": "lots"})
+
+
+def test_a_global_batch_becomes_the_per_process_batch_for_the_world_size():
+    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.global_batch=48", "train.grad_accum=2"])
+    assert for_world_size(cfg, 4).data.batch_size == 6
+    assert for_world_size(cfg, 1).data.batch_size == 24
+    with pytest.raises(ConfigError, match="data.global_batch=48: not divisible by the world size 5 x train.grad_accum 2"):
+        for_world_size(cfg, 5)
+    plain = load_config(None, ["data.synthetic=true", "train.steps=1", "data.batch_size=7"])
+    assert for_world_size(plain, 3).data.batch_size == 7
