@@ -58,6 +58,11 @@ class StageJob:
                 events.record(self.run_dir, "failed", job_id=env.job_id, error=f"{type(e).__name__}: {e}")
             raise
         leave_process_group()
+        if save_request.received.is_set() and not save_request.requeue:
+            if main_rank:
+                events.record(self.run_dir, "stopped", job_id=env.job_id,
+                              error="saved and stopped on SIGTERM (cancelled, or preempted: Slurm requeues it)")
+            return "stopped"
         if save_request.received.is_set():
             if main_rank:
                 events.record(self.run_dir, "requeued" if self.requeues < self.max_requeues else "failed",
@@ -79,16 +84,24 @@ class StageJob:
 
 
 class SaveRequest:
-    """SIGUSR2 (submitit's time-limit and preemption signal) becomes the stage's save-now signal.
+    """SIGUSR2 (submitit's time-limit and preemption signal) and SIGTERM become the stage's save-now signal.
 
-    The handler only sets an event; a thread forwards it as SIGUSR1 once the stage has installed its
-    handler for it (a signal during start-up waits for that instead of killing the process)."""
+    After SIGUSR2 the job requeues itself. SIGTERM comes from a cancellation (which must stay final)
+    or from a preemption that Slurm requeues itself, so it only saves. The handlers only set flags;
+    a thread forwards them as SIGUSR1 once the stage has installed its handler for it (a signal
+    during start-up waits for that instead of killing the process)."""
 
     def __init__(self) -> None:
         self.received = threading.Event()
+        self.requeue = False
         self._submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, lambda signum, frame: self.received.set())
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.received.set())
         threading.Thread(target=self._forward, name="save-request", daemon=True).start()
+
+    def _on_usr2(self, signum, frame) -> None:
+        self.requeue = True
+        self.received.set()
 
     def _forward(self) -> None:
         self.received.wait()

@@ -17,7 +17,7 @@ from pathlib import Path
 from launch import events
 
 ERROR_LINES = 8
-ERROR_PATTERN = re.compile(r"error|exception|traceback|killed|signal|cancelled", re.I)
+ERROR_PATTERN = re.compile(r"error|exception|traceback|killed|cancelled|aborted", re.I)
 
 
 def slurm_state(job_id: str) -> str | None:
