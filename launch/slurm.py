@@ -26,7 +26,8 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from launch import events
-from launch.spec import SlurmOptions, Stage, sweep_base, time_minutes
+from launch.spec import (SlurmOptions, Stage, check_partition, check_stage, parse_stages, sweep_base, sweep_points,
+                         time_minutes)
 from pretrain.config import ConfigError
 
 SAVE_NOW_SIGNAL = signal.SIGUSR1  # what pretrain's trainer (and every stage built on it) listens to
@@ -195,7 +196,8 @@ def submit_sweep(options: SlurmOptions, base_run_dir: Path, points: list[tuple[s
         jobs = [executor.submit(StageJob(stage, str(stage.run_dir()), options.max_requeues))
                 for _, stage in points]
     for job, (_, stage) in zip(jobs, points):
-        record = dict(job_id=job.job_id, command=stage.command_line(), stderr=str(job.paths.stderr).replace("%t", "0"))
+        record = dict(job_id=job.job_id, command=stage.command_line(),
+                      stderr=str(job.paths.stderr).replace("%t", "0"))
         events.record(stage.run_dir(), "submitted", **record)
         events.record(base_run_dir, "submitted", point=str(stage.run_dir()), **record)  # the sweep's overview
     return [job.job_id for job in jobs]
@@ -207,8 +209,6 @@ def submit_sweep(options: SlurmOptions, base_run_dir: Path, points: list[tuple[s
 
 def run(options: SlurmOptions, stage_tokens: list[str], dry_run: bool = False) -> int:
     """Check everything, then submit (or with ``dry_run`` print) the chain or the sweep."""
-    from launch.spec import check_partition, check_stage, parse_stages, sweep_points
-
     stages = parse_stages(stage_tokens)
     points = sweep_points(stages[0]) if len(stages) == 1 else []
     if len(stages) > 1 and any(sweep_points(s) for s in stages):

@@ -193,7 +193,8 @@ def for_world_size(cfg: Config, world_size: int) -> Config:
     per_step = world_size * cfg.train.grad_accum
     _require(cfg.data.global_batch % per_step == 0, "data.global_batch", cfg.data.global_batch,
              f"not divisible by the world size {world_size} x train.grad_accum {cfg.train.grad_accum}")
-    resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.data.global_batch // per_step))
+    data = dataclasses.replace(cfg.data, batch_size=cfg.data.global_batch // per_step)
+    resolved = dataclasses.replace(cfg, data=data)
     resolved.validate()  # checks that involve the batch size (e.g. an even batch for mixup)
     return resolved
 

@@ -77,7 +77,7 @@ def test_a_global_batch_becomes_the_per_process_batch_for_the_world_size():
     cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.global_batch=48", "train.grad_accum=2"])
     assert for_world_size(cfg, 4).data.batch_size == 6
     assert for_world_size(cfg, 1).data.batch_size == 24
-    with pytest.raises(ConfigError, match="data.global_batch=48: not divisible by the world size 5 x train.grad_accum 2"):
+    with pytest.raises(ConfigError, match="global_batch=48: not divisible by the world size 5 x train.grad_accum 2"):
         for_world_size(cfg, 5)
     plain = load_config(None, ["data.synthetic=true", "train.steps=1", "data.batch_size=8"])
     assert for_world_size(plain, 3).data.batch_size == 8
