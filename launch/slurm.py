@@ -213,9 +213,8 @@ def run(options: SlurmOptions, stage_tokens: list[str], dry_run: bool = False) -
     points = sweep_points(stages[0]) if len(stages) == 1 else []
     if len(stages) > 1 and any(sweep_points(s) for s in stages):
         raise ConfigError("a sweep (key=v1,v2) cannot be part of a chain: submit the sweep on its own")
-    jobs = [stage for _, stage in points] or stages
-    for stage in jobs:
-        check_stage(stage, options)
+    for i, stage in enumerate([stage for _, stage in points] or stages):
+        check_stage(stage, options, first=i == 0 or bool(points))
     if not dry_run or shutil.which("sinfo"):
         check_partition(options)
     if dry_run:

@@ -11,6 +11,7 @@ with one run directory per point.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import re
 import shutil
@@ -229,14 +230,21 @@ def sweep_points(stage: Stage) -> list[tuple[str, Stage]]:
 # Checks before submission
 
 
-def check_stage(stage: Stage, options: SlurmOptions) -> None:
-    """A pretrain stage is checked as `launch local` checks it (config, model, shards, batch arithmetic)
-    for the job's world size; other stages get their config read (they check themselves in the job)."""
-    if stage.package == "pretrain":
+def check_stage(stage: Stage, options: SlurmOptions, first: bool = True) -> None:
+    """What can be checked before submission, for the job's world size: a pretrain stage as
+    `launch local` checks it (config, model, shards, batch arithmetic); another stage through its
+    package's ``__main__.check(argv, world_size)`` when it has one. A later stage of a chain may
+    read what an earlier one will write (``pretrained=RUN_DIR``), so only its config is read."""
+    if not first:
+        stage.run_dir()
+    elif stage.package == "pretrain":
         from pretrain.__main__ import preflight
 
         preflight(stage.resolved(), options.world_size)
     else:
+        check = getattr(importlib.import_module(f"{stage.package}.__main__"), "check", None)
+        if check is not None:
+            check(list(stage.argv), options.world_size)
         stage.run_dir()
 
 
