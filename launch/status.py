@@ -70,6 +70,10 @@ def error_lines(stderr_path: str | None, count: int = ERROR_LINES) -> list[str]:
     return lines[-count:]
 
 
+def last_event_of(record: list[dict], job_id: str) -> str | None:
+    return next((e["event"] for e in reversed(record) if e.get("job_id") == job_id), None)
+
+
 def summarize(run_dir: str | Path) -> list[str] | None:
     run_dir = Path(run_dir).expanduser().resolve()
     record = events.read(run_dir)
@@ -91,11 +95,13 @@ def summarize(run_dir: str | Path) -> list[str] | None:
     step, checkpoint = last_step(run_dir), last_checkpoint(run_dir)
     out.append(f"last step: {step if step is not None else 'none logged'}")
     out.append(f"last checkpoint: {run_dir / 'checkpoints' / checkpoint if checkpoint else 'none'}")
-    failures = [e for e in record if e["event"] == "failed"]
+    finished = max((i for i, e in enumerate(record) if e["event"] == "finished"), default=-1)
+    failures = [e for e in record[finished + 1:] if e["event"] == "failed"]  # not those a later run fixed
     if failures:
         out.append(f"last failure: job {failures[-1]['job_id']}: {failures[-1].get('error')}")
     newest = next((e for e in reversed(record) if e.get("stderr")), None)
-    lines = error_lines(newest.get("stderr") if newest else None)
+    ended_well = newest is not None and last_event_of(record, newest["job_id"]) == "finished"
+    lines = [] if newest is None or ended_well else error_lines(newest.get("stderr"))
     if lines:
         out.append(f"last error lines (job {newest['job_id']}):")
         out += [f"  {line}" for line in lines]
