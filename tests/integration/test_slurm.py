@@ -6,6 +6,8 @@ shards for a few dozen steps, 2 tasks of 1 CPU (the node has 2).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.checkpoint import tag_for
-from tests.conftest import QUIET, REPO, TINY_VIT, run_module
+from launch.__main__ import main
+from tests.conftest import QUIET, REPO, TINY_VIT
 
 RECIPE = str(REPO / "configs" / "pretrain" / "demo.yaml")
 TWO_TASKS = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--job-name", "vitscale-test"]
@@ -44,8 +47,18 @@ def stage(digits_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             "train.epochs=null", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=2", *extra]
 
 
+def launch(*args: str) -> str:
+    """``python -m launch ARGS``'s output, run in this process (the submission's checks import torch,
+    timm and DeepSpeed: seconds saved per call)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    assert code == 0, f"python -m launch {' '.join(args)} exited {code}\n{out.getvalue()}\n{err.getvalue()}"
+    return out.getvalue()
+
+
 def submit(*args: str) -> list[str]:
-    out = run_module("launch", "slurm", *args).stdout
+    out = launch("slurm", *args)
     job_ids = re.findall(r"^submitted job (\S+):", out, re.M)
     assert job_ids, out
     return job_ids
@@ -115,7 +128,7 @@ def test_two_task_pretraining_runs_to_the_end(reference_run):
     assert (reference_run / "export" / "backbone.safetensors").exists()
     kinds = [e["event"] for e in events(reference_run)]
     assert kinds == ["submitted", "started", "finished"]
-    status = run_module("launch", "status", str(reference_run)).stdout
+    status = launch("status", str(reference_run))
     assert "COMPLETED" in status and f"last step: {STEPS}" in status, status
 
 
@@ -155,7 +168,7 @@ def test_preempted_twice_requeues_resumes_and_continues_the_trajectory(reference
     resumed, reference = losses(run_dir), losses(reference_run)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert resumed == pytest.approx(reference, rel=1e-5, abs=1e-6)
-    status = run_module("launch", "status", str(run_dir)).stdout
+    status = launch("status", str(run_dir))
     assert "requeues: 2" in status, status
 
 
@@ -205,5 +218,5 @@ def test_killed_rank_ends_the_job_and_a_rerun_resumes(digits_dir, tmp_path):
     assert wait_ended(rerun_id) == "COMPLETED", logs(run_dir)
     assert f"resumed from {run_dir / 'checkpoints' / latest} at step {step}" in logs(run_dir)
     assert json.loads((run_dir / "run.json").read_text())["step"] == 40
-    status = run_module("launch", "status", str(run_dir)).stdout
+    status = launch("status", str(run_dir))
     assert f"job {job_id}: FAILED" in status and f"job {rerun_id}: COMPLETED" in status, status
