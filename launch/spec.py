@@ -242,7 +242,11 @@ def check_stage(stage: Stage, options: SlurmOptions, first: bool = True) -> None
 
         preflight(stage.resolved(), options.world_size)
     else:
-        check = getattr(importlib.import_module(f"{stage.package}.__main__"), "check", None)
+        try:
+            module = importlib.import_module(f"{stage.package}.__main__")
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"stage {stage.package!r}: cannot import it here ({e})") from None
+        check = getattr(module, "check", None)
         if check is not None:
             check(list(stage.argv), options.world_size)
         stage.run_dir()
