@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from pretrain import DEMO_RECIPE
-from pretrain.config import Config, ConfigError, dump_config, load_config, save_config
+from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config, save_config
 from pretrain.data.shards import ShardError
 from pretrain.trainer import NonFiniteLossError
 
@@ -43,6 +43,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from pretrain.engine import check_precision
     from pretrain.trainer import make_plan, resolve_sources
 
+    cfg = for_world_size(cfg, world_size)
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
     check_precision(cfg.engine.precision)
@@ -62,6 +63,7 @@ def train(cfg: Config) -> dict:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dist = init_distributed()
+    cfg = for_world_size(cfg, dist.world_size)
     if dist.is_main:
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run.dir) / "config.yaml")

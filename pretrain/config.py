@@ -60,6 +60,7 @@ class DataConfig:
     num_classes: int | None = None  # taken from the shard index when None
     train_samples: int | None = None  # taken from the shard index when None
     batch_size: int = 64  # per process
+    global_batch: int | None = None  # when set: batch_size = global_batch / (world size x train.grad_accum)
     val_batch_size: int | None = None  # defaults to batch_size
     workers: int = 4
     image_size: int = 224
@@ -70,6 +71,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
+        _require(self.global_batch is None or self.global_batch > 0, "data.global_batch", self.global_batch,
+                 "must be positive")
         _require(self.val_batch_size is None or self.val_batch_size > 0, "data.val_batch_size",
                  self.val_batch_size, "must be positive")
         _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
@@ -179,6 +182,21 @@ class Config:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+
+def for_world_size(cfg: Config, world_size: int) -> Config:
+    """``cfg`` for ``world_size`` processes: a ``data.global_batch`` becomes the per-process batch size.
+
+    The same recipe then trains with the same global batch on any number of GPUs."""
+    if cfg.data.global_batch is None:
+        return cfg
+    per_step = world_size * cfg.train.grad_accum
+    _require(cfg.data.global_batch % per_step == 0, "data.global_batch", cfg.data.global_batch,
+             f"not divisible by the world size {world_size} x train.grad_accum {cfg.train.grad_accum}")
+    data = dataclasses.replace(cfg.data, batch_size=cfg.data.global_batch // per_step)
+    resolved = dataclasses.replace(cfg, data=data)
+    resolved.validate()  # checks that involve the batch size (e.g. an even batch for mixup)
+    return resolved
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
