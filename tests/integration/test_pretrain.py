@@ -80,9 +80,12 @@ def test_gradient_accumulation_equals_the_large_batch(runs):
     big = runs("zero2", "engine.zero_stage=2")
     accumulated = runs("zero2-accum", "engine.zero_stage=2", "data.batch_size=8", "train.grad_accum=2")
     a, b = losses(big), losses(accumulated)
-    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+    assert abs(a[1] - b[1]) < 1e-6  # the same 16 samples per rank in the first step
+    # Afterwards only float summation order differs (one mean of 16 against two means of 8),
+    # which Adam's normalization amplifies a little over the steps.
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
     wa, wb = exported(big), exported(accumulated)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
 
 def test_export_loads_into_timm_and_matches_deepspeeds_consolidation(runs):
@@ -91,8 +94,10 @@ def test_export_loads_into_timm_and_matches_deepspeeds_consolidation(runs):
     run_dir = runs("zero3", "engine.zero_stage=3")
     meta = json.loads((run_dir / "export" / "backbone.json").read_text())
     weights = run_dir / "export" / meta["weights"]
-    model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
-                              **meta["kwargs"]).eval()
+    # num_classes in the overlay: otherwise timm takes the file for one with the hub's 1000-class head
+    # and keeps a random head.
+    overlay = dict(file=str(weights), num_classes=meta["kwargs"]["num_classes"])
+    model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"]).eval()
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000010")
     from_checkpoint = {k.removeprefix("model."): v for k, v in consolidated.items()}
     export = exported(run_dir)
@@ -103,7 +108,7 @@ def test_export_loads_into_timm_and_matches_deepspeeds_consolidation(runs):
     for key, value in model.state_dict().items():
         assert torch.equal(value, export[key]), key
     reference = timm.create_model(meta["model"], **meta["kwargs"]).eval()
-    reference.load_state_dict(from_checkpoint, strict=False)
+    reference.load_state_dict(from_checkpoint)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(images), reference(images))
