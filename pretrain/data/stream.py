@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, iter_tar_samples
-from pretrain.data.transforms import DECODE_ERRORS, EncodedImage, load_rgb
+from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 
 log = logging.getLogger(__name__)
 
