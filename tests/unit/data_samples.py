@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +68,14 @@ def bad_samples() -> dict[str, tuple[dict, str | None]]:
 def write_bad_shards(directory: Path, good_per_shard: int = 10) -> dict:
     """Shards with every bad case among good samples, a truncated shard and an empty one.
 
-    Returns {"urls", "good", "skips": {reason: count per epoch}, "converted": n, "keys": [...]}.
+    Returns {"urls", "good": usable keys, "skips": {reason: count per epoch}, "events": per shard, in
+    read order, None for a usable sample or the reason it is skipped}.
     """
     directory.mkdir(parents=True, exist_ok=True)
     cases = list(bad_samples().items())
     half = len(cases) // 2
     skips: dict[str, int] = {}
-    urls, entries, good_keys = [], [], []
+    urls, entries, good_keys, events = [], [], [], []
     for shard, part in enumerate((cases[:half], cases[half:])):
         samples = [{"__key__": f"good{shard}-{i}", "jpg": tiny_jpeg(shard * 100 + i, 16), "cls": b"2"}
                    for i in range(good_per_shard)]
@@ -87,6 +87,8 @@ def write_bad_shards(directory: Path, good_per_shard: int = 10) -> dict:
             else:
                 good_keys.append(f"case-{name}")
         samples.sort(key=lambda s: s["__key__"])
+        reasons = dict(part)
+        events.append([None if s["__key__"].startswith("good") else reasons[s["__key__"][5:]][1] for s in samples])
         name = f"train-{shard:06d}.tar"
         (directory / name).write_bytes(tar_bytes(samples))
         urls.append(str(directory / name))
@@ -100,11 +102,12 @@ def write_bad_shards(directory: Path, good_per_shard: int = 10) -> dict:
     urls.append(str(directory / "train-000002.tar"))
     entries.append({"name": "train-000002.tar", "samples": readable})
     skips["truncated_shard"] = 1
+    events.append([None] * readable + ["truncated_shard"])
     (directory / "train-000003.tar").write_bytes(tar_bytes([]))
     urls.append(str(directory / "train-000003.tar"))
     skips["empty_shard"] = 1
-    (directory / "cases.json").write_text(json.dumps({"skips": skips, "good": good_keys}))
-    return {"urls": urls, "good": good_keys, "skips": skips}
+    events.append(["empty_shard"])
+    return {"urls": urls, "good": good_keys, "skips": skips, "events": events}
 
 
 def _readable_keys(path: Path):
