@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,3 +178,34 @@ def test_sources_resolve_to_the_same_shards(tmp_path):
     assert from_index.urls == urls and from_index.counts == COUNTS and from_index.samples == 48
     assert resolve(str(tmp_path / "train-{000000..000006}.tar"), "train").urls == urls
     assert resolve(urls, "train").urls == urls
+
+
+def test_missing_shards_are_listed_before_training(tmp_path):
+    from pretrain.config import load_config
+    from pretrain.data.shards import ShardError
+    from pretrain.trainer import resolve_sources
+
+    urls = write_counted_shards(tmp_path, COUNTS)
+    for lost in (urls[1], urls[4]):
+        Path(lost).unlink()
+    cfg = load_config(None, [f"data.train=[{','.join(urls)}]", "data.num_classes=3", "train.steps=1"])
+    with pytest.raises(ShardError, match="2 of 7 shards") as error:
+        resolve_sources(cfg)
+    assert urls[1] in str(error.value) and urls[4] in str(error.value)
+
+
+def test_data_config_checks_the_skip_rate():
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.max_skip_rate"):
+        load_config(None, ["data.synthetic=true", "train.steps=1", "data.max_skip_rate=1.5"])
+
+
+def test_data_benchmark_prints_its_table_and_ratio(capsys):
+    from pretrain.bench.__main__ import main
+
+    assert main(["data", "--images", "14", "--rounds", "1", "--size", "32", "--batch-size", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[2:6]] == ["decode-only,", "baseline", "vitscale", "decode-only,"]
+    assert lines[-1].startswith("ratio ") and float(lines[-1].split()[1]) > 0
+    assert main(["nonsense"]) == 2
