@@ -212,7 +212,9 @@ class ShardDataset(IterableDataset):
         batch: list[dict] = []
         while True:
             rng = random.Random(_seed(self.seed, epoch, self.rank, role))
+            read = 0
             for index, raw in enumerate(self.shuffled(self.raw_samples(epoch, role, workers), rng)):
+                read += 1
                 if index < skip:
                     continue  # consumed before a resume: skipped without decoding
                 item = self._prepare(raw, _seed(self.seed, epoch, self.rank, role, index))
@@ -222,6 +224,10 @@ class ShardDataset(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self._collate(batch, role, (epoch, index + 1))
                     batch = []
+            if self.train and read == 0:  # an endless stream with nothing in it would spin forever
+                raise ShardError(f"rank {self.rank}, data worker {role}: no samples in epoch {epoch} from its share "
+                                 f"of {len(self.urls)} shards ({dict(self.counters) or 'no problems counted'}); "
+                                 f"are there fewer samples than ranks x data.workers, or are the shards empty?")
             skip = 0
             epoch += 1
             if not self.train:

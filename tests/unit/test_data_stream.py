@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.data.shards import resolve
+from pretrain.data.shards import ShardError, resolve
 from pretrain.data.stream import Loader, ShardDataset, SkipRateError
 from pretrain.data.transforms import EvalView, SupervisedTrainView
 from tests.unit.data_samples import write_bad_shards, write_counted_shards
@@ -182,7 +182,6 @@ def test_sources_resolve_to_the_same_shards(tmp_path):
 
 def test_missing_shards_are_listed_before_training(tmp_path):
     from pretrain.config import load_config
-    from pretrain.data.shards import ShardError
     from pretrain.trainer import resolve_sources
 
     urls = write_counted_shards(tmp_path, COUNTS)
@@ -209,3 +208,9 @@ def test_data_benchmark_prints_its_table_and_ratio(capsys):
     assert [line.split()[0] for line in lines[2:6]] == ["decode-only,", "baseline", "vitscale", "decode-only,"]
     assert lines[-1].startswith("ratio ") and float(lines[-1].split()[1]) > 0
     assert main(["nonsense"]) == 2
+
+
+def test_a_training_share_without_samples_is_an_error_not_a_hang(tmp_path):
+    urls = write_counted_shards(tmp_path, [0, 0], index=False)
+    with pytest.raises(ShardError, match="no samples in epoch 0"):
+        next(iter(Loader(ShardDataset(urls, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=True), 1)))
