@@ -168,10 +168,10 @@ class ShardDataset(IterableDataset):
                 with closing(iter_tar_samples(piece.url)) as samples:
                     for i, sample in enumerate(samples):
                         read = i + 1
-                        if piece.stop is not None and i >= piece.stop:
-                            break
                         if i >= piece.start:
                             yield sample
+                        if piece.stop is not None and read >= piece.stop:
+                            break
             except tarfile.ReadError as e:
                 reason = "empty_shard" if read == 0 and "empty file" in str(e) else "truncated_shard"
                 counters[reason] += 1

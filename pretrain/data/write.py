@@ -150,12 +150,13 @@ def image_record(data: bytes, max_side: int | None = None) -> tuple[str, bytes, 
                 image.draft(image.mode, (size[0] // 8, size[1] // 8))  # a 1/8-scale decode still reads every byte
             image.load()  # a truncated or corrupt file fails here, not in a training run
             return ext, data, size
-        image.load()
-        image = load_rgb(image)  # 16-bit, CMYK, palette ... -> RGB
+        target = size
         if too_big:
             scale = max_side / max(size)
-            size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-            image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+            target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        image = load_rgb(image, reduce_to=target)  # 16-bit, CMYK, palette ... -> RGB; JPEGs at reduced scale
+        if image.size != target:
+            image = image.resize(target, Image.BICUBIC, reducing_gap=3.0)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=REENCODE_QUALITY)
         return "jpg", out.getvalue(), image.size
