@@ -128,7 +128,8 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.roles: list[int] = [0]
         self.start: dict[int, tuple[int, int]] = {}
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counter()  # skipped samples by reason, since the last batch
+        self.seen = 0  # raw samples prepared since the last batch
 
     # -- which raw samples a (rank, role) reads ---------------------------------------------------
 

@@ -35,7 +35,6 @@ class DecodedView:
 @pytest.mark.parametrize("view", [EvalView(8, 1.0), DecodedView()], ids=["decodes_itself", "decoded"])
 def test_every_mode_becomes_rgb_and_every_broken_file_is_counted(view):
     dataset = ShardDataset([], view, 1, rank=0, world_size=1, seed=0, train=False)
-    dataset.counters, dataset.seen = Counter(), 0
     for name, (sample, reason) in bad_samples().items():
         item = dataset._prepare({"__key__": name, **sample}, seed=0)
         if reason is None:
