@@ -174,7 +174,7 @@ class ShardDataset(IterableDataset):
                         if piece.stop is not None and read >= piece.stop:
                             break
             except tarfile.ReadError as e:
-                reason = "empty_shard" if read == 0 and "empty file" in str(e) else "truncated_shard"
+                reason = {"empty file": "empty_shard", "not a tar file": "unreadable_shard"}.get(str(e), "truncated_shard")
                 counters[reason] += 1
                 log.warning("%s: %s (%d samples read)", piece.url, e, read)
                 continue

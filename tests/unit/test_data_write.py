@@ -184,3 +184,31 @@ def test_pipe_http_and_fsspec_sources_read_the_same_samples(tmp_path, http_root)
         dataset = ShardDataset(shard_set.urls, EvalView(8, 1.0), 2, rank=0, world_size=1, seed=0, train=False)
         keys[name] = [k for batch in Loader(dataset, 0) for k in batch["__keys__"]]
     assert all(k == keys["local"] for k in keys.values()) and len(keys["local"]) == 7
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_lean_tar_reader_reads_what_tarfile_reads(fmt):
+    from pretrain.data.shards import _tarfile_members, tar_members
+
+    rng = np.random.default_rng(fmt)
+    buffer = io.BytesIO()
+    long_dir = "d" * 150 if fmt != tarfile.USTAR_FORMAT else "p" * 120  # ustar: a prefix field
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for name in ("a.jpg", "folder/b.cls", f"{long_dir}/c.jpg", "ünï.png", "e" * 90 + ".json"):
+            payload = rng.bytes(int(rng.integers(0, 2000)))
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+    whole = buffer.getvalue()
+    assert list(tar_members(io.BytesIO(whole))) == list(_tarfile_members(io.BytesIO(whole)))
+    assert len(list(tar_members(io.BytesIO(whole)))) == 5
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        list(tar_members(io.BytesIO(whole[:2500])))
+    with pytest.raises(tarfile.ReadError, match="not a tar file"):
+        list(tar_members(io.BytesIO(b"<html>" + bytes(600))))
