@@ -128,8 +128,9 @@ class Trainer:
         else:
             dataset = ShardDataset(train_set.urls, self.objective.train_view(), d.batch_size, rank=self.dist.rank,
                                    world_size=self.dist.world_size, seed=self.cfg.run.seed, train=True,
-                                   shuffle_buffer=d.shuffle_buffer)
-        return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda")
+                                   shuffle_buffer=d.shuffle_buffer, counts=train_set.counts, resampled=d.resampled)
+        return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda",
+                      max_skip_rate=d.max_skip_rate)
 
     def _val_loader(self, val_set) -> Loader | None:
         view = self.objective.eval_view()
@@ -137,7 +138,8 @@ class Trainer:
             return None
         d = self.cfg.data
         dataset = ShardDataset(val_set.urls, view, d.val_batch_size or d.batch_size, rank=self.dist.rank,
-                               world_size=self.dist.world_size, seed=self.cfg.run.seed, train=False)
+                               world_size=self.dist.world_size, seed=self.cfg.run.seed, train=False,
+                               counts=val_set.counts)
         return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda")
 
     def _to_device(self, batch: dict) -> dict:

@@ -7,6 +7,7 @@ import sys
 
 BENCHMARKS = {
     "step": "pretrain.bench.step",
+    "data": "pretrain.bench.data",
 }
 
 
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: python -m pretrain.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
         return 2
-    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def digits_items() -> tuple[list[str], list[Item]]:
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    items = [Item(f"digits/{i}", int(label), lambda p=p: _png(p)) for i, (p, label) in
+    items = [Item(f"digits/{i}", int(label), data=_png(p)) for i, (p, label) in
              enumerate(zip(pixels, digits.target))]
     return [str(c) for c in range(10)], items
 

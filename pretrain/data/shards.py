@@ -100,6 +100,11 @@ def open_shard(url: str) -> IO[bytes]:
     return fsspec.open(url, "rb").open()
 
 
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")
+
+
 def iter_tar_samples(url: str, stream: IO[bytes] | None = None) -> Iterator[dict]:
     """Samples of one shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``, in tar order.
 
@@ -109,26 +114,101 @@ def iter_tar_samples(url: str, stream: IO[bytes] | None = None) -> Iterator[dict
     stream = stream if stream is not None else open_shard(url)
     try:
         current: dict | None = None
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                directory, _, base = member.name.rpartition("/")
-                key, dot, ext = base.partition(".")
-                if not dot or key.startswith("__"):
-                    continue
-                key = f"{directory}/{key}" if directory else key
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
+        members = _tarfile_members(stream) if url.endswith(COMPRESSED_SUFFIXES) else tar_members(stream)
+        for name, data in members:
+            directory, _, base = name.rpartition("/")
+            key, dot, ext = base.partition(".")
+            if not dot or key.startswith("__"):
+                continue
+            key = f"{directory}/{key}" if directory else key
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext.lower()] = data
         if current is not None:
             yield current
     finally:
         stream.close()
+
+
+def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of an uncompressed tar stream: ustar, GNU and pax names.
+
+    A lean reader: Python's ``tarfile`` costs about 50 us per member in a stream, a third of the
+    work of a small sample besides its decoding. Errors are ``tarfile.ReadError``, as tarfile's.
+    """
+    long_name: str | None = None
+    offset = 0
+    while True:
+        header = stream.read(_BLOCK)
+        if not header:
+            if offset == 0:
+                raise tarfile.ReadError("empty file")
+            return  # ends without end-of-archive blocks: tolerated, as tarfile does
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError("unexpected end of data")
+        if header.count(0) == _BLOCK:
+            return  # end of archive
+        stored = header[148:156].rstrip(b" \0")
+        unsigned = sum(header[:148]) + 256 + sum(header[156:])
+        if not stored or int(stored, 8) != unsigned:
+            raise tarfile.ReadError(f"bad tar header at byte {offset}" if offset else "not a tar file")
+        size = _number(header[124:136])
+        data = stream.read(size)
+        padding = -size % _BLOCK
+        if len(data) < size or len(stream.read(padding)) < padding:
+            raise tarfile.ReadError("unexpected end of data")
+        offset += _BLOCK + size + padding
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name: the next member's name
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind == b"x":  # pax extended header: its path overrides the next member's name
+            long_name = _pax_path(data) or long_name
+            continue
+        if kind in _REGULAR:
+            name = long_name or _ustar_name(header)
+            yield name, data
+        long_name = None
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b" \0")
+    return int(digits, 8) if digits else 0
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_path(records: bytes) -> str | None:
+    position = 0
+    while position < len(records):
+        length, _, rest = records[position:position + 32].partition(b" ")
+        if not length.isdigit():
+            break
+        record = records[position:position + int(length)]
+        key, _, value = record[len(length) + 1:].rstrip(b"\n").partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        position += int(length)
+    return None
+
+
+def _tarfile_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isreg():
+                yield member.name, tar.extractfile(member).read()
 
 
 def tar_bytes(samples: list[dict]) -> bytes:

@@ -4,8 +4,16 @@ Every random choice is a function of (seed, epoch, rank, worker role, position),
 resumed exactly: the loader records, per worker role, how far into which epoch the trainer has
 consumed, and a resumed worker skips that many raw samples without decoding them.
 
-Training streams are endless (epoch after epoch), so no rank ever runs dry before another; the
-trainer decides how many steps make a run. Validation streams are finite and see each sample once.
+How an epoch is split over the ``ranks x workers`` readers ("slots"):
+- with per-shard sample counts (a writer's index), the epoch's shards are laid end to end and each
+  slot reads one contiguous run of samples: shares differ by at most one sample, and a slot opens at
+  most two shards that it shares with a neighbour (reading, not decoding, the part it skips);
+- without counts, whole shards go round-robin to the slots; with fewer shards than slots, every slot
+  reads every shard and keeps every ``slots``-th sample.
+
+Training streams are endless (epoch after epoch), so every rank yields as many batches as the
+trainer asks for and none waits at an epoch's end; with counts, ranks also stay in step (their
+epochs differ by at most one sample). Validation streams are finite and see each sample once.
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ from __future__ import annotations
 import io
 import logging
 import random
+import tarfile
 import warnings
 from collections import Counter
+from contextlib import closing
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -23,7 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from pretrain.data.shards import IMAGE_EXTENSIONS, iter_tar_samples
+from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, iter_tar_samples
+from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +48,30 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def decode(sample: dict) -> tuple[Image.Image, int]:
-    """(RGB image, class index) of one raw sample, or BadSample."""
+class SkipRateError(ShardError):
+    """Too many samples were skipped: the data is broken, and training on the rest would mislead."""
+
+
+def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage, int]:
+    """(image, class index) of one raw sample, or BadSample.
+
+    The image is a decoded RGB PIL image or, with ``lazy``, an :class:`EncodedImage` (header read,
+    pixels not decoded) for a view that decodes only what its crop needs.
+    """
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
-        raise BadSample("no_image", sample["__key__"])
+        raise BadSample("no_image", f"{sample['__key__']} has {sorted(k for k in sample if not k.startswith('__'))}")
     if "cls" not in sample:
         raise BadSample("no_label", sample["__key__"])
     try:
         label = int(sample["cls"])
     except ValueError:
-        raise BadSample("bad_label", sample["__key__"]) from None
+        raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
+    if label < 0:
+        raise BadSample("bad_label", f"{sample['__key__']}: {label}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's "truncated" and "palette with transparency" chatter
-            image = Image.open(io.BytesIO(sample[ext]))
-            image = image.convert("RGB")
-    except Exception as e:  # PIL raises many types for broken files
+        image = EncodedImage.open(sample[ext]) if lazy else load_rgb(Image.open(io.BytesIO(sample[ext])))
+    except DECODE_ERRORS as e:
         raise BadSample("undecodable", f"{sample['__key__']}: {e}") from None
     return image, label
 
@@ -61,56 +80,111 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``[start, stop)`` (in tar order) of one shard; ``stop=None``: to its end."""
+
+    url: str
+    start: int = 0
+    stop: int | None = None
+
+
+def contiguous_share(urls: list[str], counts: list[int], slots: int, slot: int) -> list[Piece]:
+    """Slot ``slot``'s run of samples when the shards, in this order, are laid end to end."""
+    total = sum(counts)
+    begin, end = slot * total // slots, (slot + 1) * total // slots
+    pieces, offset = [], 0
+    for url, count in zip(urls, counts):
+        lo, hi = max(begin, offset), min(end, offset + count)
+        if lo < hi:
+            pieces.append(Piece(url, lo - offset, hi - offset))
+        offset += count
+    return pieces
+
+
 class ShardDataset(IterableDataset):
     """Batches of views from shards, for one rank; DataLoader workers split the rank's share.
 
-    ``roles`` and ``start`` (set by :class:`Loader` before each iteration) say which part of the
-    stream each worker plays and from which (epoch, raw sample) it starts.
+    ``counts`` (samples per shard, from the index) give exact, balanced shares. ``resampled``
+    draws each slot's shards with replacement, a fresh draw each epoch. ``roles`` and ``start``
+    (set by :class:`Loader` before each iteration) say which part of the stream each worker plays
+    and from which (epoch, raw sample) it starts.
     """
 
     def __init__(self, urls: list[str], view: Callable, batch_size: int, *, rank: int, world_size: int,
-                 seed: int, train: bool, shuffle_buffer: int = 0) -> None:
+                 seed: int, train: bool, shuffle_buffer: int = 0, counts: list[int] | None = None,
+                 resampled: bool = False) -> None:
+        if counts is not None and len(counts) != len(urls):
+            raise ValueError(f"{len(counts)} shard counts for {len(urls)} shards")
         self.urls = list(urls)
+        self.counts = list(counts) if counts is not None else None
         self.view = view
+        self.lazy_decode = bool(getattr(view, "decodes_itself", False))
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.train = train
+        self.resampled = resampled and train
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.roles: list[int] = [0]
         self.start: dict[int, tuple[int, int]] = {}
+        self.counters: Counter = Counter()  # skipped samples by reason, since the last batch
+        self.seen = 0  # raw samples prepared since the last batch
 
     # -- which raw samples a (rank, role) reads ---------------------------------------------------
 
-    def epoch_urls(self, epoch: int) -> list[str]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Shard indices in this epoch's order: a permutation of (seed, epoch), the same on every rank."""
         if not self.train:
-            return self.urls
-        order = np.random.default_rng(_seed(self.seed, epoch)).permutation(len(self.urls))
-        return [self.urls[i] for i in order]
+            return list(range(len(self.urls)))
+        return np.random.default_rng(_seed(self.seed, epoch)).permutation(len(self.urls)).tolist()
 
     def raw_samples(self, epoch: int, role: int, workers: int) -> Iterator[dict]:
         """This role's raw samples of one epoch, in shard order (before shuffling)."""
-        urls = self.epoch_urls(epoch)
-        slots = self.world_size * workers
-        if len(urls) >= slots:  # whole shards per slot: each worker reads only its own
-            mine = urls[self.rank::self.world_size][role::workers]
-            yield from self._read(mine, self.counters)
+        slots, slot = self.world_size * workers, self.rank * workers + role
+        if self.resampled:
+            rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, role, 1))
+            draws = rng.integers(len(self.urls), size=max(1, round(len(self.urls) / slots)))
+            yield from self._read([Piece(self.urls[i]) for i in draws], self.counters)
+            return
+        order = self.epoch_order(epoch)
+        urls = [self.urls[i] for i in order]
+        if self.counts is not None:
+            counts = [self.counts[i] for i in order]
+            yield from self._read(contiguous_share(urls, counts, slots, slot), self.counters)
+        elif len(urls) >= slots:  # whole shards per slot: each worker reads only its own
+            yield from self._read([Piece(u) for u in urls[slot::slots]], self.counters)
         else:  # fewer shards than slots: everyone reads everything and keeps every slots-th sample
-            slot = self.rank * workers + role
-            for i, sample in enumerate(self._read(urls, self.counters if slot == 0 else Counter())):
+            shared = self._read([Piece(u) for u in urls], self.counters if slot == 0 else Counter())
+            for i, sample in enumerate(shared):
                 if i % slots == slot:
                     yield sample
 
     @staticmethod
-    def _read(urls: list[str], counters: Counter) -> Iterator[dict]:
-        import tarfile
-
-        for url in urls:
+    def _read(pieces: list[Piece], counters: Counter) -> Iterator[dict]:
+        """Samples of ``pieces``; a broken shard is counted, logged, and left for the next one."""
+        for piece in pieces:
+            read = 0
             try:
-                yield from iter_tar_samples(url)
+                with closing(iter_tar_samples(piece.url)) as samples:
+                    for i, sample in enumerate(samples):
+                        read = i + 1
+                        if i >= piece.start:
+                            yield sample
+                        if piece.stop is not None and read >= piece.stop:
+                            break
+            except tarfile.ReadError as e:
+                reason = {"empty file": "empty_shard", "not a tar file": "unreadable_shard"}.get(str(e), "truncated_shard")
+                counters[reason] += 1
+                log.warning("%s: %s (%d samples read)", piece.url, e, read)
+                continue
             except (OSError, tarfile.TarError) as e:
                 counters["unreadable_shard"] += 1
-                log.warning("skipping the rest of shard %s: %s", url, e)
+                log.warning("skipping the rest of shard %s: %s", piece.url, e)
+                continue
+            if read == 0:
+                counters["empty_shard"] += 1
+                log.warning("%s: no samples", piece.url)
 
     def shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
@@ -135,10 +209,13 @@ class ShardDataset(IterableDataset):
         role = self.roles[worker] if len(self.roles) == workers else worker
         epoch, skip = self.start.get(role, (0, 0))
         self.counters = Counter()
+        self.seen = 0
         batch: list[dict] = []
         while True:
             rng = random.Random(_seed(self.seed, epoch, self.rank, role))
+            read = 0
             for index, raw in enumerate(self.shuffled(self.raw_samples(epoch, role, workers), rng)):
+                read += 1
                 if index < skip:
                     continue  # consumed before a resume: skipped without decoding
                 item = self._prepare(raw, _seed(self.seed, epoch, self.rank, role, index))
@@ -148,6 +225,10 @@ class ShardDataset(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self._collate(batch, role, (epoch, index + 1))
                     batch = []
+            if self.train and read == 0:  # an endless stream with nothing in it would spin forever
+                raise ShardError(f"rank {self.rank}, data worker {role}: no samples in epoch {epoch} from its share "
+                                 f"of {len(self.urls)} shards ({dict(self.counters) or 'no problems counted'}); "
+                                 f"are there fewer samples than ranks x data.workers, or are the shards empty?")
             skip = 0
             epoch += 1
             if not self.train:
@@ -160,10 +241,16 @@ class ShardDataset(IterableDataset):
         # produce the same crops as an uninterrupted one.
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it queues work for every accelerator
+        self.seen += 1
         try:
-            image, label = decode(raw)
-            views = self.view(image)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's "palette with transparency" and EXIF chatter
+                image, label = decode(raw, lazy=self.lazy_decode)
+                try:
+                    views = self.view(image)
+                except DECODE_ERRORS as e:  # a lazily decoded image fails inside the view
+                    raise BadSample("undecodable", f"{raw['__key__']}: {e}") from None
         except BadSample as e:
             self.counters[e.reason] += 1
             log.debug("skipping %s", e)
@@ -174,8 +261,9 @@ class ShardDataset(IterableDataset):
         keys = [item.pop("__key__") for item in items]
         batch = default_collate(items)
         batch.update(__keys__=keys, __role__=role, __position__=position,
-                     __skipped__=dict(self.counters))
+                     __skipped__=dict(self.counters), __seen__=self.seen)
         self.counters.clear()
+        self.seen = 0
         return batch
 
 
@@ -194,7 +282,8 @@ class SyntheticDataset(IterableDataset):
         info = get_worker_info()
         role = info.id if info else 0
         while True:
-            yield {**self.batch, "__role__": role, "__position__": (0, 0), "__skipped__": {}}
+            yield {**self.batch, "__role__": role, "__position__": (0, 0), "__skipped__": {},
+                   "__seen__": len(self.batch["label"])}
 
 
 class Loader:
@@ -202,13 +291,20 @@ class Loader:
 
     ``state_dict()`` holds, per worker role, the (epoch, raw sample) after the last consumed batch;
     a loader restored from it continues with exactly the batches an uninterrupted one would yield.
+    With ``max_skip_rate``, iteration stops with :class:`SkipRateError` once at least
+    ``min_samples`` samples were read and more than that share of them was skipped (a broken
+    shard counts as one skipped sample).
     """
 
-    def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False) -> None:
+    def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False,
+                 max_skip_rate: float | None = None, min_samples: int = 100) -> None:
         self.dataset = dataset
         self.workers = workers
         self.pin_memory = pin_memory
+        self.max_skip_rate = max_skip_rate
+        self.min_samples = min_samples
         self.consumed = 0
+        self.seen = 0
         self.positions: dict[int, tuple[int, int]] = {}
         self.skipped: Counter = Counter()
 
@@ -223,11 +319,23 @@ class Loader:
         for batch in loader:
             self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
             self.skipped.update(batch.pop("__skipped__"))
+            self.seen += batch.pop("__seen__")
             self.consumed += 1
+            self._check_skip_rate()
             yield batch
 
+    def _check_skip_rate(self) -> None:
+        if self.max_skip_rate is None or self.seen < self.min_samples:
+            return
+        skipped = sum(self.skipped.values())
+        if skipped > self.max_skip_rate * self.seen:
+            reasons = ", ".join(f"{k} {v}" for k, v in self.skipped.most_common())
+            raise SkipRateError(f"{skipped} of {self.seen} samples read on this rank were skipped ({reasons}): "
+                                f"more than data.max_skip_rate={self.max_skip_rate}. Find the broken shards with "
+                                f"`python -m pretrain.data.check`, or raise data.max_skip_rate")
+
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "workers": self.workers,
+        return {"consumed": self.consumed, "workers": self.workers, "seen": self.seen,
                 "positions": {int(k): list(v) for k, v in self.positions.items()},
                 "skipped": dict(self.skipped)}
 
@@ -236,5 +344,6 @@ class Loader:
             raise ValueError(f"data.workers={self.workers} but the checkpoint was written with "
                              f"{state['workers']} workers per rank; the stream cannot resume exactly")
         self.consumed = state["consumed"]
+        self.seen = state.get("seen", 0)
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = Counter(state.get("skipped", {}))

@@ -1,133 +1,383 @@
-"""Write shuffled WebDataset shards and their index from an image folder (one sub-folder per class).
+"""Write globally shuffled WebDataset shards and their index from an image folder or ImageNet-21K tars.
 
-    python -m pretrain.data.write SRC OUT [--per-shard N] [--val-fraction F] [--seed S]
+    python -m pretrain.data.write SRC OUT [--per-shard N | --shard-bytes B] [--workers K]
+                                  [--max-side S] [--val-fraction F] [--seed S]
 
-Each sample holds the image under its own extension (``jpg``, ``png``, ``webp``: original bytes;
-other formats are re-encoded as JPEG), ``cls`` (the class index as text) and ``json`` (class name,
-source name). ``OUT/index.json`` lists shards, sample counts and class names; readers take epoch
-lengths and the class count from it.
+SRC is a folder with one sub-folder per class, or a folder of per-class tars (ImageNet-21K's
+``n01440764.tar`` ...: the class is the tar's name). Each sample holds the image under its own
+extension (``jpg``, ``png``, ``webp``: the original bytes, unless ``--max-side`` shrinks it or its
+format must be re-encoded as JPEG), ``cls`` (the class index as text) and ``json`` (class name,
+source name, stored size). ``OUT/index.json`` lists shards, sample counts and class names;
+readers take epoch lengths and the class count from it. ``OUT/report.json`` lists the inputs that
+could not be read.
+
+The output depends only on the inputs and the options: shards are planned before any is written,
+so ``--workers`` write them in parallel, and a second run with the same options keeps the shards
+that are finished (``OUT/.write/`` remembers them) and writes the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import random
 import sys
+import tarfile
+import time
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from PIL import Image
 
+from pretrain.data.decode import load_rgb
 from pretrain.data.shards import tar_bytes, write_index
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SOURCE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+REENCODE_QUALITY = 90
+PROGRESS_DIR = ".write"
+
+
+class WriteError(ValueError):
+    """A source or an output directory that cannot be used; the message names it."""
 
 
 @dataclass
 class Item:
-    """One image to write: where it came from, its class, and how to get its bytes."""
+    """One image to write: where it came from, its class, and where its bytes are.
+
+    The bytes are ``data``, or the file ``path``, or ``size`` bytes at ``offset`` inside the tar ``path``.
+    """
 
     source: str
     label: int
-    read: Callable[[], bytes]
+    path: str = ""
+    offset: int | None = None
+    size: int = 0
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        with open(self.path, "rb") as f:
+            if self.offset is None:
+                return f.read()
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.path}: {len(data)} of {self.size} bytes at offset {self.offset}")
+        return data
 
 
-def image_record(data: bytes) -> tuple[str, bytes]:
-    """(extension, bytes): the original bytes for formats readers decode, else a JPEG re-encoding."""
-    with Image.open(io.BytesIO(data)) as image:
-        ext = KEPT_FORMATS.get(image.format)
-        if ext:
-            image.verify()
-            return ext, data
-        out = io.BytesIO()
-        image.convert("RGB").save(out, "JPEG", quality=95)
-        return "jpg", out.getvalue()
+# -- listing the inputs ---------------------------------------------------------------------------
+
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in SOURCE_SUFFIXES
 
 
 def folder_items(src: Path) -> tuple[list[str], list[Item]]:
     classes = sorted(d.name for d in src.iterdir() if d.is_dir())
-    if not classes:
-        raise SystemExit(f"error: {src} has no class sub-folders")
     items = []
     for label, name in enumerate(classes):
         for path in sorted((src / name).rglob("*")):
-            if path.suffix.lower() in SOURCE_SUFFIXES and path.is_file():
-                items.append(Item(f"{name}/{path.relative_to(src / name)}", label, path.read_bytes))
+            if _is_image_name(path.name) and path.is_file():
+                items.append(Item(f"{name}/{path.relative_to(src / name)}", label, str(path),
+                                  size=path.stat().st_size))
     return classes, items
 
 
-def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_shard: int = 1000,
-                 val_fraction: float = 0.0, seed: int = 0) -> dict:
-    """Shuffle ``items`` with ``seed``, hold out ``val_fraction`` and write both splits plus the index.
+def _tar_members(job: tuple[int, str]) -> tuple[list[Item], list[dict]]:
+    label, path = job
+    items, problems = [], []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isreg() and _is_image_name(member.name):
+                    items.append(Item(f"{Path(path).name}/{member.name}", label, path,
+                                      member.offset_data, member.size))
+    except (OSError, tarfile.TarError) as e:  # the members listed so far are kept
+        problems.append({"source": path, "error": f"{type(e).__name__}: {e}"})
+    return items, problems
 
-    Unreadable images are skipped and listed in ``OUT/report.json``. Returns the index's splits.
+
+def synset_tar_items(src: Path, pool=None) -> tuple[list[str], list[Item], list[dict]]:
+    tars = sorted(p for p in src.iterdir() if p.suffix == ".tar" and p.is_file())
+    classes = [p.stem for p in tars]
+    jobs = list(enumerate(str(p) for p in tars))
+    results = pool.imap(_tar_members, jobs, chunksize=16) if pool else map(_tar_members, jobs)
+    items, problems = [], []
+    for found, broken in results:
+        items.extend(found)
+        problems.extend(broken)
+    return classes, items, problems
+
+
+def list_source(src: Path, pool=None) -> tuple[list[str], list[Item], list[dict]]:
+    """(class names, items in a deterministic order, listing problems) of an image folder or tar folder."""
+    if not src.is_dir():
+        raise WriteError(f"{src} is not a directory")
+    if any(p.suffix == ".tar" for p in src.iterdir()):
+        classes, items, problems = synset_tar_items(src, pool)
+    else:
+        classes, items = folder_items(src)
+        problems = []
+    if not classes:
+        raise WriteError(f"{src} has neither class sub-folders nor per-class .tar files")
+    if not items:
+        raise WriteError(f"{src}: no images (looked for {', '.join(sorted(SOURCE_SUFFIXES))})")
+    return classes, items, problems
+
+
+# -- one sample -----------------------------------------------------------------------------------
+
+def image_record(data: bytes, max_side: int | None = None) -> tuple[str, bytes, tuple[int, int]]:
+    """(extension, bytes, (width, height)) to store for an image's bytes; raises if it cannot be decoded.
+
+    The original bytes are kept for the formats readers decode, unless the image is larger than
+    ``max_side``; then, and for other formats, it is re-encoded as a JPEG.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        ext = KEPT_FORMATS.get(image.format)
+        size = image.size
+        too_big = max_side is not None and max(size) > max_side
+        if ext and not too_big:
+            if image.format == "JPEG":
+                image.draft(image.mode, (size[0] // 8, size[1] // 8))  # a 1/8-scale decode still reads every byte
+            image.load()  # a truncated or corrupt file fails here, not in a training run
+            return ext, data, size
+        target = size
+        if too_big:
+            scale = max_side / max(size)
+            target = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        image = load_rgb(image, reduce_to=target)  # 16-bit, CMYK, palette ... -> RGB; JPEGs at reduced scale
+        if image.size != target:
+            image = image.resize(target, Image.BICUBIC, reducing_gap=3.0)
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=REENCODE_QUALITY)
+        return "jpg", out.getvalue(), image.size
+
+
+# -- planning and writing shards -----------------------------------------------------------------
+
+@dataclass
+class ShardJob:
+    out: str
+    name: str
+    items: list[Item]
+    classes: list[str]
+    max_side: int | None
+
+
+def plan_shards(items: list[Item], per_shard: int | None, shard_bytes: int | None) -> list[list[Item]]:
+    """Cut ``items`` (in order) into shards of ``per_shard`` items, or of about ``shard_bytes`` input bytes."""
+    if shard_bytes is None:
+        return [items[i:i + per_shard] for i in range(0, len(items), per_shard)]
+    shards, current, total = [], [], 0
+    for item in items:
+        current.append(item)
+        total += item.size + 1024  # tar headers and the cls/json members
+        if total >= shard_bytes:
+            shards.append(current)
+            current, total = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Write one shard atomically, then its record in ``OUT/.write``; returns the record."""
+    out = Path(job.out)
+    samples, skipped = [], []
+    for item in job.items:
+        try:
+            ext, data, size = image_record(item.read(), job.max_side)
+        except Exception as e:  # unreadable or not an image: listed in the report, not fatal
+            skipped.append({"source": item.source, "error": f"{type(e).__name__}: {e}"})
+            continue
+        meta = {"class": job.classes[item.label], "source": item.source, "size": list(size)}
+        samples.append({"__key__": f"{job.name[:-4]}-{len(samples):06d}", ext: data,
+                        "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
+    payload = tar_bytes(samples)
+    _atomic_write(out / job.name, payload)  # a shard is either whole or absent
+    record = {"name": job.name, "samples": len(samples), "bytes": len(payload), "skipped": skipped,
+              "inputs": len(job.items)}
+    _atomic_write(out / PROGRESS_DIR / (job.name + ".json"), json.dumps(record).encode())
+    return record
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _fingerprint(items: list[Item], options: dict) -> str:
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for item in items:
+        digest.update(f"{item.source}\0{item.label}\0{item.size}\n".encode())
+    return digest.hexdigest()
+
+
+def _done(out: Path, name: str) -> dict | None:
+    record_path = out / PROGRESS_DIR / (name + ".json")
+    if not (record_path.exists() and (out / name).exists()):
+        return None
+    record = json.loads(record_path.read_text())
+    return record if (out / name).stat().st_size == record["bytes"] else None
+
+
+def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_shard: int | None = 1000,
+                 shard_bytes: int | None = None, val_fraction: float = 0.0, seed: int = 0,
+                 max_side: int | None = None, workers: int = 0, problems: list[dict] | None = None,
+                 progress: bool = False, pool=None) -> dict:
+    """Shuffle ``items`` with ``seed``, hold out ``val_fraction``, write both splits, the index and
+    the report. Finished shards of an earlier run with the same inputs and options are kept.
+
+    Returns ``{"splits": {split: [{name, samples}, ...]}, "skipped": [...], "written": n, "kept": n}``.
     """
     items = list(items)
     random.Random(seed).shuffle(items)
     n_val = int(round(len(items) * val_fraction))
     out.mkdir(parents=True, exist_ok=True)
-    problems: list[dict] = []
-    splits = {}
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    options = {"per_shard": per_shard, "shard_bytes": shard_bytes, "val_fraction": val_fraction, "seed": seed,
+               "max_side": max_side, "classes": classes}
+    plan_path = out / PROGRESS_DIR / "plan.json"
+    fingerprint = _fingerprint(items, options)
+    if plan_path.exists() and json.loads(plan_path.read_text())["fingerprint"] != fingerprint:
+        raise WriteError(f"{out} holds shards of other inputs or options ({plan_path}): write into a new "
+                         f"directory, or repeat the earlier command to finish it")
+    _atomic_write(plan_path, json.dumps({"fingerprint": fingerprint, "options": options}).encode())
+
+    jobs, split_names = [], {}
     for split, part in (("train", items[n_val:]), ("val", items[:n_val])):
-        if not part:
-            continue
-        shards, buffer = [], []
-        for item in part:
+        shards = plan_shards(part, per_shard, shard_bytes)
+        split_names[split] = [f"{split}-{i:06d}.tar" for i in range(len(shards))]
+        jobs += [ShardJob(str(out), name, shard, classes, max_side) for name, shard in zip(split_names[split], shards)]
+    records = {}
+    for job in jobs:
+        record = _done(out, job.name)
+        if record is not None:
+            records[job.name] = record
+    todo = [job for job in jobs if job.name not in records]
+    bar = _Progress(sum(len(job.items) for job in todo), progress)
+    own_pool = None
+    if pool is None and workers > 1 and len(todo) > 1:
+        pool = own_pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(workers)
+    try:
+        results = pool.imap_unordered(write_shard, todo) if pool else map(write_shard, todo)
+        for record in results:
+            records[record["name"]] = record
+            bar.update(record["inputs"])
+    finally:
+        bar.close()
+        if own_pool is not None:
+            own_pool.close()
+            own_pool.join()
+    splits = {split: [{"name": n, "samples": records[n]["samples"]} for n in names]
+              for split, names in split_names.items() if names}
+    skipped = list(problems or []) + [s for job in jobs for s in records[job.name]["skipped"]]
+    _atomic_write(out / "report.json", json.dumps({"skipped": skipped}, indent=1).encode())
+    write_index(out, classes, splits, extra={"seed": seed, "max_side": max_side})
+    return {"splits": splits, "skipped": skipped, "written": len(todo), "kept": len(jobs) - len(todo)}
+
+
+class _Progress:
+    """A tqdm bar in images (its rate is images/s) when asked for, else nothing."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", unit_scale=True, smoothing=0.05, desc="writing")
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    """``500000000``, ``500MB``, ``1GiB`` ... -> bytes."""
+    units = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024 ** 2, "gi": 1024 ** 3}
+    number = text.lower().removesuffix("b")
+    for suffix in sorted(units, key=len, reverse=True):
+        if number.endswith(suffix):
             try:
-                ext, data = image_record(item.read())
-            except Exception as e:  # unreadable or not an image: listed, not fatal
-                problems.append({"source": item.source, "error": f"{type(e).__name__}: {e}"})
-                continue
-            meta = {"class": classes[item.label], "source": item.source}
-            buffer.append({"__key__": f"{split}-{len(shards):06d}-{len(buffer):06d}", ext: data,
-                           "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
-            if len(buffer) == per_shard:
-                shards.append(_write_shard(out, split, len(shards), buffer))
-                buffer = []
-        if buffer:
-            shards.append(_write_shard(out, split, len(shards), buffer))
-        splits[split] = shards
-    (out / "report.json").write_text(json.dumps({"skipped": problems}, indent=1))
-    write_index(out, classes, splits)
-    return splits
-
-
-def _write_shard(out: Path, split: str, number: int, samples: list[dict]) -> dict:
-    name = f"{split}-{number:06d}.tar"
-    tmp = out / (name + ".tmp")
-    tmp.write_bytes(tar_bytes(samples))
-    os.replace(tmp, out / name)  # a shard is either whole or absent
-    return {"name": name, "samples": len(samples)}
+                value = int(float(number[:len(number) - len(suffix)]) * units[suffix])
+            except ValueError:
+                break
+            if value > 0:
+                return value
+            break
+    raise argparse.ArgumentTypeError(f"{text!r}: not a positive size (e.g. 500MB, 1GiB, 100000)")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.data.write", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="image folder with one sub-folder per class")
-    parser.add_argument("out", type=Path, help="output directory for shards and index.json")
-    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--val-fraction", type=float, default=0.0, help="share of samples held out as val")
+    parser = argparse.ArgumentParser(prog="python -m pretrain.data.write", description=__doc__.split("\n\n")[0],
+                                     epilog="See docs/data.md for ImageNet-21K.")
+    parser.add_argument("src", type=Path, help="image folder (one sub-folder per class) or folder of per-class tars")
+    parser.add_argument("out", type=Path, help="output directory for shards, index.json and report.json")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--per-shard", type=_positive_int, help="images per shard (default 1000)")
+    size.add_argument("--shard-bytes", type=_byte_count,
+                      help="about this many input bytes per shard, e.g. 500MB (instead of --per-shard)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes listing and writing in parallel (default: all cores)")
+    parser.add_argument("--max-side", type=_positive_int, help="re-encode images whose longer side exceeds this")
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="share of images held out as val (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not args.src.is_dir():
         parser.error(f"{args.src} is not a directory")
-    if args.per_shard <= 0:
-        parser.error(f"--per-shard {args.per_shard}: must be positive")
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
-    classes, items = folder_items(args.src)
-    splits = write_shards(items, classes, args.out, per_shard=args.per_shard,
-                          val_fraction=args.val_fraction, seed=args.seed)
-    for split, shards in splits.items():
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: must be at least 1")
+    per_shard = None if args.shard_bytes else (args.per_shard or 1000)
+    started = time.perf_counter()
+    pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(args.workers) if args.workers > 1 else None
+    try:
+        classes, items, problems = list_source(args.src, pool)
+        print(f"{len(items)} images in {len(classes)} classes", file=sys.stderr)
+        result = write_shards(items, classes, args.out, per_shard=per_shard, shard_bytes=args.shard_bytes,
+                              val_fraction=args.val_fraction, seed=args.seed, max_side=args.max_side,
+                              problems=problems, progress=not args.no_progress, pool=pool)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    elapsed = time.perf_counter() - started
+    for split, shards in result["splits"].items():
         print(f"{split}: {sum(s['samples'] for s in shards)} samples in {len(shards)} shards")
-    skipped = json.loads((args.out / "report.json").read_text())["skipped"]
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable inputs, listed in {args.out / 'report.json'}")
-    print(f"index: {args.out / 'index.json'}")
+    if result["kept"]:
+        print(f"kept {result['kept']} shards finished by an earlier run, wrote {result['written']}")
+    if result["skipped"]:
+        print(f"skipped {len(result['skipped'])} unreadable inputs, listed in {args.out / 'report.json'}")
+    print(f"{len(items) / max(elapsed, 1e-9):.0f} images/s; index: {args.out / 'index.json'}")
     return 0
 
 

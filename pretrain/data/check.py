@@ -1,0 +1,158 @@
+"""Check shards before a long run: count samples, decode them, show the class histogram and every problem.
+
+    python -m pretrain.data.check SOURCE [SOURCE ...] [--decode all|none|N] [--workers K]
+
+SOURCE is a writer's output directory (all its splits; counts are compared with its index), a
+directory of ``.tar`` shards, a brace pattern, or shard URLs (``pipe:``, ``http(s)://``, fsspec).
+``--decode N`` decodes every N-th sample of each shard (default: all). The exit code is 1 when
+there is any problem, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tarfile
+from collections import Counter
+from contextlib import closing
+from multiprocessing import get_context
+from pathlib import Path
+
+from pretrain.data.shards import INDEX_NAME, ShardError, is_local, iter_tar_samples, read_index, resolve
+from pretrain.data.stream import BadSample, decode
+
+MAX_LISTED = 50
+
+
+def shards_of(sources: list[str]) -> tuple[list[tuple[str, int | None]], list[str] | None]:
+    """[(url, samples the index promises or None)], class names if an index names them."""
+    shards, classes = [], None
+    for source in sources:
+        path = Path(source).expanduser()
+        if is_local(source) and path.is_dir() and (path / INDEX_NAME).exists():
+            index_splits = json.loads((path / INDEX_NAME).read_text()).get("splits", {})
+            for split in index_splits:
+                found = read_index(path, split)
+                shards += list(zip(found.urls, found.counts))
+                classes = found.classes
+        elif is_local(source) and path.is_dir():
+            tars = sorted(str(p) for p in path.glob("*.tar"))
+            if not tars:
+                raise ShardError(f"{path}: no {INDEX_NAME} and no .tar shards")
+            shards += [(t, None) for t in tars]
+        else:
+            shards += [(url, None) for url in resolve(source, "train").urls]
+    return shards, classes
+
+
+def check_shard(job: tuple[str, int | None, int]) -> dict:
+    """Count, and decode every ``every``-th sample of (0: none), one shard."""
+    url, expected, every = job
+    labels: Counter = Counter()
+    problems: list[str] = []
+    samples = decoded = 0
+    try:
+        with closing(iter_tar_samples(url)) as stream:
+            for sample in stream:
+                samples += 1
+                try:
+                    if every and (samples - 1) % every == 0:
+                        _, label = decode(sample)
+                        decoded += 1
+                    else:
+                        label = _label(sample)
+                    labels[label] += 1
+                except BadSample as e:
+                    problems.append(f"{url}: {e}")
+    except (OSError, tarfile.TarError) as e:
+        problems.append(f"{url}: unreadable after {samples} samples: {type(e).__name__}: {e}")
+    if samples == 0 and not problems:
+        problems.append(f"{url}: empty shard")
+    if expected is not None and samples != expected:
+        problems.append(f"{url}: {samples} samples, the index says {expected}")
+    return {"url": url, "samples": samples, "decoded": decoded, "labels": labels, "problems": problems}
+
+
+def _label(sample: dict) -> int:
+    """The class index of a sample that is counted but not decoded (BadSample when it has none)."""
+    if "cls" not in sample:
+        raise BadSample("no_label", sample["__key__"])
+    try:
+        return int(sample["cls"])
+    except ValueError:
+        raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
+
+
+def histogram_lines(labels: Counter, classes: list[str] | None) -> list[str]:
+    names = classes or [str(c) for c in range(max(labels, default=-1) + 1)]
+    counts = [labels.get(i, 0) for i in range(len(names))]
+    if not counts:
+        return ["no labelled samples"]
+    lines = [f"{len(names)} classes; samples per class: min {min(counts)}, median {statistics.median(counts):g}, "
+             f"max {max(counts)}; {sum(c == 0 for c in counts)} classes without samples"]
+    ranked = sorted(range(len(names)), key=lambda i: (-counts[i], i))
+    shown = ranked if len(ranked) <= 40 else ranked[:10] + [None] + ranked[-10:]
+    width = max(counts)
+    for i in shown:
+        if i is None:
+            lines.append(f"  ... {len(ranked) - 20} more")
+            continue
+        bar = "#" * round(30 * counts[i] / width) if width else ""
+        lines.append(f"  {names[i]:<24.24} {counts[i]:>8} {bar}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.data.check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="+", help="writer output dir, dir of .tar shards, brace pattern or URLs")
+    parser.add_argument("--decode", default="all", help="'all' (default), 'none', or N: decode every N-th sample")
+    parser.add_argument("--workers", type=int, default=1, help="shards checked in parallel (default 1)")
+    args = parser.parse_args(argv)
+    if args.decode == "all":
+        every = 1
+    elif args.decode == "none":
+        every = 0
+    elif args.decode.isdigit() and int(args.decode) > 0:
+        every = int(args.decode)
+    else:
+        parser.error(f"--decode {args.decode!r}: use all, none or a positive number")
+    try:
+        shards, classes = shards_of(args.sources)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jobs = [(url, expected, every) for url, expected in shards]
+    if args.workers > 1:
+        with get_context("fork" if sys.platform == "linux" else "spawn").Pool(args.workers) as pool:
+            results = pool.map(check_shard, jobs)
+    else:
+        results = [check_shard(job) for job in jobs]
+    labels: Counter = Counter()
+    problems: list[str] = []
+    print(f"{'shard':<60} {'samples':>8} {'decoded':>8} {'problems':>8}")
+    for r in results:
+        labels.update(r["labels"])
+        problems += r["problems"]
+        print(f"{r['url'][-60:]:<60} {r['samples']:>8} {r['decoded']:>8} {len(r['problems']):>8}")
+    if classes is not None:
+        out_of_range = sorted(label for label in labels if not 0 <= label < len(classes))
+        problems += [f"class index {label} ({labels[label]} samples) is outside the index's {len(classes)} classes"
+                     for label in out_of_range]
+    print(f"{sum(r['samples'] for r in results)} samples in {len(results)} shards, "
+          f"{sum(r['decoded'] for r in results)} decoded")
+    print("\n".join(histogram_lines(labels, classes)))
+    if problems:
+        print(f"{len(problems)} problems:")
+        for line in problems[:MAX_LISTED]:
+            print(f"  {line}")
+        if len(problems) > MAX_LISTED:
+            print(f"  ... and {len(problems) - MAX_LISTED} more")
+        return 1
+    print("no problems")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
