@@ -14,6 +14,7 @@ vitscale objectives (the backbone under ``model.`` or another prefix).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -109,7 +110,10 @@ def read(path: str | Path, checkpoint_key: str | None = None) -> dict[str, torch
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle a user's file
+        # Never unpickle a user's file; DINO's full checkpoints hold their argparse arguments,
+        # a plain attribute bag, which is allowed.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"pretrained={str(path)!r}: cannot read it as a weights-only torch file: {e}") from None
     return _unwrap(raw, str(path), checkpoint_key)
