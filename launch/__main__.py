@@ -1,4 +1,4 @@
-"""python -m launch local --nproc N [pretrain] CONFIG [key=value ...]"""
+"""python -m launch local --nproc N [pretrain | finetune {full,linear,knn}] CONFIG [key=value ...]"""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     local = where.add_parser("local", help="N processes on this machine (torch.distributed's launcher)")
     local.add_argument("--nproc", type=int, default=1, help="number of processes (default 1)")
     local.add_argument("stage", nargs=argparse.REMAINDER,
-                       help="[pretrain] CONFIG [key=value ...]; a leading '--' is allowed")
+                       help="[pretrain] CONFIG [key=value ...] or finetune {full,linear,knn} CONFIG [key=value ...]; "
+                            "a leading '--' is allowed")
     args = parser.parse_args(argv)
     from launch.local import run
 
