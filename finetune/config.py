@@ -86,6 +86,8 @@ class LinearSection:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batchnorm: bool = False  # BatchNorm without affine before each head (MAE)
+    augment: bool = False  # DINO's protocol: features of new random crops every step instead of the cache
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crops with linear.augment
 
     def validate(self) -> None:
         _require(bool(self.lrs) and all(lr > 0 for lr in self.lrs), "linear.lrs", self.lrs,
@@ -94,6 +96,8 @@ class LinearSection:
             _require(getattr(self, key) > 0, f"linear.{key}", getattr(self, key), "must be positive")
         _require(0 <= self.momentum < 1, "linear.momentum", self.momentum, "must be in [0, 1)")
         _require(self.weight_decay >= 0, "linear.weight_decay", self.weight_decay, "must be >= 0")
+        _require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "linear.crop_scale", list(self.crop_scale),
+                 "need 0 < min <= max <= 1")
 
 
 @dataclass

@@ -170,14 +170,16 @@ def resolve_splits(cfg: ProbeConfig) -> dict[str, shards.ShardSet]:
     return {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
 
 
-def cached_features(cfg: ProbeConfig, dist: DistEnv) -> tuple[dict[str, Features], list[str], int]:
-    """({split: this rank's features}, variant names, number of classes), computing what is not cached."""
+def cached_features(cfg: ProbeConfig, dist: DistEnv, splits: tuple[str, ...] = ("train", "val")
+                    ) -> tuple[dict[str, Features], FeatureExtractor, dict[str, shards.ShardSet], int]:
+    """({split: this rank's features}, the extractor, the splits' shards, number of classes),
+    computing what is not cached."""
     from finetune import weights
     from pretrain.models.backbone import create_backbone
 
-    splits = resolve_splits(cfg)
+    shard_sets = resolve_splits(cfg)
     model_cfg = weights.resolve_model(cfg.model, cfg.pretrained)
-    num_classes = cfg.data.num_classes or len(splits["train"].classes or [])
+    num_classes = cfg.data.num_classes or len(shard_sets["train"].classes or [])
     if not num_classes:
         raise ValueError("data.num_classes is required when the shards have no index naming the classes")
     model = create_backbone(model_cfg, cfg.data.image_size, num_classes)
@@ -189,12 +191,12 @@ def cached_features(cfg: ProbeConfig, dist: DistEnv) -> tuple[dict[str, Features
                          fingerprint(cfg, model_cfg.name, extractor.variant_names))
     dtype = getattr(torch, cfg.features.dtype)
     out = {}
-    for split, shard_set in splits.items():
+    for split in splits:
         found = cache.read(split)
         if found is None:
-            found = compute(extractor, shard_set.urls, cfg, dist)
+            found = compute(extractor, shard_sets[split].urls, cfg, dist)
             cache.write(split, found, dtype)
             found = cache.read(split)  # what later runs will read (rounded to the cache's dtype)
         out[split] = found
     dist.barrier()
-    return out, extractor.variant_names, num_classes
+    return out, extractor, shard_sets, num_classes

@@ -98,10 +98,10 @@ def run(cfg: KnnConfig, dist: DistEnv) -> dict:
     from finetune.features import cached_features
     from finetune.linear import write_report
 
-    features, variants, num_classes = cached_features(cfg, dist)
+    features, extractor, _, num_classes = cached_features(cfg, dist)
     test_labels = gather_rows(features["val"].labels.to(dist.device), dist).cpu()
     heads = {}
-    for variant in variants:
+    for variant in extractor.variant_names:
         ranked = classify(features["train"], features["val"], variant, num_classes, cfg.knn.ks,
                           cfg.knn.temperature, dist, cfg.knn.chunk)
         for k, predictions in ranked.items():

@@ -12,14 +12,18 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune.config import LinearConfig, LinearSection
-from finetune.features import Features
+from finetune.features import Features, FeatureExtractor
 from pretrain.checkpoint import atomic_write
+from pretrain.config import ConfigError
+from pretrain.data.stream import Loader, ShardDataset
+from pretrain.data.transforms import SupervisedTrainView, normalize
 from pretrain.dist import DistEnv
 
 log = logging.getLogger(__name__)
@@ -52,39 +56,56 @@ def scaled_lrs(section: LinearSection, global_batch: int) -> list[float]:
     return [lr * global_batch / section.base_batch for lr in section.lrs]
 
 
-def train_heads(train: Features, val: Features, num_classes: int, section: LinearSection, dist: DistEnv,
-                seed: int = 0) -> dict:
-    """Train the grid on this rank's ``train`` share (a collective), then measure it on ``val``.
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # {variant: features}, labels
 
-    Returns ``{"heads": {name: {"top1", "top5"}}, "best": name, ...}`` (accuracies in percent).
-    """
-    device = dist.device
-    dims = {name: value.shape[1] for name, value in train.variants.items()}
-    global_batch = section.batch_size * dist.world_size
-    lrs = scaled_lrs(section, global_batch)
+
+def cached_batches(train: Features, batch_size: int, dist: DistEnv, seed: int) -> Iterator[Batch | None]:
+    """Endless shuffled mini-batches of this rank's cached features (None when it holds none)."""
+    local = {name: value.to(dist.device) for name, value in train.variants.items()}
+    labels = train.labels.to(dist.device)
+    generator = torch.Generator().manual_seed(seed * 1000 + dist.rank)
+    while True:
+        if not len(labels):
+            yield None
+            continue
+        order = torch.randperm(len(labels), generator=generator).to(dist.device)
+        for start in range(0, max(len(order) - batch_size, 0) + 1, batch_size):  # full batches only
+            index = order[start:start + batch_size]
+            yield {k: v[index] for k, v in local.items()}, labels[index]
+
+
+def augmented_batches(extractor: FeatureExtractor, urls: list[str], cfg: LinearConfig,
+                      dist: DistEnv) -> Iterator[Batch]:
+    """Features of freshly augmented crops (DINO's protocol): random resized crop and flip per sample."""
+    d, s = cfg.data, cfg.linear
+    view = SupervisedTrainView(d.image_size, tuple(s.crop_scale), (3 / 4, 4 / 3), 0.5, None, 0.0,
+                               cfg.features.interpolation, d.mean)
+    dataset = ShardDataset(urls, view, s.batch_size, rank=dist.rank, world_size=dist.world_size,
+                           seed=cfg.run.seed, train=True, shuffle_buffer=d.shuffle_buffer)
+    for batch in Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda"):
+        images = normalize(batch["image"].to(dist.device, non_blocking=True), d.mean, d.std, torch.float32)
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
+            variants = extractor(images)
+        yield variants, batch["label"].to(dist.device)
+
+
+def fit_grid(batches: Iterator[Batch | None], total: int, dims: dict[str, int], num_classes: int,
+             section: LinearSection, dist: DistEnv, seed: int = 0) -> HeadGrid:
+    """The grid trained for ``total`` steps on ``batches`` (a collective: gradients averaged over ranks)."""
+    lrs = scaled_lrs(section, section.batch_size * dist.world_size)
     torch.manual_seed(seed)  # the same initial heads on every rank
-    grid = HeadGrid(dims, lrs, num_classes, section.batchnorm).to(device)
+    grid = HeadGrid(dims, lrs, num_classes, section.batchnorm).to(dist.device)
     groups = [{"params": list(head.parameters()), "lr": lr, "base_lr": lr}
               for head, (_, lr) in zip(grid.heads, grid.keys)]
     optimizer = torch.optim.SGD(groups, momentum=section.momentum, weight_decay=section.weight_decay)
-    total_samples = int(dist.all_reduce(torch.tensor(float(len(train)), device=device)).item())
-    steps_per_epoch = max(1, total_samples // global_batch)
-    total = steps_per_epoch * section.epochs
-    local = {name: value.to(device) for name, value in train.variants.items()}
-    labels = train.labels.to(device)
-    generator = torch.Generator().manual_seed(seed * 1000 + dist.rank)
-    order, cursor = torch.zeros(0, dtype=torch.long), 0
     grid.train()
     for step in range(total):
         for group in optimizer.param_groups:  # cosine to zero, as DINO's linear evaluation
             group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
-        if len(labels):
-            if cursor + section.batch_size > len(order):
-                order, cursor = torch.randperm(len(labels), generator=generator), 0
-            index = order[cursor:cursor + section.batch_size].to(device)
-            cursor += section.batch_size
-            logits = grid({k: v[index] for k, v in local.items()})
-            loss = sum(F.cross_entropy(out, labels[index]) for out in logits)
+        batch = next(batches)
+        if batch is not None:
+            variants, labels = batch
+            loss = sum(F.cross_entropy(out, labels) for out in grid(variants))
         else:  # a rank without training samples still takes part in the gradient average
             loss = sum(p.sum() * 0.0 for p in grid.parameters())
         optimizer.zero_grad(set_to_none=False)
@@ -92,8 +113,31 @@ def train_heads(train: Features, val: Features, num_classes: int, section: Linea
         _average_gradients(grid, dist)
         optimizer.step()
     _average_running_stats(grid, dist)
+    return grid
+
+
+def total_steps(train_samples: int, section: LinearSection, dist: DistEnv) -> int:
+    return max(1, train_samples // (section.batch_size * dist.world_size)) * section.epochs
+
+
+def train_heads(train: Features, val: Features, num_classes: int, section: LinearSection, dist: DistEnv,
+                seed: int = 0) -> dict:
+    """Train the grid on this rank's cached ``train`` share (a collective), then measure it on ``val``.
+
+    Returns ``{"heads": {name: {"top1", "top5"}}, "best": name, ...}`` (accuracies in percent).
+    """
+    dims = {name: value.shape[1] for name, value in train.variants.items()}
+    samples = int(dist.all_reduce(torch.tensor(float(len(train)), device=dist.device)).item())
+    total = total_steps(samples, section, dist)
+    grid = fit_grid(cached_batches(train, section.batch_size, dist, seed), total, dims, num_classes, section,
+                    dist, seed)
+    return report(grid, val, section, dist, total)
+
+
+def report(grid: HeadGrid, val: Features, section: LinearSection, dist: DistEnv, steps: int) -> dict:
+    lrs = scaled_lrs(section, section.batch_size * dist.world_size)
     return evaluate(grid, val, dist) | {"lrs": dict(zip(map(grid.name, range(len(grid.keys))), lrs)),
-                                        "steps": total, "global_batch": global_batch}
+                                        "steps": steps, "global_batch": section.batch_size * dist.world_size}
 
 
 def _average_gradients(module: nn.Module, dist: DistEnv) -> None:
@@ -154,12 +198,25 @@ def write_report(report: dict, run_dir: str | Path, stage: str) -> Path:
 def run(cfg: LinearConfig, dist: DistEnv) -> dict:
     from finetune.features import cached_features
 
-    features, _, num_classes = cached_features(cfg, dist)
-    report = train_heads(features["train"], features["val"], num_classes, cfg.linear, dist, cfg.run.seed)
-    report["pretrained"] = cfg.pretrained
+    s = cfg.linear
+    if s.augment:  # only the validation features are cached; training crops are new every step
+        features, extractor, shard_sets, num_classes = cached_features(cfg, dist, splits=("val",))
+        samples = shard_sets["train"].samples or cfg.data.train_samples
+        if not samples:
+            raise ConfigError("linear.augment needs the number of training samples: shards with an index, "
+                              "or data.train_samples")
+        total = total_steps(samples, s, dist)
+        grid = fit_grid(augmented_batches(extractor, shard_sets["train"].urls, cfg, dist), total,
+                        {k: v.shape[1] for k, v in features["val"].variants.items()}, num_classes, s, dist,
+                        cfg.run.seed)
+        result = report(grid, features["val"], s, dist, total)
+    else:
+        features, _, _, num_classes = cached_features(cfg, dist)
+        result = train_heads(features["train"], features["val"], num_classes, s, dist, cfg.run.seed)
+    result["pretrained"] = cfg.pretrained
     if dist.is_main:
-        path = write_report(report, cfg.run.dir, "linear")
-        best = report["best"]
-        print(f"linear probe: best {best} top1 {report['best_top1']:.2f} "
-              f"top5 {report['heads'][best]['top5']:.2f} ({len(report['heads'])} heads; report {path})")
-    return report
+        path = write_report(result, cfg.run.dir, "linear")
+        best = result["best"]
+        print(f"linear probe: best {best} top1 {result['best_top1']:.2f} "
+              f"top5 {result['heads'][best]['top5']:.2f} ({len(result['heads'])} heads; report {path})")
+    return result
