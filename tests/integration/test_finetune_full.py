@@ -17,7 +17,7 @@ from tests.conftest import QUIET, run_module
 MODEL = ["model.name=vit_tiny_patch16_224",
          "model.kwargs={patch_size: 8, embed_dim: 48, depth: 2, num_heads: 2, mlp_ratio: 2.0}"]
 FINETUNE = [*QUIET, "data.image_size=48", "model.drop_path=0", "objective.label_smoothing=0", "data.batch_size=32",
-            "train.epochs=null", "train.steps=40", "train.eval_every=20", "optim.warmup_steps=5", "optim.lr=2.0e-3",
+            "train.epochs=null", "train.steps=30", "train.eval_every=15", "optim.warmup_steps=5", "optim.lr=2.0e-3",
             "engine.zero_stage=1"]
 
 
@@ -25,7 +25,7 @@ FINETUNE = [*QUIET, "data.image_size=48", "model.drop_path=0", "objective.label_
 def pretrained_run(tmp_path_factory, digits_dir):
     run_dir = tmp_path_factory.mktemp("pretrained") / "run"
     run_module("pretrain", f"run.dir={run_dir}", f"data.train={digits_dir}", f"data.val={digits_dir}", *QUIET, *MODEL,
-               "train.steps=150", "optim.lr=1.0e-2", "objective.scale=[0.8,1.0]", "optim.warmup_steps=10", "data.batch_size=64",
+               "train.steps=120", "optim.lr=1.0e-2", "objective.scale=[0.8,1.0]", "optim.warmup_steps=10", "data.batch_size=64",
                "objective.label_smoothing=0", "engine.precision=fp32", "engine.zero_stage=1", "train.ckpt_every=0")
     return run_dir
 
