@@ -134,3 +134,23 @@ def test_knn_rejects_k_larger_than_the_training_set(digits_features):
     small = Features({k: v[:5] for k, v in train.variants.items()}, train.labels[:5])
     with pytest.raises(ValueError, match="k=10 is more than the 5 training samples"):
         classify(small, val, "cls1", 10, [10], 0.07, DistEnv())
+
+
+def test_variants_are_the_models_own_features():
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    vit = create_backbone(TINY, 32, 10).eval()
+    cfg = LinearConfig().features
+    cfg.blocks, cfg.avgpool, cfg.stages = [1, 2], [False, True], [1, 2]
+    out = FeatureExtractor(vit, cfg)(images)
+    tokens = vit.forward_features(images)  # the final norm applied
+    torch.testing.assert_close(out["cls1"], tokens[:, 0])
+    torch.testing.assert_close(out["cls1_avg"], torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1))
+    swin = create_backbone(ModelConfig(name="swin_tiny_patch4_window7_224", drop_path=0.0, kwargs={
+        "patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2]}), 32, 10).eval()
+    extractor = FeatureExtractor(swin, cfg)
+    assert extractor.variant_names == ["avg1", "avg2"]
+    out = extractor(images)
+    pooled = swin.forward_head(swin.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(out["avg1"], pooled)
+    assert out["avg2"].shape == (3, 16 + 32) and torch.equal(out["avg2"][:, 16:], out["avg1"])
