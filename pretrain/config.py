@@ -290,7 +290,7 @@ def build(raw: dict, root: type = Config) -> Any:
             raise ConfigError(f"{section.name}: must be a mapping, got {data!r}")
         cls = objective_config_class(data.get("name", "supervised")) if section.name == "objective" else \
             section.default_factory
-        values[section.name] = from_dict(cls, data, section.name + ".")
+        values[section.name] = _from_dict(cls, data, section.name + ".")
     return root(**values)
 
 
@@ -302,8 +302,7 @@ def objective_config_class(name: Any) -> type:
     return importlib.import_module(OBJECTIVES[name]).Config
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """A config dataclass from a mapping; ConfigError naming ``prefix + key`` for a bad key or value."""
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
