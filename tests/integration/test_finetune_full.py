@@ -62,8 +62,8 @@ def test_pretrained_beats_random_init_at_a_larger_resolution(pretrained_run, few
     pre = json.loads((pretrained_run / "run.json").read_text())["final"]["val/top1"]
     tuned = finetune(tmp_path / "tuned", pretrained_run, few_labels, digits_dir)
     scratch = finetune(tmp_path / "scratch", "null", few_labels, digits_dir)
-    assert pre > 0.4, pre  # the pre-training learned something to start from
-    assert tuned["val/top1"] > scratch["val/top1"] + 0.15, (tuned, scratch)
+    assert pre > 0.3, pre  # the pre-training learned something to start from (chance is 0.1)
+    assert tuned["val/top1"] > scratch["val/top1"] + 0.1, (tuned, scratch)
     assert "val/ema_top1" in tuned  # the recipe's EMA is evaluated beside the weights
     best = json.loads((tmp_path / "tuned" / "best" / "backbone.json").read_text())
     assert best["val/top1"] >= tuned["val/top1"] and best["kwargs"]["img_size"] == 48
