@@ -61,7 +61,7 @@ def describe(path: str | Path) -> tuple[str, dict] | None:
         if meta.is_file():
             info = json.loads(meta.read_text())
             return info["model"], dict(info.get("kwargs", {}))
-    run_dir = _run_dir_of(path)
+    run_dir = _run_dir_of(path) if path.is_dir() else None
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         model = cfg.get("model", {})
