@@ -1,6 +1,6 @@
 """python -m launch {local,slurm,status} ...
 
-  local  --nproc N [pretrain] CONFIG [key=value ...]
+  local  --nproc N [pretrain | finetune {full,linear,knn}] CONFIG [key=value ...]
   slurm  [options] -- STAGE [-- STAGE ...]     STAGE: pretrain CONFIG [k=v ...] | finetune MODE CONFIG [k=v ...]
   status RUN_DIR
 """
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     local = where.add_parser("local", help="N processes on this machine (torch.distributed's launcher)")
     local.add_argument("--nproc", type=int, default=1, help="number of processes (default 1)")
     local.add_argument("stage", nargs=argparse.REMAINDER,
-                       help="[pretrain] CONFIG [key=value ...]; a leading '--' is allowed")
+                       help="[pretrain] CONFIG [key=value ...] or finetune {full,linear,knn} CONFIG [key=value ...]; "
+                            "a leading '--' is allowed")
 
     slurm = where.add_parser("slurm", help="submitit jobs on Slurm (chains, sweeps, requeue)",
                              epilog=SLURM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import sys
 
-from pretrain.__main__ import preflight
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
 from pretrain.data.shards import ShardError
 from pretrain.dist import spawn_local
 
-STAGES = {"pretrain"}
+
+def check_pretrain(args: list[str], nproc: int) -> None:
+    from pretrain.__main__ import preflight
+    from pretrain.config import load_config
+
+    preflight(load_config(args[0], args[1:]), nproc)
+
+
+def check_finetune(args: list[str], nproc: int) -> None:
+    from finetune.__main__ import check
+
+    check(args, nproc)
+
+
+# Each stage's checks, run here before any process starts (stages are imported lazily).
+STAGES = {"pretrain": check_pretrain, "finetune": check_finetune}
 
 
 def run(nproc: int, stage_args: list[str]) -> int:
@@ -21,14 +35,12 @@ def run(nproc: int, stage_args: list[str]) -> int:
         print(f"error: --nproc {nproc}: must be at least 1", file=sys.stderr)
         return 2
     if not args:
-        print("error: a CONFIG (recipe) is required: python -m launch local --nproc N CONFIG [key=value ...]",
+        print("error: a CONFIG (recipe) is required: python -m launch local --nproc N [STAGE] CONFIG [key=value ...]",
               file=sys.stderr)
         return 2
-    config, overrides = args[0], args[1:]
     try:
-        cfg = load_config(config, overrides)  # a bad config fails here, before any process starts
-        preflight(cfg, nproc)
+        STAGES[stage](args, nproc)  # a bad config fails here, before any process starts
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return spawn_local(nproc, stage, [config, *overrides])
+    return spawn_local(nproc, stage, args)

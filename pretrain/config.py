@@ -180,7 +180,9 @@ class Config:
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):  # sections; a later stage's subclass may add plain keys
+                value.validate()
         self.objective.validate_run(self)
 
     def to_dict(self) -> dict:
@@ -279,28 +281,38 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read, merge and check a recipe; raises ConfigError naming the first bad key."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), root: type = Config) -> Config:
+    """Read, merge and check a recipe; raises ConfigError naming the first bad key.
+
+    ``root`` is the top-level dataclass (``Config``, or a later stage's subclass or sibling of it).
+    """
     raw = read_recipe(path) if path else {}
     raw = apply_overrides(raw, list(overrides))
-    cfg = build(raw)
+    cfg = build(raw, root)
     cfg.validate()
     return cfg
 
 
-def build(raw: dict) -> Config:
-    unknown = set(raw) - {f.name for f in dataclasses.fields(Config)}
+def build(raw: dict, root: type = Config) -> Any:
+    """``root`` from a plain dict: dataclass-typed fields are sections, the others plain values."""
+    fields = dataclasses.fields(root)
+    unknown = set(raw) - {f.name for f in fields}
     if unknown:
-        _unknown(sorted(unknown)[0], "", [f.name for f in dataclasses.fields(Config)])
-    sections = {}
-    for section in dataclasses.fields(Config):
+        _unknown(sorted(unknown)[0], "", [f.name for f in fields])
+    hints = typing.get_type_hints(root)
+    values = {}
+    for section in fields:
+        if not dataclasses.is_dataclass(hints[section.name]):
+            if section.name in raw:
+                values[section.name] = _check(raw[section.name], hints[section.name], section.name)
+            continue
         data = raw.get(section.name, {}) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{section.name}: must be a mapping, got {data!r}")
         cls = objective_config_class(data.get("name", "supervised")) if section.name == "objective" else \
             section.default_factory
-        sections[section.name] = _from_dict(cls, data, section.name + ".")
-    return Config(**sections)
+        values[section.name] = _from_dict(cls, data, section.name + ".")
+    return root(**values)
 
 
 def objective_config_class(name: Any) -> type:

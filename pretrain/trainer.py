@@ -15,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from pretrain.dist import DistEnv
 from pretrain.engine import Engine
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.schedules import cosine, scaled_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,16 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: DistEnv) -> None:
+    def __init__(self, cfg: Config, dist: DistEnv,
+                 make_objective: Callable[[Config, RunContext], Objective] = build_objective) -> None:
+        """``make_objective`` builds the objective (later stages pass one that loads initial weights)."""
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run.dir)
         train_set, val_set = resolve_sources(cfg)
         self.plan = make_plan(cfg, dist.world_size, train_set)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist)
-        self.objective = build_objective(cfg, ctx).to(dist.device)
+        self.objective = make_objective(cfg, ctx).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
         self.train_loader = self._train_loader(train_set)
         self.val_loader = self._val_loader(val_set)

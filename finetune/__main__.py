@@ -1,0 +1,107 @@
+"""python -m finetune {full,linear,knn} CONFIG pretrained=PATH [key=value ...] [--print-config]
+
+After pre-training: full fine-tuning (supervised, from the pre-trained weights, through the
+pre-training trainer), a linear probe and a kNN classifier on frozen features. One process here;
+several with ``python -m launch local --nproc N -- finetune STAGE CONFIG ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from finetune.config import ROOTS, FullConfig
+from finetune.weights import WeightsError
+from pretrain.config import ConfigError, dump_config, load_config
+from pretrain.data.shards import ShardError
+
+STAGE_MODULES = {"full": "finetune.full", "linear": "finetune.linear", "knn": "finetune.knn"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n\n")[1])
+    parser.add_argument("stage", choices=sorted(STAGE_MODULES), help="full fine-tuning, linear probe or kNN")
+    parser.add_argument("config", help="YAML recipe (configs/finetune/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrained=runs/demo")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def load(stage: str, config: str, overrides: list[str]):
+    """The stage's checked config; for ``full``, with the model the pre-trained source describes."""
+    from finetune.weights import resolve_model
+
+    cfg = load_config(config, overrides, root=ROOTS[stage])
+    if cfg.pretrained is not None and not Path(cfg.pretrained).expanduser().exists():
+        raise ConfigError(f"pretrained={cfg.pretrained!r}: no such file or directory")
+    if isinstance(cfg, FullConfig):
+        cfg.model = resolve_model(cfg.model, cfg.pretrained)
+    return cfg
+
+
+def preflight(stage: str, cfg, world_size: int) -> None:
+    """What can be checked before any process starts: the model exists, the data is there."""
+    import timm
+
+    from pretrain.data.builtin import prepare
+    from pretrain.trainer import resolve_sources
+
+    if isinstance(cfg, FullConfig):
+        from pretrain.__main__ import preflight as pretrain_preflight
+
+        pretrain_preflight(cfg, world_size)
+        return
+    from finetune.weights import resolve_model
+
+    name = resolve_model(cfg.model, cfg.pretrained).name
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name={name!r}: timm has no such model")
+    if cfg.data.prepare != "none":
+        prepare(cfg.data.prepare, cfg.data.train)
+    resolve_sources(cfg)
+
+
+def check(argv: list[str], world_size: int) -> None:
+    """For launchers: ``STAGE CONFIG [key=value ...]`` parsed, loaded and checked (ConfigError/ShardError)."""
+    if not argv or argv[0] not in STAGE_MODULES:
+        raise ConfigError(f"finetune needs a stage, one of {sorted(STAGE_MODULES)}: finetune STAGE CONFIG ...")
+    if len(argv) < 2:
+        raise ConfigError(f"finetune {argv[0]}: a CONFIG (recipe) is required")
+    preflight(argv[0], load(argv[0], argv[1], argv[2:]), world_size)
+
+
+def run(stage: str, cfg):
+    """Run ``stage`` in this process (one rank of a distributed run, or alone)."""
+    import torch
+
+    from pretrain.dist import init_distributed
+
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    dist = init_distributed()
+    return importlib.import_module(STAGE_MODULES[stage]).run(cfg, dist)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load(args.stage, args.config, args.overrides)
+        if args.print_config:
+            print(dump_config(cfg), end="")
+            return 0
+        if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
+            preflight(args.stage, cfg, 1)
+        run(args.stage, cfg)
+    except (ConfigError, ShardError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

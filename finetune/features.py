@@ -1,0 +1,202 @@
+"""Frozen features, computed once across ranks and cached on disk.
+
+Each rank reads its own share of a split (the validation-style stream: every sample once, split
+by rank and worker), runs the frozen backbone and writes ``{split}-{rank}-of-{world}.safetensors``
+with one tensor per feature variant plus the labels. The files carry a fingerprint of what made
+them (weights, model, image size, variants); a later run with the same fingerprint reuses them.
+
+Variants. ViT: ``cls{n}`` is the concatenated CLS tokens of the last n blocks, each through the
+final norm, ``cls{n}_avg`` adds the mean patch token of the last block (DINO's linear protocol).
+Swin: ``avg{n}`` is the spatial mean of each of the last n stages (``avg1``: the usual pooled feature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from finetune.config import FeaturesConfig, ProbeConfig
+from pretrain.data import shards
+from pretrain.data.stream import Loader, ShardDataset
+from pretrain.data.transforms import EvalView, normalize
+from pretrain.dist import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    """One rank's share of a split (or, gathered, all of it): variant name -> (N, D), and labels (N,)."""
+
+    variants: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class FeatureExtractor(nn.Module):
+    """Images (normalized) -> {variant: features}, from a frozen timm ViT or Swin."""
+
+    def __init__(self, model: nn.Module, cfg: FeaturesConfig) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        if isinstance(model, VisionTransformer):
+            if model.cls_token is None:
+                raise ValueError(f"{type(model).__name__} has no CLS token; the ViT features need one")
+            self.depth = max(cfg.blocks)
+            self.names = [(n, a) for n in cfg.blocks for a in dict.fromkeys(cfg.avgpool)]
+        elif isinstance(model, SwinTransformer):
+            self.depth = max(cfg.stages)
+            self.names = [(n, None) for n in cfg.stages]
+        else:
+            raise ValueError(f"{type(model).__name__}: features are defined for timm ViT and Swin models")
+        self.vit = isinstance(model, VisionTransformer)
+
+    @property
+    def variant_names(self) -> list[str]:
+        if self.vit:
+            return [f"cls{n}" + ("_avg" if avg else "") for n, avg in self.names]
+        return [f"avg{n}" for n, _ in self.names]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.vit:
+            layers = self.model.forward_intermediates(images, indices=self.depth, return_prefix_tokens=True,
+                                                      norm=True, output_fmt="NLC", intermediates_only=True)
+            cls = [prefix[:, 0] for _, prefix in layers]
+            mean_patch = layers[-1][0].mean(dim=1)
+            parts = [cls[-n:] + ([mean_patch] if avg else []) for n, avg in self.names]
+        else:
+            stages = self.model.forward_intermediates(images, indices=self.depth, norm=True, output_fmt="NCHW",
+                                                      intermediates_only=True)
+            pooled = [s.mean(dim=(2, 3)) for s in stages]
+            parts = [pooled[-n:] for n, _ in self.names]
+        return {name: torch.cat(p, dim=1).float() for name, p in zip(self.variant_names, parts)}
+
+
+def fingerprint(cfg: ProbeConfig, model_name: str, variants: list[str]) -> str:
+    """What the cached features depend on; a change in any of it computes them again."""
+    source = Path(cfg.pretrained).expanduser().resolve()
+    stamp = [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(_weight_files(source))]
+    d, f = cfg.data, cfg.features
+    described = {"weights": stamp, "key": cfg.checkpoint_key, "model": model_name, "variants": variants,
+                 "image_size": d.image_size, "crop_pct": f.crop_pct, "interpolation": f.interpolation,
+                 "mean": list(d.mean), "std": list(d.std), "train": d.train, "val": d.val, "dtype": f.dtype}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _weight_files(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    return [p for p in source.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".json", ".yaml")
+            or p.name == "latest"]
+
+
+class FeatureCache:
+    def __init__(self, directory: str | Path, dist: DistEnv, stamp: str) -> None:
+        self.directory = Path(directory)
+        self.dist = dist
+        self.stamp = stamp
+
+    def path(self, split: str, rank: int | None = None) -> Path:
+        rank = self.dist.rank if rank is None else rank
+        return self.directory / f"{split}-{rank:03d}-of-{self.dist.world_size:03d}.safetensors"
+
+    def read(self, split: str, rank: int | None = None) -> Features | None:
+        """A rank's cached share, or None when it is absent or was made from something else."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = self.path(split, rank)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != self.stamp:
+                return None
+        tensors = load_file(str(path))
+        labels = tensors.pop("__labels__")
+        return Features({k: v.float() for k, v in tensors.items()}, labels)
+
+    def write(self, split: str, features: Features, dtype: torch.dtype) -> None:
+        from safetensors.torch import save_file
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.path(split)
+        tmp = path.with_name("." + path.name + ".tmp")
+        tensors = {k: v.to(dtype).contiguous() for k, v in features.variants.items()}
+        save_file({**tensors, "__labels__": features.labels}, str(tmp), metadata={"fingerprint": self.stamp})
+        tmp.replace(path)
+
+
+@torch.no_grad()
+def compute(extractor: FeatureExtractor, urls: list[str], cfg: ProbeConfig, dist: DistEnv) -> Features:
+    """This rank's share of ``urls`` through the frozen backbone."""
+    d, f = cfg.data, cfg.features
+    view = EvalView(d.image_size, f.crop_pct, f.interpolation)
+    dataset = ShardDataset(urls, view, d.val_batch_size or d.batch_size, rank=dist.rank,
+                           world_size=dist.world_size, seed=cfg.run.seed, train=False)
+    loader = Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda")
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.variant_names}
+    labels = []
+    for batch in loader:
+        images = normalize(batch["image"].to(dist.device, non_blocking=True), d.mean, d.std, torch.float32)
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
+            out = extractor(images)
+        for name, value in out.items():
+            chunks[name].append(value.cpu())
+        labels.append(batch["label"])
+    if loader.skipped:
+        log.warning("rank %d skipped samples: %s", dist.rank, dict(loader.skipped))
+    dims = {name: _dim(extractor, name) for name in chunks}
+    return Features({name: torch.cat(v) if v else torch.zeros(0, dims[name]) for name, v in chunks.items()},
+                    torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+
+
+def _dim(extractor: FeatureExtractor, name: str) -> int:
+    probe = torch.zeros(1, 3, *extractor.model.patch_embed.img_size, device=next(extractor.parameters()).device)
+    return extractor(probe)[name].shape[1]
+
+
+def resolve_splits(cfg: ProbeConfig) -> dict[str, shards.ShardSet]:
+    return {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
+
+
+def cached_features(cfg: ProbeConfig, dist: DistEnv, splits: tuple[str, ...] = ("train", "val")
+                    ) -> tuple[dict[str, Features], FeatureExtractor, dict[str, shards.ShardSet], int]:
+    """({split: this rank's features}, the extractor, the splits' shards, number of classes),
+    computing what is not cached."""
+    from finetune import weights
+    from pretrain.models.backbone import create_backbone
+
+    shard_sets = resolve_splits(cfg)
+    model_cfg = weights.resolve_model(cfg.model, cfg.pretrained)
+    num_classes = cfg.data.num_classes or len(shard_sets["train"].classes or [])
+    if not num_classes:
+        raise ValueError("data.num_classes is required when the shards have no index naming the classes")
+    model = create_backbone(model_cfg, cfg.data.image_size, num_classes)
+    pretrained = weights.load_into(model, cfg.pretrained, cfg.checkpoint_key, head="new")
+    if dist.is_main:
+        log.info("features from %s (%s), model %s", pretrained.source, pretrained.layout, model_cfg.name)
+    extractor = FeatureExtractor(model, cfg.features).to(dist.device)
+    cache = FeatureCache(cfg.features.cache or Path(cfg.run.dir) / "features", dist,
+                         fingerprint(cfg, model_cfg.name, extractor.variant_names))
+    dtype = getattr(torch, cfg.features.dtype)
+    out = {}
+    for split in splits:
+        found = cache.read(split)
+        if found is None:
+            found = compute(extractor, shard_sets[split].urls, cfg, dist)
+            cache.write(split, found, dtype)
+            found = cache.read(split)  # what later runs will read (rounded to the cache's dtype)
+        out[split] = found
+    dist.barrier()
+    return out, extractor, shard_sets, num_classes

@@ -1,0 +1,46 @@
+"""Weights trained at one resolution fitted to a model built at another, the way timm does it.
+
+ViT: the absolute position embedding is resampled (bicubic, antialiased) from the stored grid to the
+model's grid, prefix tokens kept, as ``VisionTransformer.set_input_size`` does; a patch-embedding
+kernel of another size is resampled too. Swin: timm's own ``checkpoint_filter_fn`` drops the
+relative-position index and attention-mask buffers, interpolates every relative-position bias table
+to the model's window (224/window 7 -> 384/window 12) and renames the official checkpoints' layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
+from timm.models.vision_transformer import VisionTransformer
+
+
+def adapt(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with its resolution-dependent tensors reshaped for ``model``."""
+    if isinstance(model, SwinTransformer):
+        return swin_filter(dict(state), model)
+    if isinstance(model, VisionTransformer):
+        return _adapt_vit(state, model)
+    return dict(state)
+
+
+def _adapt_vit(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    out = dict(state)
+    kernel = out.get("patch_embed.proj.weight")
+    target = model.patch_embed.proj.weight.shape[-2:]
+    if kernel is not None and kernel.ndim == 4 and kernel.shape[-2:] != target:
+        out["patch_embed.proj.weight"] = resample_patch_embed(kernel, list(target), interpolation="bicubic",
+                                                              antialias=True, verbose=False)
+    pos = out.get("pos_embed")
+    if pos is not None and model.pos_embed is not None and pos.shape != model.pos_embed.shape:
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        side = math.isqrt(pos.shape[1] - prefix)
+        if side * side != pos.shape[1] - prefix:
+            raise ValueError(f"pos_embed: {pos.shape[1] - prefix} patch positions do not form a square grid")
+        out["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
+                                                  old_size=[side, side], num_prefix_tokens=prefix, verbose=False)
+    return out

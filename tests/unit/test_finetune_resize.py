@@ -1,0 +1,67 @@
+"""Resolution change: a model resized by finetune's loading equals timm's own resize path."""
+
+from __future__ import annotations
+
+import copy
+
+import timm
+import torch
+from timm.models.swin_transformer import checkpoint_filter_fn
+
+from finetune import weights
+
+VIT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 10}
+SWIN = {"patch_size": 2, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "num_classes": 10}
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial position tables (timm initializes some of them to zero)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pos" in name:
+                p.normal_(std=0.5)
+    return model.eval()
+
+
+def test_vit_position_embedding_resampled_like_set_input_size(tmp_path):
+    torch.manual_seed(0)
+    small = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=32, **VIT))
+    torch.save(small.state_dict(), tmp_path / "vit.pth")
+    by_timm = copy.deepcopy(small)
+    by_timm.set_input_size(img_size=(48, 48))
+    large = timm.create_model("vit_tiny_patch16_224", img_size=48, **VIT).eval()
+    weights.load_into(large, tmp_path / "vit.pth", head="keep")
+    assert large.pos_embed.shape == (1, 1 + 12 * 12, 32)
+    torch.testing.assert_close(large.pos_embed, by_timm.pos_embed)
+    images = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(large(images), by_timm(images))
+
+
+def test_swin_window_change_like_set_input_size(tmp_path):
+    # 32 px / window 4 -> 48 px / window 6: the same change as 224 / window 7 -> 384 / window 12.
+    torch.manual_seed(0)
+    small = _perturbed(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, **SWIN))
+    torch.save(small.state_dict(), tmp_path / "swin.pth")
+    by_timm = copy.deepcopy(small)
+    by_timm.set_input_size(img_size=(48, 48), window_size=6)
+    large = timm.create_model("swin_tiny_patch4_window7_224", img_size=48, window_size=6, **SWIN).eval()
+    weights.load_into(large, tmp_path / "swin.pth", head="keep")
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    assert large.state_dict()[table].shape == (11 * 11, 1)
+    torch.testing.assert_close(large.state_dict()[table], by_timm.state_dict()[table])
+    images = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(large(images), by_timm(images))
+
+
+def test_swin_matches_checkpoint_filter_fn_on_a_raw_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    small = _perturbed(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, **SWIN))
+    state = small.state_dict()
+    torch.save({"model": state}, tmp_path / "swin.pth")
+    large = timm.create_model("swin_tiny_patch4_window7_224", img_size=48, window_size=6, **SWIN).eval()
+    reference = copy.deepcopy(large)
+    reference.load_state_dict(checkpoint_filter_fn({"model": state}, reference))
+    weights.load_into(large, tmp_path / "swin.pth", head="keep")
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(large.state_dict()[key], value, msg=key)
