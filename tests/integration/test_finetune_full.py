@@ -25,7 +25,7 @@ FINETUNE = [*QUIET, "data.image_size=48", "model.drop_path=0", "objective.label_
 def pretrained_run(tmp_path_factory, digits_dir):
     run_dir = tmp_path_factory.mktemp("pretrained") / "run"
     run_module("pretrain", f"run.dir={run_dir}", f"data.train={digits_dir}", f"data.val={digits_dir}", *QUIET, *MODEL,
-               "train.steps=120", "optim.lr=1.0e-2", "objective.scale=[0.8,1.0]", "optim.warmup_steps=10", "data.batch_size=64",
+               "train.steps=120", "optim.lr=3.0e-3", "objective.scale=[0.8,1.0]", "optim.warmup_steps=10", "data.batch_size=64",
                "objective.label_smoothing=0", "engine.precision=fp32", "engine.zero_stage=1", "train.ckpt_every=0")
     return run_dir
 
