@@ -76,6 +76,12 @@ def test_zero0_and_zero3_give_the_same_losses(runs):
     assert a[10] < a[1]  # and they are training
 
 
+def test_activation_checkpointing_under_zero3_gives_the_same_losses(runs):
+    a = losses(runs("zero3", "engine.zero_stage=3"))
+    b = losses(runs("zero3-checkpointing", "engine.zero_stage=3", "model.grad_checkpointing=true"))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-5
+
+
 def test_gradient_accumulation_equals_the_large_batch(runs):
     big = runs("zero2", "engine.zero_stage=2")
     accumulated = runs("zero2-accum", "engine.zero_stage=2", "data.batch_size=8", "train.grad_accum=2")
