@@ -154,8 +154,8 @@ class Photometric:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma, as PIL's and torchvision's grayscale, N1HW."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    """ITU-R 601 luma with torchvision's weights, N1HW."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

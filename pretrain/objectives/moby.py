@@ -79,6 +79,11 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor
     return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
 
 
+def moby_loss(q1, q2, k1, k2, queue1, queue2, temperature: float) -> torch.Tensor:
+    """Symmetric: view 1's queries against view 2's keys and queue, and the other way round."""
+    return contrastive_loss(q1, k2, queue2, temperature) + contrastive_loss(q2, k1, queue1, temperature)
+
+
 class Objective(base.Objective):
     def __init__(self, cfg, ctx: base.RunContext) -> None:
         super().__init__(cfg, ctx)
@@ -128,8 +133,7 @@ class Objective(base.Objective):
         x1, x2 = self._inputs(views[:, 0], self.photometric[0]), self._inputs(views[:, 1], self.photometric[1])
         q1, q2 = self._query(x1), self._query(x2)
         k1, k2 = self._key(x1), self._key(x2)
-        loss = contrastive_loss(q1, k2, self.queue2.clone(), o.temperature) + \
-            contrastive_loss(q2, k1, self.queue1.clone(), o.temperature)
+        loss = moby_loss(q1, q2, k1, k2, self.queue1.clone(), self.queue2.clone(), o.temperature)
         metrics = {"embedding_std": embedding_std(q1), "key_std": embedding_std(k1),
                    "positive_sim": (q1.detach() * k2).sum(1).mean()}
         self.watch.record(metrics)
