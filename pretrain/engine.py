@@ -42,6 +42,16 @@ def local_shard(param: nn.Parameter) -> torch.Tensor:
     return param.ds_tensor.view(-1) if hasattr(param, "ds_tensor") else param.data.view(-1)
 
 
+def refresh_gathered(params: list[nn.Parameter]) -> None:
+    """After ZeRO-3 partitions were written outside the optimizer (a momentum teacher, a load),
+    refresh the full copies DeepSpeed keeps of small "persistent" parameters; a collective. A
+    no-op for other stages, whose parameters are not partitioned."""
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(persistent)  # drops the stale full copies, keeps the partitions
+        persistent[0].all_gather(persistent)
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW that leaves weights and moments untouched while ``skip`` is set.
 
@@ -200,15 +210,6 @@ class Engine:
             for group, masters in zip(low, wrapper.fp32_groups):
                 views.update({id(p): m.data.view(-1) for p, m in zip(group, masters)})
         return views
-
-    def refresh_gathered(self, params: list[nn.Parameter]) -> None:
-        """After ZeRO-3 partitions were written outside the optimizer (a momentum teacher), refresh
-        the full copies DeepSpeed keeps of small "persistent" parameters; a collective. A no-op
-        for other stages, whose parameters are not partitioned."""
-        persistent = [p for p in params if getattr(p, "ds_persist", False)]
-        if persistent:
-            persistent[0].partition(persistent)  # drops the stale full copies, keeps the partitions
-            persistent[0].all_gather(persistent)
 
     def full_fp32_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``module``'s state dict with every parameter from the fp32 master weights, on the CPU.

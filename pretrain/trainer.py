@@ -170,8 +170,8 @@ class Trainer:
         return self.checkpoints.save(self.engine, self.step, self.state_dict())
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _seed_step(self, step: int) -> None:
-        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step]).generate_state(1)[0])
+    def _seed_step(self, step: int, micro: int = 0) -> None:
+        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step, micro]).generate_state(1)[0])
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -202,7 +202,6 @@ class Trainer:
                 step = self.step
                 lr, wd = self.hyperparameters(step)
                 self.engine.set_hyperparameters(lr, wd)
-                self._seed_step(step)
                 self.engine.train()
                 log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
                 nonfinite = torch.zeros((), device=dist.device)
@@ -211,6 +210,9 @@ class Trainer:
                     waited = time.perf_counter()
                     batch = next(batches)
                     window.data_time += time.perf_counter() - waited
+                    # Seeded after the fetch: the first fetch starts the loader's workers, which
+                    # draws from torch's RNG, and a resumed run makes it at another step.
+                    self._seed_step(step, micro)
                     loss, values = self.engine.forward(self._to_device(batch), step)
                     loss_ok = torch.isfinite(loss.detach())
                     nonfinite = torch.maximum(nonfinite, (~loss_ok).float())

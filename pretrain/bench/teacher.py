@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from pretrain.engine import refresh_gathered
+
 
 def gathered_update(teacher, students: dict, state: dict):
     """The baseline: a full fp32 teacher per rank, updated from gathered fp32 masters."""
@@ -45,7 +47,7 @@ def gathered_update(teacher, students: dict, state: dict):
                         shard[:len(piece)].copy_(piece)
                     elif key in full:
                         t.data.copy_(full[key])
-        engine.refresh_gathered(teacher._teachers)
+        refresh_gathered(teacher._teachers)
 
     return update
 

@@ -13,9 +13,10 @@ compute dtype, and partitioned under ZeRO-3. Its exact state is a separate fp32 
 * fp32 without ZeRO: the parameters are the masters; a local EMA.
 
 Only trainable student parameters are followed: frozen ones never change, so the teacher's copy,
-made at construction, already equals their EMA. The ``master`` buffer is a plain fp32 buffer in
-the objective's state dict: DeepSpeed writes it from rank 0 (replicated layouts) or from every
-rank into its own file (ZeRO-3), so checkpoints restore it exactly.
+made at construction, already equals their EMA. ``master`` is a plain fp32 buffer of the
+objective's state dict, which DeepSpeed writes from rank 0 (replicated layouts) or from every rank
+into its own file (ZeRO-3); the teacher's weights are left out of it and rebuilt from ``master``
+on load, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from pretrain.dist import DistEnv
-from pretrain.engine import local_shard
+from pretrain.engine import local_shard, refresh_gathered
 
 
 class MomentumTeacher(nn.Module):
@@ -53,6 +54,12 @@ class MomentumTeacher(nn.Module):
         self.register_buffer("master", torch.empty(0))
         self.register_buffer("ready", torch.zeros((), dtype=torch.uint8))
         self._bound = None
+        # The compute weights are ``master`` cast once: checkpoints hold ``master`` only, and a load
+        # rebuilds the weights from it (under ZeRO-3 DeepSpeed's own view of these frozen, partly
+        # "persistent" parameters in a saved state dict is not a reliable copy of them).
+        self._weight_keys = {f"nets.{name}" for name, _ in self.nets.named_parameters()}
+        self.register_state_dict_post_hook(_drop_weights)
+        self.register_load_state_dict_post_hook(_rebuild_weights)
 
     def forward(self, name: str, *args, **kwargs):
         with torch.no_grad():
@@ -75,7 +82,7 @@ class MomentumTeacher(nn.Module):
             self._gather_fragments(b)
         torch._foreach_copy_(b.shards, b.sources)
         if b.partitioned:
-            engine.refresh_gathered(self._teachers)
+            refresh_gathered(self._teachers)
 
     def _bind(self, engine) -> "_Views":
         """Views of the master buffer, the student's fp32 masters and the teacher's storage."""
@@ -148,7 +155,6 @@ class MomentumTeacher(nn.Module):
             self.master = torch.empty_like(saved, device=self.master.device)  # a ZeRO-3 partition
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._bound = None  # the optimizer's buffers may be new after a load
-        self._refresh_weights()
 
     @torch.no_grad()
     def _refresh_weights(self) -> None:
@@ -158,11 +164,26 @@ class MomentumTeacher(nn.Module):
         sizes = [local_shard(t).numel() for t in self._teachers] if self._partitioned else self._numels
         for t, state in zip(self._teachers, torch.split(self.master, sizes)):
             local_shard(t).copy_(state)
+        refresh_gathered(self._teachers)
 
     @property
     def _partitioned(self) -> bool:
         """ZeRO-3: ``master`` holds this rank's partitions, laid out as the teacher's."""
         return bool(self._teachers) and hasattr(self._teachers[0], "ds_tensor")
+
+
+def _drop_weights(module: MomentumTeacher, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in module._weight_keys]:
+        del state_dict[key]
+
+
+def _rebuild_weights(module: MomentumTeacher, incompatible) -> None:
+    """After the whole teacher (children included) is loaded: weights from ``master``."""
+    prefixes = [k for k in incompatible.missing_keys if any(k.endswith("." + w) or k == w
+                                                             for w in module._weight_keys)]
+    for key in prefixes:
+        incompatible.missing_keys.remove(key)
+    module._refresh_weights()
 
 
 @dataclass
