@@ -27,9 +27,8 @@ def student_and_teacher(objective):
     return {k: objective.online[k] for k in ("encoder", "projector")}, objective.target
 
 
-def run_case(dist, out_dir: str, name: str, stage: int, precision: str, common: list[str]) -> dict:
-    cfg = load_config(None, common + [f"objective.name={name}", f"engine.zero_stage={stage}",
-                                      f"engine.precision={precision}", f"run.dir={out_dir}/{name}-{stage}-{precision}"])
+def run_case(dist, run_dir: str, overrides: list[str]) -> dict:
+    cfg = load_config(None, overrides + [f"run.dir={run_dir}"])
     Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, dist)
     objective, engine = trainer.objective, trainer.engine
@@ -64,13 +63,12 @@ def run_case(dist, out_dir: str, name: str, stage: int, precision: str, common: 
 
 
 def main() -> None:
-    out_dir, result_path, cases, *common = sys.argv[1:]
+    out_dir, result_path, cases = sys.argv[1:]
     dist = init_distributed()
     torch.set_num_threads(1)
     results = {}
-    for case in cases.split(","):
-        name, stage, precision = case.split(":")
-        results[case] = run_case(dist, out_dir, name, int(stage), precision, common)
+    for case, overrides in json.loads(cases).items():
+        results[case] = run_case(dist, f"{out_dir}/{case}", overrides)
     if dist.is_main:
         with open(result_path, "w") as f:
             json.dump(results, f)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_SWIN, TINY_VIT, run_module
-from pretrain.models.backbone import create_backbone
 from pretrain.config import load_config
+from pretrain.models.backbone import create_backbone
 from pretrain.probe import load_export, probe_accuracy
 
 pytestmark = pytest.mark.slow
