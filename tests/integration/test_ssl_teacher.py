@@ -27,12 +27,12 @@ CASES = {f"dino-{stage}-{precision}": ["objective.name=dino", *TINY_VIT, "model.
                                           f"engine.zero_stage={stage}", f"engine.precision={precision}"]
          for stage, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"))}
 CASES.update({f"moby-{stage}-bf16": ["objective.name=moby", *TINY_SWIN, *MOBY, f"engine.zero_stage={stage}",
-                                     "engine.precision=bf16"] for stage in (1, 3)})
+                                     "engine.precision=bf16"] for stage in (3,)})
 
 
 def test_teacher_is_ema_of_fp32_masters_on_every_zero_stage(tmp_path, digits_dir):
     """DINO on every stage (fp32 and bf16 without ZeRO: the masters live in different places); MoBY,
-    whose teacher pairs two modules and has batch-norm buffers, on ZeRO-1 and ZeRO-3."""
+    whose teacher pairs two modules and has batch-norm buffers, on ZeRO-3 (ZeRO-2 in the resume test)."""
     result = tmp_path / "result.json"
     cases = {name: [f"data.train={digits_dir}", *COMMON, *overrides] for name, overrides in CASES.items()}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
