@@ -9,16 +9,47 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import deepspeed
 import torch
 import torch.nn as nn
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MasterSlice:
+    """The part of one parameter's fp32 master weights that this rank holds.
+
+    ``values`` is a 1-D fp32 view of the optimizer's own storage (None when other ranks hold all
+    of it), covering elements ``start:start + len(values)`` of the flattened parameter.
+    ``partitioned`` (ZeRO-3): the parameter's compute copy is partitioned the same way, so
+    ``local_shard`` of a same-shaped parameter lines up with ``values`` element for element.
+    """
+
+    values: torch.Tensor | None
+    start: int
+    partitioned: bool
+
+
+def local_shard(param: nn.Parameter) -> torch.Tensor:
+    """The 1-D storage of ``param`` held on this rank: its ZeRO-3 partition, else all of it."""
+    return param.ds_tensor.view(-1) if hasattr(param, "ds_tensor") else param.data.view(-1)
+
+
+def refresh_gathered(params: list[nn.Parameter]) -> None:
+    """After ZeRO-3 partitions were written outside the optimizer (a momentum teacher, a load),
+    refresh the full copies DeepSpeed keeps of small "persistent" parameters; a collective. A
+    no-op for other stages, whose parameters are not partitioned."""
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    if persistent:
+        persistent[0].partition(persistent)  # drops the stale full copies, keeps the partitions
+        persistent[0].all_gather(persistent)
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -144,14 +175,65 @@ class Engine:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
         return client_state
 
+    def master_slices(self, params: list[nn.Parameter]) -> list[MasterSlice]:
+        """Where each trainable parameter's fp32 master weights live on this rank; no communication.
+
+        ZeRO-3: the rank's partition; ZeRO-1/2 and bf16 without ZeRO: the rank's fragment of the
+        optimizer's flat fp32 buffer; fp32 without ZeRO: the parameter itself. Views stay valid
+        until the next ``load``.
+        """
+        rank = self.dist.rank
+        flat_masters = self._flat_fp32_masters()
+        out = []
+        for p in params:
+            if hasattr(p, "ds_id"):
+                values = safe_get_local_fp32_param(p).view(-1)
+                out.append(MasterSlice(values, rank * p.ds_tensor.ds_numel, True))
+            elif hasattr(p, "_hp_mapping"):
+                mapping = p._hp_mapping
+                if mapping is None:
+                    out.append(MasterSlice(None, 0, False))
+                else:
+                    out.append(MasterSlice(mapping.get_hp_fragment().view(-1), mapping.lp_fragment_address.start,
+                                           False))
+            elif id(p) in flat_masters:
+                out.append(MasterSlice(flat_masters[id(p)], 0, False))
+            elif p.dtype == torch.float32:
+                out.append(MasterSlice(p.data.view(-1), 0, False))
+            else:
+                raise RuntimeError(f"engine.precision={self.cfg.engine.precision} with engine.zero_stage="
+                                   f"{self.cfg.engine.zero_stage} keeps no fp32 master weights that a momentum "
+                                   f"teacher can follow; use bf16 or a ZeRO stage >= 1")
+        return out
+
+    def _flat_fp32_masters(self) -> dict[int, torch.Tensor]:
+        """Mixed precision without ZeRO keeps whole fp32 copies of the parameters (DeepSpeed's
+        FP16_Optimizer, flat per group, or FP16_UnfusedOptimizer, one per parameter; also for bf16)."""
+        wrapper = self.engine.optimizer
+        views = {}
+        low = getattr(wrapper, "fp16_groups", ())
+        if hasattr(wrapper, "fp32_groups_flat"):
+            for group, flat in zip(low, wrapper.fp32_groups_flat):
+                offset = 0
+                for p in group:
+                    views[id(p)] = flat.data[offset:offset + p.numel()]
+                    offset += p.numel()
+        elif hasattr(wrapper, "fp32_groups"):
+            for group, masters in zip(low, wrapper.fp32_groups):
+                views.update({id(p): m.data.view(-1) for p, m in zip(group, masters)})
+        return views
+
     def full_fp32_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``module``'s state dict with every parameter from the fp32 master weights, on the CPU.
 
         A collective under ZeRO-3 (every rank must call it); every rank gets the full result.
         """
         params = {}
+        flat_masters = self._flat_fp32_masters()  # mixed precision without ZeRO
         for name, p in module.named_parameters():
             full = safe_get_full_fp32_param(p)
+            if full is None and id(p) in flat_masters:
+                full = flat_masters[id(p)].view_as(p)
             params[name] = (full if full is not None else p.detach()).float().cpu().clone()
         state = {}
         for name, value in module.state_dict().items():

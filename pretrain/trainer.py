@@ -283,6 +283,8 @@ class Trainer:
             waited = time.perf_counter()
             batch = next(batches)
             window.data_time += time.perf_counter() - waited
+            # Seeded after the fetch: the first fetch starts the loader's workers, which draws from
+            # torch's RNG, and a resumed run makes it at another step.
             self._seed_micro_step(step, micro)
             loss, values = self.engine.forward(self._to_device(batch), step)
             if step in self.inject_nan:
@@ -338,10 +340,12 @@ class Trainer:
     def export(self) -> Path | None:
         """The backbone's fp32 master weights in timm's format (a collective; rank 0 writes)."""
         backbone = self.objective.backbone()
-        state = self.engine.full_fp32_state_dict(backbone)
+        state = self.objective.backbone_state_dict(self.engine)
         path = None
         if self.dist.is_main:
-            kwargs = backbone_kwargs(self.cfg.model, self.cfg.data.image_size, self.plan.num_classes)
+            # A backbone without a classifier (self-supervised) is exported as one.
+            num_classes = getattr(backbone, "num_classes", self.plan.num_classes)
+            kwargs = backbone_kwargs(self.cfg.model, self.cfg.data.image_size, num_classes)
             path = export_backbone(state, self.run_dir / "export", self.cfg.model.name, kwargs,
                                    extra={"step": self.step, "objective": self.cfg.objective.name})
         self.dist.barrier()

@@ -8,6 +8,8 @@ import sys
 BENCHMARKS = {
     "step": "pretrain.bench.step",
     "data": "pretrain.bench.data",
+    "views": "pretrain.bench.views",
+    "teacher": "pretrain.bench.teacher",
 }
 
 

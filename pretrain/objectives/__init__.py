@@ -5,4 +5,6 @@ The trainer names none of them: it builds whatever ``objective.name`` selects fr
 
 OBJECTIVES = {
     "supervised": "pretrain.objectives.supervised",
+    "dino": "pretrain.objectives.dino",
+    "moby": "pretrain.objectives.moby",
 }

@@ -58,6 +58,11 @@ class Objective(nn.Module):
         """The timm model that is exported."""
         raise NotImplementedError
 
+    def backbone_state_dict(self, engine) -> dict[str, torch.Tensor]:
+        """The exported backbone's full fp32 weights on the CPU (a collective under ZeRO-3). Objectives
+        whose backbone is not trained by the optimizer (a momentum teacher) override this."""
+        return engine.full_fp32_state_dict(self.backbone())
+
     def backbone_prefix(self) -> str:
         """The backbone's name inside this module's state dict (``backbone.`` for ``self.backbone``)."""
         for name, module in self.named_modules():

@@ -1,0 +1,187 @@
+"""Self-supervised views: crops on the CPU, photometric augmentation batched on the device.
+
+A CPU worker only decodes and crops: each view is one PIL ``resize`` of a box of the decoded image
+(crop and resize in one pass), flipped, handed over as uint8. Colour jitter, grayscale, blur and
+solarization then run on whole uint8 batches on the accelerator (:class:`Photometric`), where they
+are nearly free, instead of image by image in PIL, where they cost most of a worker's time.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
+
+
+def random_resized_box(width: int, height: int, scale: tuple[float, float],
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a random crop covering ``scale`` of the area with an aspect
+    ratio in ``ratio`` (log-uniform), as torchvision's RandomResizedCrop chooses it."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = random.randint(0, width - w)
+            top = random.randint(0, height - h)
+            return left, top, left + w, top + h
+    # Fallback: the whole image, clamped to the ratio range (a centre crop).
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def crop_view(image: Image.Image, size: int, scale: tuple[float, float], hflip: float, resample: int) -> np.ndarray:
+    box = random_resized_box(image.width, image.height, scale)
+    view = image.resize((size, size), resample, box=box, reducing_gap=3.0)
+    if random.random() < hflip:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(view)
+
+
+def _stack(views: list[np.ndarray]) -> torch.Tensor:
+    """HWC uint8 arrays -> one NCHW uint8 tensor."""
+    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()
+
+
+class MultiCropView:
+    """DINO's multi-crop: ``global`` (2 x 3 x G x G) and ``local`` (N x 3 x L x L) uint8 crops."""
+
+    def __init__(self, global_size: int, global_scale, local_size: int, local_scale, local_crops: int,
+                 hflip: float = 0.5, interpolation: str = "bicubic") -> None:
+        self.global_size, self.global_scale = global_size, tuple(global_scale)
+        self.local_size, self.local_scale, self.local_crops = local_size, tuple(local_scale), local_crops
+        self.hflip = hflip
+        self.resample = _RESAMPLE[interpolation]
+
+    def __call__(self, image: Image.Image) -> dict:
+        out = {"global": _stack([crop_view(image, self.global_size, self.global_scale, self.hflip, self.resample)
+                                 for _ in range(2)])}
+        if self.local_crops:
+            out["local"] = _stack([crop_view(image, self.local_size, self.local_scale, self.hflip, self.resample)
+                                   for _ in range(self.local_crops)])
+        return out
+
+
+class TwoView:
+    """MoBY's two views of one image: ``views`` (2 x 3 x S x S) uint8 crops."""
+
+    def __init__(self, size: int, scale, hflip: float = 0.5, interpolation: str = "bicubic") -> None:
+        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+        self.resample = _RESAMPLE[interpolation]
+
+    def __call__(self, image: Image.Image) -> dict:
+        return {"views": _stack([crop_view(image, self.size, self.scale, self.hflip, self.resample)
+                                 for _ in range(2)])}
+
+
+# ---------------------------------------------------------------------------------------------
+# On the device
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """Per-image random photometric augmentation of a uint8 NCHW batch, returning floats in [0, 1].
+
+    The recipe of BYOL/DINO/MoBY: colour jitter (with probability ``jitter``; brightness, contrast,
+    saturation, hue in a random order per batch), grayscale, Gaussian blur (sigma uniform in
+    ``blur_sigma``), solarization at 128. Each image draws its own factors and coin flips.
+    """
+
+    jitter: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale: float = 0.2
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        n = x.shape[0]
+
+        def coin(p: float) -> torch.Tensor:
+            return (torch.rand(n, 1, 1, 1, device=x.device) < p) if p > 0 else None
+
+        def factor(spread: float, center: float = 1.0) -> torch.Tensor:
+            return torch.empty(n, 1, 1, 1, device=x.device).uniform_(center - spread, center + spread)
+
+        jitter = coin(self.jitter)
+        if jitter is not None:
+            ops = [op for op, amount in (("b", self.brightness), ("c", self.contrast), ("s", self.saturation),
+                                         ("h", self.hue)) if amount > 0]
+            for i in torch.randperm(len(ops)).tolist():
+                op = ops[i]
+                if op == "b":
+                    y = x * factor(self.brightness)
+                elif op == "c":
+                    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+                    y = torch.lerp(mean, x, factor(self.contrast))
+                elif op == "s":
+                    y = torch.lerp(_gray(x), x, factor(self.saturation))
+                else:
+                    y = _shift_hue(x, factor(self.hue, 0.0))
+                x = torch.where(jitter, y.clamp_(0, 1), x)
+        gray = coin(self.grayscale)
+        if gray is not None:
+            x = torch.where(gray, _gray(x).expand_as(x), x)
+        blur = coin(self.blur)
+        if blur is not None:
+            sigma = torch.empty(n, device=x.device).uniform_(*self.blur_sigma)
+            x = torch.where(blur, _gaussian_blur(x, sigma, self.blur_sigma[1]), x)
+        solarize = coin(self.solarize)
+        if solarize is not None:
+            x = torch.where(solarize & (x >= 128 / 255), 1.0 - x, x)
+        return x
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma with torchvision's weights, N1HW."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by ``shift`` turns (N111)."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    high, argmax = x.max(dim=1)
+    low = x.min(dim=1).values
+    chroma = high - low
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(argmax == 0, ((g - b) / safe) % 6,
+                      torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
+    hue = (hue + shift[:, 0]) % 1.0
+    # HSV -> RGB with value = high and chroma unchanged.
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue[:, None] * 6) % 6
+    return high[:, None] - chroma[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur, one sigma per image; reflect padding."""
+    n, c, h, w = x.shape
+    radius = min(int(math.ceil(3 * max_sigma)), (min(h, w) - 1))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*c, k)
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)

@@ -1,0 +1,197 @@
+"""A momentum teacher: frozen copies of student modules that follow an EMA of the student's fp32
+master weights (DINO's teacher, MoBY's target encoder and projector).
+
+The teacher lives inside the objective, so DeepSpeed treats it like the student: cast to the
+compute dtype, and partitioned under ZeRO-3. Its exact state is a separate fp32 buffer, ``master``:
+
+* ZeRO-3: each rank holds the EMA of its own partition only, laid out like the student's fp32
+  partition, and writes it into its own partition of the teacher. No communication, 1/world of an
+  fp32 teacher per rank.
+* ZeRO-1/2 (and bf16 without ZeRO): each rank updates the fragment of the master it owns from the
+  optimizer's fp32 fragment, then one all-reduce of the flat buffer makes every rank's full teacher
+  (which these stages replicate anyway) identical.
+* fp32 without ZeRO: the parameters are the masters; a local EMA.
+
+Only trainable student parameters are followed: frozen ones never change, so the teacher's copy,
+made at construction, already equals their EMA. ``master`` is a plain fp32 buffer of the
+objective's state dict, which DeepSpeed writes from rank 0 (replicated layouts) or from every rank
+into its own file (ZeRO-3); the teacher's weights are left out of it and rebuilt from ``master``
+on load, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+
+from pretrain.dist import DistEnv
+from pretrain.engine import local_shard, refresh_gathered
+
+
+class MomentumTeacher(nn.Module):
+    def __init__(self, students: dict[str, nn.Module], dist: DistEnv) -> None:
+        super().__init__()
+        self.dist = dist
+        self.nets = nn.ModuleDict({name: copy.deepcopy(module) for name, module in students.items()})
+        for module in self.nets.modules():
+            if isinstance(module, DropPath):
+                module.drop_prob = 0.0  # the teacher never drops paths (MoBY's asymmetric drop path)
+        for p in self.nets.parameters():
+            p.requires_grad_(False)
+        pairs = [(s, t) for m in students for s, t in zip(students[m].parameters(), self.nets[m].parameters())
+                 if s.requires_grad]
+        # Plain lists: the student's parameters must not be registered a second time.
+        self._students = [s for s, _ in pairs]
+        self._teachers = [t for _, t in pairs]
+        self._numels = [s.numel() for s in self._students]
+        # Filled at the first update, from the teacher's weights as DeepSpeed holds them then: the
+        # same values (cast once to the compute dtype) that it started the student's fp32 masters
+        # from. ``ready`` says whether it holds a state (restored by a load, or made).
+        self.register_buffer("master", torch.empty(0))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.uint8))
+        self._bound = None
+        # The compute weights are ``master`` cast once: checkpoints hold ``master`` only, and a load
+        # rebuilds the weights from it (under ZeRO-3 DeepSpeed's own view of these frozen, partly
+        # "persistent" parameters in a saved state dict is not a reliable copy of them).
+        self._weight_keys = {f"nets.{name}" for name, _ in self.nets.named_parameters()}
+        self.register_state_dict_post_hook(_drop_weights)
+        self.register_load_state_dict_post_hook(_rebuild_weights)
+
+    def forward(self, name: str, *args, **kwargs):
+        with torch.no_grad():
+            return self.nets[name](*args, **kwargs)
+
+    # -- the update -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, momentum: float, engine) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, on fp32 master weights.
+
+        Call after every optimizer step, on every rank (ZeRO-1/2 and ZeRO-3 use collectives).
+        """
+        if self._bound is None:
+            self._bound = self._bind(engine)
+        b = self._bound
+        if b.states:
+            torch._foreach_mul_(b.states, momentum)
+            torch._foreach_add_(b.states, b.masters, alpha=1.0 - momentum)
+        if b.gather:
+            self._gather_fragments(b)
+        torch._foreach_copy_(b.shards, b.sources)
+        if b.partitioned:
+            refresh_gathered(self._teachers)
+
+    def _bind(self, engine) -> "_Views":
+        """Views of the master buffer, the student's fp32 masters and the teacher's storage."""
+        slices = engine.master_slices(self._students)
+        partitioned = bool(slices) and all(s.partitioned for s in slices)
+        if not self.ready:
+            shards = [local_shard(t) if partitioned else t.data.view(-1) for t in self._teachers]
+            self.master = torch.cat(shards).float()
+            self.ready.fill_(1)
+        if partitioned:
+            sizes = [len(s.values) for s in slices]
+            states = list(torch.split(self.master, sizes))
+            return _Views(states, [s.values for s in slices], [local_shard(t) for t in self._teachers], states,
+                          [], gather=False, partitioned=True)
+        per_param = torch.split(self.master, self._numels)
+        offsets = [0]
+        for n in self._numels[:-1]:
+            offsets.append(offsets[-1] + n)
+        states, masters, fragments = [], [], []
+        for state, offset, s in zip(per_param, offsets, slices):
+            if s.values is not None:
+                states.append(state[s.start:s.start + len(s.values)])
+                masters.append(s.values)
+                fragments.append((offset + s.start, len(s.values)))
+        owned = sum(size for _, size in fragments)
+        return _Views(states, masters, [t.data.view(-1) for t in self._teachers], list(per_param), fragments,
+                      gather=owned < self.master.numel(), partitioned=False)
+
+    def _gather_fragments(self, b: "_Views") -> None:
+        """Every rank's updated fragments into every rank's full buffer: fragments do not overlap,
+        so the sum of buffers that are zero elsewhere is exact."""
+        scratch = torch.zeros_like(self.master)
+        for (offset, size), state in zip(b.fragments, b.states):
+            scratch[offset:offset + size] = state
+        self.dist.all_reduce(scratch)
+        self.master.copy_(scratch)
+
+    def full_master(self) -> list[torch.Tensor]:
+        """Every followed parameter's full fp32 teacher weights (a collective under ZeRO-3)."""
+        shapes = [getattr(t, "ds_shape", t.shape) for t in self._teachers]
+        if not self._partitioned:
+            return [m.view(shape) for m, shape in zip(torch.split(self.master, self._numels), shapes)]
+        world = self.dist.world_size
+        gathered = torch.empty(world * self.master.numel(), dtype=self.master.dtype, device=self.master.device)
+        torch.distributed.all_gather_into_tensor(gathered, self.master)
+        sizes = [local_shard(t).numel() for t in self._teachers]
+        per_rank = [torch.split(part, sizes) for part in gathered.chunk(world)]
+        return [torch.cat([pieces[i] for pieces in per_rank])[:n].view(shape)
+                for i, (n, shape) in enumerate(zip(self._numels, shapes))]
+
+    def full_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Teacher module ``name``'s state dict from the fp32 masters, on the CPU (a collective under
+        ZeRO-3; call on every rank after at least one update or load)."""
+        masters = {id(t): m for t, m in zip(self._teachers, self.full_master())}
+        params = {n: masters[id(p)] for n, p in self.nets[name].named_parameters() if id(p) in masters}
+        out = {}
+        for key, value in self.nets[name].state_dict().items():
+            if key in params:
+                out[key] = params[key].detach().float().cpu().clone()
+            elif value.numel() == 0 and "." in key:
+                raise RuntimeError(f"teacher {name}: {key} is partitioned and not followed; cannot export it")
+            else:
+                out[key] = value.detach().cpu().clone()
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "master")
+        if saved is not None and saved.shape != self.master.shape:
+            self.master = torch.empty_like(saved, device=self.master.device)  # a ZeRO-3 partition
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._bound = None  # the optimizer's buffers may be new after a load
+
+    @torch.no_grad()
+    def _refresh_weights(self) -> None:
+        """The teacher's compute weights from ``master``, after a load."""
+        if not self.ready:
+            return
+        sizes = [local_shard(t).numel() for t in self._teachers] if self._partitioned else self._numels
+        for t, state in zip(self._teachers, torch.split(self.master, sizes)):
+            local_shard(t).copy_(state)
+        refresh_gathered(self._teachers)
+
+    @property
+    def _partitioned(self) -> bool:
+        """ZeRO-3: ``master`` holds this rank's partitions, laid out as the teacher's."""
+        return bool(self._teachers) and hasattr(self._teachers[0], "ds_tensor")
+
+
+def _drop_weights(module: MomentumTeacher, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in module._weight_keys]:
+        del state_dict[key]
+
+
+def _rebuild_weights(module: MomentumTeacher, incompatible) -> None:
+    """After the whole teacher (children included) is loaded: weights from ``master``."""
+    prefixes = [k for k in incompatible.missing_keys if any(k.endswith("." + w) or k == w
+                                                             for w in module._weight_keys)]
+    for key in prefixes:
+        incompatible.missing_keys.remove(key)
+    module._refresh_weights()
+
+
+@dataclass
+class _Views:
+    states: list[torch.Tensor]  # the parts of ``master`` this rank updates
+    masters: list[torch.Tensor]  # the student's fp32 masters, same shapes
+    shards: list[torch.Tensor]  # the teacher's local storage, per parameter
+    sources: list[torch.Tensor]  # what each shard is copied from
+    fragments: list[tuple[int, int]]  # (offset, size) of ``states`` in ``master`` (replicated layouts)
+    gather: bool
+    partitioned: bool

@@ -1,0 +1,167 @@
+"""MoBY (Xie et al. 2021): MoCo v2's key queues with BYOL's predictor and momentum target.
+
+Online: encoder -> projector -> predictor; target: EMA of encoder and projector (see
+pretrain.models.teacher), without drop path. Two views per image; each online query is contrasted
+with the target's key of the other view (positive) and a queue of earlier keys of that view
+(negatives), at temperature ``temperature``; the two directions are summed. The queues hold
+L2-normalized keys from every rank.
+
+Batch norm in the MLPs normalizes over the global batch (pretrain.models.heads.SyncBatchNorm1d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, ObjectiveConfig
+from pretrain.data.transforms import normalize
+from pretrain.data.views import Photometric, TwoView
+from pretrain.models.backbone import create_backbone
+from pretrain.models.heads import MoBYMLP
+from pretrain.models.teacher import MomentumTeacher
+from pretrain.objectives import base
+from pretrain.objectives.monitors import CollapseWatch, embedding_std
+from pretrain.schedules import cosine
+
+
+@dataclass
+class Config(ObjectiveConfig):
+    name: str = "moby"
+    proj_dim: int = 256
+    hidden_dim: int = 4096
+    queue_size: int = 4096
+    temperature: float = 0.2
+    momentum: float = 0.99  # target EMA momentum, cosine to 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    # BYOL's asymmetric photometric augmentation, on the device: (first view, second view).
+    jitter: float = 0.8
+    grayscale: float = 0.2
+    blur: tuple[float, float] = (1.0, 0.1)
+    solarize: tuple[float, float] = (0.0, 0.2)
+    export: Literal["online", "target"] = "online"
+    collapse_std: float = 0.05
+
+    def validate(self) -> None:
+        for key in ("proj_dim", "hidden_dim", "queue_size", "temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be positive")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"objective.momentum={self.momentum!r}: must be in [0, 1]")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"objective.scale={list(self.scale)}: need 0 < min <= max <= 1")
+        for key, value in (("hflip", self.hflip), ("jitter", self.jitter), ("grayscale", self.grayscale),
+                           ("blur[0]", self.blur[0]), ("blur[1]", self.blur[1]),
+                           ("solarize[0]", self.solarize[0]), ("solarize[1]", self.solarize[1])):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"objective.{key}={value!r}: must be in [0, 1]")
+
+    def validate_run(self, cfg) -> None:
+        # Whole global batches enter the queue, so the write position wraps around exactly.
+        keys_per_step = cfg.data.batch_size  # per rank; times the world size, checked at start-up
+        if self.queue_size % keys_per_step:
+            raise ConfigError(f"objective.queue_size={self.queue_size}: must be a multiple of the global batch "
+                              f"(data.batch_size={cfg.data.batch_size} times the number of processes)")
+
+
+def contrastive_loss(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of normalized ``query`` (B x D) against its ``key`` (B x D) and the ``queue`` (D x K)."""
+    positive = (query * key).sum(dim=1, keepdim=True)
+    negative = query @ queue
+    logits = torch.cat([positive, negative], dim=1).float() / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+def moby_loss(q1, q2, k1, k2, queue1, queue2, temperature: float) -> torch.Tensor:
+    """Symmetric: view 1's queries against view 2's keys and queue, and the other way round."""
+    return contrastive_loss(q1, k2, queue2, temperature) + contrastive_loss(q2, k1, queue1, temperature)
+
+
+class Objective(base.Objective):
+    def __init__(self, cfg, ctx: base.RunContext) -> None:
+        super().__init__(cfg, ctx)
+        o = cfg.objective
+        world = ctx.dist.world_size
+        if o.queue_size % (cfg.data.batch_size * world):
+            raise ConfigError(f"objective.queue_size={o.queue_size}: must be a multiple of the global batch "
+                              f"({cfg.data.batch_size} x {world} processes)")
+        encoder = create_backbone(cfg.model, cfg.data.image_size, 0)
+        self.online = nn.ModuleDict({
+            "encoder": encoder,
+            "projector": MoBYMLP(encoder.num_features, o.hidden_dim, o.proj_dim),
+            "predictor": MoBYMLP(o.proj_dim, o.hidden_dim, o.proj_dim)})
+        self.target = MomentumTeacher({"encoder": self.online["encoder"], "projector": self.online["projector"]},
+                                      ctx.dist)
+        for name in ("queue1", "queue2"):
+            self.register_buffer(name, F.normalize(torch.randn(o.proj_dim, o.queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        photo = dict(jitter=o.jitter, grayscale=o.grayscale)
+        self.photometric = (Photometric(**photo, blur=o.blur[0], solarize=o.solarize[0]),
+                            Photometric(**photo, blur=o.blur[1], solarize=o.solarize[1]))
+        self.watch = CollapseWatch(cfg.train.log_every, ctx.dist.is_main)
+
+    def momentum(self, step: int) -> float:
+        return cosine(step, self.ctx.total_steps, self.cfg.objective.momentum, 1.0)
+
+    def train_view(self):
+        o = self.cfg.objective
+        return TwoView(self.cfg.data.image_size, o.scale, o.hflip, o.interpolation)
+
+    def _inputs(self, images: torch.Tensor, photometric: Photometric) -> torch.Tensor:
+        d = self.cfg.data
+        dtype = self.online["projector"].net[0].weight.dtype
+        return normalize(photometric(images).mul_(255.0), d.mean, d.std, dtype)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.online
+        return F.normalize(net["predictor"](net["projector"](net["encoder"](x))).float(), dim=1)
+
+    @torch.no_grad()
+    def _key(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.target("projector", self.target("encoder", x)).float(), dim=1)
+
+    def forward(self, batch: dict, step: int):
+        o = self.cfg.objective
+        views = batch["views"]
+        x1, x2 = self._inputs(views[:, 0], self.photometric[0]), self._inputs(views[:, 1], self.photometric[1])
+        q1, q2 = self._query(x1), self._query(x2)
+        k1, k2 = self._key(x1), self._key(x2)
+        loss = moby_loss(q1, q2, k1, k2, self.queue1.clone(), self.queue2.clone(), o.temperature)
+        metrics = {"embedding_std": embedding_std(q1), "key_std": embedding_std(k1),
+                   "positive_sim": (q1.detach() * k2).sum(1).mean()}
+        self.watch.record(metrics)
+        self._enqueue(k1, k2)
+        return loss, metrics
+
+    @torch.no_grad()
+    def _enqueue(self, k1: torch.Tensor, k2: torch.Tensor) -> None:
+        keys = torch.stack([k1, k2])
+        if self.ctx.dist.world_size > 1:
+            world = self.ctx.dist.world_size
+            gathered = keys.new_empty(world * len(keys), *keys.shape[1:])
+            tdist.all_gather_into_tensor(gathered, keys.contiguous())
+            keys = gathered.view(world, *keys.shape).transpose(0, 1).flatten(1, 2)  # (2, world * B, D), rank-major
+        ptr, n = int(self.queue_ptr), keys.shape[1]
+        self.queue1[:, ptr:ptr + n] = keys[0].T.to(self.queue1.dtype)
+        self.queue2[:, ptr:ptr + n] = keys[1].T.to(self.queue2.dtype)
+        self.queue_ptr.fill_((ptr + n) % self.queue1.shape[1])
+
+    def after_step(self, step: int, engine) -> None:
+        self.target.update(self.momentum(step), engine)
+        self.watch.check(step, low={"embedding_std": self.cfg.objective.collapse_std,
+                                    "key_std": self.cfg.objective.collapse_std})
+
+    def backbone(self) -> nn.Module:
+        return self.online["encoder"] if self.cfg.objective.export == "online" else self.target.nets["encoder"]
+
+    def backbone_state_dict(self, engine) -> dict[str, torch.Tensor]:
+        if self.cfg.objective.export == "target":
+            return self.target.full_state_dict("encoder")
+        return super().backbone_state_dict(engine)

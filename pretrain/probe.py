@@ -1,0 +1,53 @@
+"""A quick linear probe: logistic regression on a frozen backbone's features (the demo's and the
+tests' measure of what self-supervised pre-training learned; finetune.linear is the full stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from pretrain.data import shards
+from pretrain.data.stream import ShardDataset
+from pretrain.data.transforms import EvalView, normalize
+
+
+def load_export(export_dir: str | Path) -> nn.Module:
+    """The backbone written by the trainer's export (``backbone.json`` + ``backbone.safetensors``)."""
+    export_dir = Path(export_dir)
+    meta = json.loads((export_dir / "backbone.json").read_text())
+    model = timm.create_model(meta["model"], pretrained=False, **meta["kwargs"])
+    model.load_state_dict(load_file(str(export_dir / meta["weights"])))
+    return model
+
+
+@torch.no_grad()
+def features(model: nn.Module, source: str, split: str, image_size: int, mean, std,
+             batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled features, labels) of every sample of one split, in order."""
+    model.eval()
+    dataset = ShardDataset(shards.resolve(source, split).urls, EvalView(image_size, crop_pct=1.0), batch_size,
+                           rank=0, world_size=1, seed=0, train=False)
+    feats, labels = [], []
+    for batch in dataset:
+        images = normalize(batch["image"], mean, std, torch.float32)
+        feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().numpy())
+        labels.append(batch["label"].numpy())
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def probe_accuracy(model: nn.Module, source: str, image_size: int, mean, std) -> float:
+    """Top-1 on the ``val`` split of a logistic regression fit on the ``train`` split's features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train = features(model, source, "train", image_size, mean, std)
+    x_val, y_val = features(model, source, "val", image_size, mean, std)
+    scaler = StandardScaler().fit(x_train)
+    classifier = LogisticRegression(max_iter=2000).fit(scaler.transform(x_train), y_train)
+    return float((classifier.predict(scaler.transform(x_val)) == y_val).mean())

@@ -1,0 +1,49 @@
+"""The momentum teacher follows the EMA of the student's fp32 master weights on every ZeRO stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+
+pytestmark = pytest.mark.slow
+
+# Tiny heads; a low persistence threshold so that ZeRO-3 partitions the weights and keeps the
+# biases whole ("persistent"): both ways of holding a teacher parameter are exercised.
+COMMON = ["run.threads=1", "train.progress=false", "data.workers=0", "data.image_size=32", "data.batch_size=8",
+          "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "train.steps=3", "train.export=false",
+          "train.ckpt_every=0", "optim.lr=0.01", "model.drop_path=0.1",
+          "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
+DINO = ["objective.out_dim=64", "objective.hidden_dim=48", "objective.bottleneck_dim=16", "objective.local_crops=2",
+        "objective.local_size=16", "objective.momentum=0.9", "objective.freeze_last_layer_epochs=0"]
+MOBY = ["objective.proj_dim=16", "objective.hidden_dim=32", "objective.queue_size=64", "objective.momentum=0.9"]
+
+
+CASES = {f"dino-{stage}-{precision}": ["objective.name=dino", *TINY_VIT, "model.kwargs.dynamic_img_size=true", *DINO,
+                                          f"engine.zero_stage={stage}", f"engine.precision={precision}"]
+         for stage, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"))}
+CASES.update({f"moby-{stage}-bf16": ["objective.name=moby", *TINY_SWIN, *MOBY, f"engine.zero_stage={stage}",
+                                     "engine.precision=bf16"] for stage in (3,)})
+
+
+def test_teacher_is_ema_of_fp32_masters_on_every_zero_stage(tmp_path, digits_dir):
+    """DINO on every stage (fp32 and bf16 without ZeRO: the masters live in different places); MoBY,
+    whose teacher pairs two modules and has batch-norm buffers, on ZeRO-3 (ZeRO-2 in the resume test)."""
+    result = tmp_path / "result.json"
+    cases = {name: [f"data.train={digits_dir}", *COMMON, *overrides] for name, overrides in CASES.items()}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            str(REPO / "tests/integration/ssl_teacher_worker.py"), str(tmp_path), str(result), json.dumps(cases)]
+    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
+    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    results = json.loads(result.read_text())
+    assert sorted(results) == sorted(CASES)
+    for case, r in results.items():
+        assert r["steps"] == 3, case
+        assert r["moved"] > 1e-3, f"{case}: the student did not move away from its EMA; the check is void"
+        assert r["master"] < 1e-6, f"{case}: teacher differs from the EMA of the fp32 masters by {r['master']}"
+        assert r["compute"] == 0.0, f"{case}: teacher compute weights are not its fp32 state rounded once"

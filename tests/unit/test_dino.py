@@ -1,0 +1,101 @@
+"""DINO: the loss against the paper's formula, centering, schedules, config checks, one forward."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_VIT
+from pretrain.config import ConfigError, load_config
+from pretrain.dist import DistEnv
+from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.dino import dino_loss
+
+
+def paper_dino_loss(student, teacher, center, tau_s, tau_t, n_global):
+    """Caron et al. 2021, Algorithm 1 and eq. (3), with explicit loops in float64:
+    sum over teacher crops t and student crops s != t of H(P_t, P_s), averaged over images and pairs."""
+    student, teacher, center = (np.asarray(a, dtype=np.float64) for a in (student, teacher, center))
+    batch = teacher.shape[0] // n_global
+    crops = student.shape[0] // batch
+    total, pairs = 0.0, 0
+    for t in range(n_global):
+        for s in range(crops):
+            if s == t:
+                continue
+            for b in range(batch):
+                logits_t = (teacher[t * batch + b] - center[0]) / tau_t
+                p_t = np.exp(logits_t - logits_t.max())
+                p_t /= p_t.sum()
+                logits_s = student[s * batch + b] / tau_s
+                log_p_s = logits_s - logits_s.max() - math.log(np.exp(logits_s - logits_s.max()).sum())
+                total += -(p_t * log_p_s).sum() / batch
+            pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("local_crops", [0, 3])
+def test_loss_matches_the_paper(local_crops):
+    g = torch.Generator().manual_seed(local_crops)
+    batch, dim = 5, 7
+    student = torch.randn((2 + local_crops) * batch, dim, generator=g) * 3
+    teacher = torch.randn(2 * batch, dim, generator=g) * 3
+    center = torch.randn(1, dim, generator=g)
+    loss, probs = dino_loss(student, teacher, center, 0.1, 0.04)
+    expected = paper_dino_loss(student, teacher, center, 0.1, 0.04, 2)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(probs.sum(-1), torch.ones(2 * batch))
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [*TINY_VIT, "model.kwargs.dynamic_img_size=true", "objective.name=dino",
+                              "data.synthetic=true", "data.image_size=32", "data.batch_size=4", "train.steps=10",
+                              f"run.dir={tmp_path}", "objective.out_dim=32", "objective.hidden_dim=16",
+                              "objective.bottleneck_dim=8", "objective.local_crops=2", "objective.local_size=16",
+                              "engine.precision=fp32", *extra])
+
+
+def test_local_crops_of_another_size_need_dynamic_img_size(tmp_path):
+    with pytest.raises(ConfigError, match="model.kwargs.dynamic_img_size"):
+        load_config(None, [*TINY_VIT, "objective.name=dino", "data.synthetic=true", "train.steps=1",
+                           "data.image_size=32", "objective.local_size=16"])
+    with pytest.raises(ConfigError, match="objective.blur\\[2\\]"):
+        tiny_config(tmp_path, "objective.blur=[1.0, 0.1, 1.5]")
+
+
+def test_forward_centre_and_schedules(tmp_path):
+    cfg = tiny_config(tmp_path, "objective.teacher_temp_warmup_epochs=1", "objective.freeze_last_layer_epochs=1")
+    torch.manual_seed(0)
+    objective = build_objective(cfg, RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    batch = {"global": torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8),
+             "local": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8)}
+    loss, metrics = objective(batch, step=0)
+    assert torch.isfinite(loss)
+    assert {"teacher_entropy", "teacher_batch_entropy", "kl", "embedding_std", "center_norm"} <= set(metrics)
+    # The centre moved by (1 - m) of the teacher's batch mean, from zero.
+    with torch.no_grad():
+        teacher_out = objective.teacher("head", objective.teacher("backbone", torch.zeros(1, 3, 32, 32)))
+    assert objective.center.shape == teacher_out.shape and objective.center.abs().sum() > 0
+    loss.backward()
+    # During the first epoch no gradient reaches the prototypes; the rest of the head learns.
+    assert objective.student["head"].last_layer.weight_v.grad is None
+    assert objective.student["head"].mlp[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in objective.teacher.parameters())
+    objective.zero_grad()
+    objective(batch, step=4)[0].backward()
+    assert objective.student["head"].last_layer.weight_v.grad.abs().sum() > 0
+    # Teacher temperature: linear warm-up over an epoch (4 steps), then constant; momentum cosine to 1.
+    assert [objective.teacher_temp(s) for s in (0, 2, 4, 9)] == pytest.approx([0.04, 0.055, 0.07, 0.07])
+    assert objective.momentum(0) == pytest.approx(0.996) and objective.momentum(10) == pytest.approx(1.0)
+
+
+def test_export_choice(tmp_path):
+    ctx = RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv())
+    teacher = build_objective(tiny_config(tmp_path), ctx)
+    student = build_objective(tiny_config(tmp_path, "objective.export=student"), ctx)
+    assert teacher.backbone() is teacher.teacher.nets["backbone"]
+    assert student.backbone() is student.student["backbone"]
+    assert teacher.backbone_prefix() == "teacher.nets.backbone."

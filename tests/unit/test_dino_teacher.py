@@ -1,0 +1,63 @@
+"""MomentumTeacher without DeepSpeed (fp32 parameters are their own masters): the EMA, what its
+state dict holds, and a load rebuilding the weights; CollapseWatch's warning."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from pretrain.dist import DistEnv
+from pretrain.engine import MasterSlice
+from pretrain.models.teacher import MomentumTeacher
+from pretrain.objectives.monitors import CollapseWatch
+
+
+class PlainEngine:
+    """The engine's view of fp32 training without ZeRO: every parameter is its own master."""
+
+    def master_slices(self, params):
+        return [MasterSlice(p.data.view(-1), 0, False) for p in params]
+
+
+def student() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    net[1].weight.requires_grad_(False)  # a frozen parameter is copied, not followed
+    return net
+
+
+def test_ema_state_dict_and_load():
+    net = student()
+    teacher = MomentumTeacher({"net": net}, DistEnv())
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    for momentum in (0.5, 0.9):
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        teacher.update(momentum, PlainEngine())
+        for k, p in net.named_parameters():
+            if p.requires_grad:
+                expected[k] = expected[k] * momentum + p.detach() * (1 - momentum)
+    for k, p in teacher.nets["net"].named_parameters():
+        assert torch.allclose(p, expected[k], atol=1e-7), k
+    state = teacher.state_dict()
+    assert not any(k.startswith("nets.") for k in state)  # the weights are ``master`` cast once
+    fresh = MomentumTeacher({"net": student()}, DistEnv())
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.master, teacher.master)
+    for (k, a), b in zip(fresh.nets["net"].named_parameters(), teacher.nets["net"].parameters()):
+        assert torch.equal(a, b), k
+    assert torch.allclose(fresh.full_state_dict("net")["0.weight"], expected["0.weight"], atol=1e-7)
+
+
+def test_collapse_watch_warns(caplog):
+    watch = CollapseWatch(every=2, is_main=True)
+    watch.record({"embedding_std": torch.tensor(0.01), "teacher_entropy": torch.tensor(0.5)})
+    with caplog.at_level(logging.WARNING, logger="pretrain.collapse"):
+        assert watch.check(0, low={"embedding_std": 0.05}) == []  # not a checking step
+        found = watch.check(1, low={"embedding_std": 0.05}, high={"teacher_entropy": 0.99})
+    assert len(found) == 1 and "embedding_std" in found[0]
+    assert "possible collapse" in caplog.text
