@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import QUIET, REPO, TINY_VIT, run_module
 
-RECIPE = str(REPO / "configs/pretrain/demo.yaml")
+RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 # fp32, logged every step, no checkpoint except at the end: what the equality checks need.
 EXACT = [*QUIET, *TINY_VIT, "engine.precision=fp32", "train.epochs=null", "train.steps=10", "train.log_every=1",
          "train.ckpt_every=0", "train.eval_every=0", "data.batch_size=16", "optim.lr=2e-3", "optim.warmup_steps=2",

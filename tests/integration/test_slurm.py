@@ -23,7 +23,7 @@ from pretrain.checkpoint import tag_for
 from launch.__main__ import main
 from tests.conftest import QUIET, REPO, TINY_VIT
 
-RECIPE = str(REPO / "configs" / "pretrain" / "demo.yaml")
+RECIPE = str(REPO / "configs" / "pretrain" / "digits_supervised.yaml")
 TWO_TASKS = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--job-name", "vitscale-test"]
 ONE_TASK = ["--tasks-per-node", "1", "--cpus-per-task", "1", "--time", "10", "--job-name", "vitscale-test"]
 JOB_TIMEOUT_S = 240

@@ -11,7 +11,7 @@ import pytest
 from launch.__main__ import main
 from tests.conftest import QUIET, REPO, TINY_VIT
 
-RECIPE = str(REPO / "configs" / "pretrain" / "demo.yaml")
+RECIPE = str(REPO / "configs" / "pretrain" / "digits_supervised.yaml")
 
 
 @pytest.fixture(scope="module", autouse=True)

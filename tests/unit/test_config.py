@@ -30,7 +30,7 @@ def test_recipe_base_chain_is_merged_under_the_recipe(tmp_path):
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    cfg = load_config(REPO / "configs/pretrain/demo.yaml", ["train.steps=5", "train.epochs=null"])
+    cfg = load_config(REPO / "configs/pretrain/digits_supervised.yaml", ["train.steps=5", "train.epochs=null"])
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
