@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_SWIN, TINY_VIT, run_module
+from tests.conftest import TINY_SWIN, TINY_VIT, run_module
 from pretrain.config import load_config
 from pretrain.models.backbone import create_backbone
 from pretrain.probe import load_export, probe_accuracy

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_VIT
+from tests.conftest import TINY_VIT
 from pretrain.config import ConfigError, load_config
 from pretrain.dist import DistEnv
 from pretrain.objectives.base import RunContext, build_objective

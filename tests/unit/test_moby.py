@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import TINY_SWIN
+from tests.conftest import TINY_SWIN
 from pretrain.config import ConfigError, load_config
 from pretrain.data.views import TwoView
 from pretrain.dist import DistEnv
