@@ -24,6 +24,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from finetune.config import FeaturesConfig, ProbeConfig
+from pretrain.config import ConfigError
 from pretrain.data import shards
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView, normalize
@@ -53,9 +54,13 @@ class FeatureExtractor(nn.Module):
             if model.cls_token is None:
                 raise ValueError(f"{type(model).__name__} has no CLS token; the ViT features need one")
             self.depth = max(cfg.blocks)
+            if self.depth > len(model.blocks):
+                raise ConfigError(f"features.blocks={cfg.blocks}: the model has only {len(model.blocks)} blocks")
             self.names = [(n, a) for n in cfg.blocks for a in dict.fromkeys(cfg.avgpool)]
         elif isinstance(model, SwinTransformer):
             self.depth = max(cfg.stages)
+            if self.depth > len(model.layers):
+                raise ConfigError(f"features.stages={cfg.stages}: the model has only {len(model.layers)} stages")
             self.names = [(n, None) for n in cfg.stages]
         else:
             raise ValueError(f"{type(model).__name__}: features are defined for timm ViT and Swin models")

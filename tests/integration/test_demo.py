@@ -43,3 +43,11 @@ def test_demo_runs_from_an_empty_home_and_directory(tmp_path):
     pretrained, initial = map(float, probe.groups())
     assert pretrained > initial + 3, result.stdout[-2000:]  # points of accuracy on the digits' val split
     assert json.loads((run_dir / "run.json").read_text())["step"] > 0
+
+    # The README's next step: a linear probe of the demo's backbone, with the demo recipe.
+    probe_run = subprocess.run([sys.executable, "-m", "finetune", "linear",
+                                str(REPO / "configs/finetune/linear_demo.yaml"), "pretrained=runs/demo",
+                                "linear.epochs=10"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert probe_run.returncode == 0, probe_run.stderr[-5000:]
+    report = json.loads((work / "runs/demo-linear/linear.json").read_text())
+    assert report["best_top1"] > 30, report  # percent; chance is 10
