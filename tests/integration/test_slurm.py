@@ -111,11 +111,14 @@ STEPS = 60
 
 @pytest.fixture(scope="module")
 def reference_run(digits_dir, tmp_path_factory) -> Path:
-    """An uninterrupted 2-task run, chained with a second stage that starts only after it succeeded."""
+    """An uninterrupted 2-task run, chained with a linear probe of it that starts only after it succeeded."""
     base = tmp_path_factory.mktemp("slurm")
     run_dir, second = base / "reference", base / "second"
+    linear_probe = ["finetune", "linear", str(REPO / "configs/finetune/linear_demo.yaml"), f"pretrained={run_dir}",
+                    f"run.dir={second}", f"data.train={digits_dir}", f"data.val={digits_dir}", "data.workers=0",
+                    "linear.epochs=2", "linear.lrs=[0.1]"]
     first_id, second_id = submit(*TWO_TASKS, "--", *stage(digits_dir, run_dir, f"train.steps={STEPS}"),
-                                 "--", *stage(digits_dir, second, "train.steps=2"))
+                                 "--", *linear_probe)
     assert wait_ended(first_id) == "COMPLETED", logs(run_dir)
     assert wait_ended(second_id) == "COMPLETED", logs(second)
     return run_dir
@@ -132,14 +135,15 @@ def test_two_task_pretraining_runs_to_the_end(reference_run):
     assert "COMPLETED" in status and f"last step: {STEPS}" in status, status
 
 
-def test_chain_runs_the_second_stage_after_the_first_succeeded(reference_run):
+def test_chain_runs_the_linear_probe_after_pretraining_succeeded(reference_run):
     second = reference_run.parent / "second"
     first_done = next(e for e in events(reference_run) if e["event"] == "finished")
     second_events = events(second)
     assert second_events[0]["dependency"] == f"afterok:{events(reference_run)[0]['job_id']}"
     started = next(e for e in second_events if e["event"] == "started")
     assert started["time"] >= first_done["time"]
-    assert json.loads((second / "run.json").read_text())["step"] == 2
+    report = json.loads((second / "linear.json").read_text())
+    assert report["heads"] and report["best_top1"] > 0
 
 
 def test_preempted_twice_requeues_resumes_and_continues_the_trajectory(reference_run, digits_dir, tmp_path):
