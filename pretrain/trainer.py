@@ -198,6 +198,7 @@ class Trainer:
         resumed = self.resume()
         end = min(plan.total_steps, cfg.train.stop_at or plan.total_steps)
         if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_summary({"resumed_from": resumed})
         metrics = Metrics(self.run_dir, dist, self.step, plan.total_steps, cfg.train.progress)
         if resumed:
