@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
 
 import torch
@@ -21,7 +20,6 @@ from timm.utils import ModelEmaV3
 from finetune import weights
 from finetune.config import FullConfig
 from pretrain.checkpoint import export_backbone
-from pretrain.config import save_config
 from pretrain.dist import DistEnv
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives import base, supervised
@@ -94,11 +92,8 @@ class FinetuneTrainer(Trainer):
 
 
 def run(cfg: FullConfig, dist: DistEnv) -> dict:
-    if dist.is_main:
-        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     trainer = FinetuneTrainer(cfg, dist)
-    signal.signal(signal.SIGUSR1, lambda signum, frame: trainer.request_stop())
+    trainer.stop_on_signal()
     result = trainer.fit()
     if dist.is_main:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())

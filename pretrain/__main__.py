@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from pretrain import DEMO_RECIPE
-from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config, save_config
+from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.data.shards import ShardError
 from pretrain.trainer import NonFiniteLossError
 
@@ -65,13 +64,8 @@ def train(cfg: Config) -> dict:
         torch.set_num_threads(cfg.run.threads)
     dist = init_distributed()
     cfg = for_world_size(cfg, dist.world_size)
-    if dist.is_main:
-        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     trainer = Trainer(cfg, dist)
-    # SIGUSR1 asks for a checkpoint and a clean stop at the next step boundary (all ranks agree
-    # on it there); launchers send it before a time limit or a preemption.
-    signal.signal(signal.SIGUSR1, lambda signum, frame: trainer.request_stop())
+    trainer.stop_on_signal()
     result = trainer.fit()
     if dist.is_main:
         print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain.checkpoint import Checkpoints, atomic_write, export_backbone
-from pretrain.config import Config, ConfigError
+from pretrain.config import Config, ConfigError, save_config
 from pretrain.data import shards
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
@@ -168,6 +169,11 @@ class Trainer:
         """Save and stop at the next step boundary (safe to call from a signal handler)."""
         self.stop_requested = True
 
+    def stop_on_signal(self, signum: int = signal.SIGUSR1) -> None:
+        """Make ``signum`` ask for a checkpoint and a clean stop at the next step boundary (all ranks
+        agree on it there); launchers send it before a time limit or a preemption."""
+        signal.signal(signum, lambda received, frame: self.request_stop())
+
     def resume(self) -> str | None:
         tag = self.checkpoints.latest() if self.cfg.train.resume else None
         if tag is not None:
@@ -199,6 +205,7 @@ class Trainer:
         end = min(plan.total_steps, cfg.train.stop_at or plan.total_steps)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
             self._write_summary({"resumed_from": resumed})
         metrics = Metrics(self.run_dir, dist, self.step, plan.total_steps, cfg.train.progress)
         if resumed:

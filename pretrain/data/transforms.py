@@ -51,7 +51,7 @@ def crop_resize(image: EncodedImage | Image.Image, box: tuple[float, float, floa
     return F.interpolate(crop, size=(size[1], size[0]), mode=interpolation, antialias=True)[0]
 
 
-def random_resized_box(width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+def random_resized_box(width: int, height: int, scale, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """Inception-style random crop (area in ``scale``, log-uniform aspect in ``ratio``), as
     torchvision and timm sample it: ten tries, then a centre crop clamped to ``ratio``."""
     area = width * height

@@ -17,34 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pretrain.data.transforms import random_resized_box
+
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
-
-
-def random_resized_box(width: int, height: int, scale: tuple[float, float],
-                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of a random crop covering ``scale`` of the area with an aspect
-    ratio in ``ratio`` (log-uniform), as torchvision's RandomResizedCrop chooses it."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * random.uniform(*scale)
-        aspect = math.exp(random.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            left = random.randint(0, width - w)
-            top = random.randint(0, height - h)
-            return left, top, left + w, top + h
-    # Fallback: the whole image, clamped to the ratio range (a centre crop).
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
 
 
 def crop_view(image: Image.Image, size: int, scale: tuple[float, float], hflip: float, resample: int) -> np.ndarray:

@@ -10,7 +10,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from pretrain.data.views import MultiCropView, Photometric, _shift_hue, random_resized_box
+from pretrain.data.transforms import random_resized_box
+from pretrain.data.views import MultiCropView, Photometric, _shift_hue
 
 OFF = dict(jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)
 
