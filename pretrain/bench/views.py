@@ -24,39 +24,16 @@ import io
 import statistics
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
+from pretrain.bench.data import HEIGHT, WIDTH, imagenet_like_jpegs
+from pretrain.config import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.stream import decode
 from pretrain.data.transforms import normalize
 from pretrain.data.views import MultiCropView, Photometric
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "immunohistochemistry")
-WIDTH, HEIGHT = 500, 375
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def sample_jpegs(count: int) -> list[bytes]:
-    """ImageNet-like JPEGs: random 500x375 windows of scikit-image's photos, quality 90."""
-    from skimage import data as photos
-
-    rng = np.random.default_rng(0)
-    sources = []
-    for name in PHOTOS:
-        pixels = getattr(photos, name)()
-        image = Image.fromarray(pixels).convert("RGB")
-        scale = max(WIDTH / image.width, HEIGHT / image.height) * 1.3
-        sources.append(image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC))
-    out = []
-    for i in range(count):
-        image = sources[i % len(sources)]
-        left = int(rng.integers(0, image.width - WIDTH + 1))
-        top = int(rng.integers(0, image.height - HEIGHT + 1))
-        buffer = io.BytesIO()
-        image.crop((left, top, left + WIDTH, top + HEIGHT)).save(buffer, "JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 def torchvision_dino(local_crops: int):
@@ -120,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-crops", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    jpegs = sample_jpegs(args.images)
+    jpegs = imagenet_like_jpegs(args.images)
     rows = {"torchvision/PIL (DINO's augmentation)": [], "vitscale worker (decode + crops)": [],
             "vitscale worker + photometric on this CPU": []}
     for _ in range(args.rounds):
@@ -128,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         rows["vitscale worker (decode + crops)"].append(run_worker(jpegs, args.local_crops, photometric=False))
         rows["vitscale worker + photometric on this CPU"].append(run_worker(jpegs, args.local_crops, photometric=True))
     crops = 2 + args.local_crops
-    print(f"DINO views: 2 x 224 + {args.local_crops} x 96 from {WIDTH}x{HEIGHT} JPEGs, one core, "
+    print(f"DINO views: 2 x 224 + {args.local_crops} x 96 from about {WIDTH}x{HEIGHT} JPEGs, one core, "
           f"{args.images} images x {args.rounds} rounds")
     print(f"{'pipeline':<44} {'images/s':>9} {'crops/s':>9}")
     medians = {}
