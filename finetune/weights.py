@@ -131,7 +131,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     """The fp32 weights of a vitscale DeepSpeed checkpoint, gathered from its ZeRO partitions.
 
-    These files were written by vitscale itself; DeepSpeed's reader unpickles them.
+    ZeRO-0 model states load with weights_only; for ZeRO-1-3 partitions DeepSpeed's own reader unpickles,
+    so only consolidate checkpoints that vitscale (or DeepSpeed) wrote.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -143,7 +144,7 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     files = sorted(tag_dir.glob("*model_states.pt"))
     if not files:
         raise WeightsError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
-    states = torch.load(files[0], map_location="cpu", weights_only=False)
+    states = torch.load(files[0], map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
