@@ -78,12 +78,14 @@ def run(stage: str, cfg):
     """Run ``stage`` in this process (one rank of a distributed run, or alone)."""
     import torch
 
-    from pretrain.dist import init_distributed
+    from pretrain.dist import init_distributed, leave_process_group
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dist = init_distributed()
-    return importlib.import_module(STAGE_MODULES[stage]).run(cfg, dist)
+    result = importlib.import_module(STAGE_MODULES[stage]).run(cfg, dist)
+    leave_process_group()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from launch import events
 from launch.spec import (SlurmOptions, Stage, check_partition, check_stage, parse_stages, sweep_base, sweep_points,
                          time_minutes)
 from pretrain.config import ConfigError
+from pretrain.dist import leave_process_group
 
 SAVE_NOW_SIGNAL = signal.SIGUSR1  # what pretrain's trainer (and every stage built on it) listens to
 
@@ -112,16 +113,6 @@ class SaveRequest:
 
     def hand_over_to_submitit(self) -> None:
         self._submitit_handler(signal.SIGUSR2, None)
-
-
-def leave_process_group() -> None:
-    """Tear the process group down together: a rank that exits while its peers still hold
-    connections can abort in the communication library's destructors, which fails the whole job."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
 
 
 def export_topology(env) -> None:

@@ -57,7 +57,7 @@ def train(cfg: Config) -> dict:
     """Train in this process (one rank of a distributed run, or alone)."""
     import torch
 
-    from pretrain.dist import init_distributed
+    from pretrain.dist import init_distributed, leave_process_group
     from pretrain.trainer import Trainer
 
     if cfg.run.threads:
@@ -70,6 +70,7 @@ def train(cfg: Config) -> dict:
     if dist.is_main:
         print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
               f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
+    leave_process_group()
     return result
 
 

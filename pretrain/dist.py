@@ -95,6 +95,15 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
+def leave_process_group() -> None:
+    """Tear the process group down together at the end of a run. A rank that exits while its peers
+    still hold connections can abort in the communication library's destructors ("terminate called
+    without an active exception"), which fails a run that finished."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def spawn_local(nproc: int, module: str, args: list[str]) -> int:
     """Run ``python -m module args`` in ``nproc`` local processes through torch.distributed's launcher.
 
