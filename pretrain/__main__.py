@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pretrain import DEMO_RECIPE
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.data.shards import ShardError
 from pretrain.trainer import NonFiniteLossError
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -67,6 +67,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     resampled: bool = False  # draw training shards with replacement (no exact epochs)
     max_skip_rate: float = 0.05  # stop when a rank has skipped more than this share of its samples
+    shard_timeout: float = 300.0  # seconds a pipe: shard may send nothing before it is skipped (and counted)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     pin_memory: bool = True
@@ -81,6 +82,7 @@ class DataConfig:
         _require(self.image_size > 0, "data.image_size", self.image_size, "must be positive")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         _require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", self.max_skip_rate, "must be in [0, 1]")
+        _require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
         _require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
                  "must be positive")
         _require(self.train is not None or self.synthetic, "data.train", None,

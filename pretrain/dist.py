@@ -114,9 +114,30 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
     launcher_args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", module, *args])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         run(launcher_args)
-    except Exception as e:  # torchrun's ChildFailedError already printed which rank failed and why
+    except ChildFailedError as e:  # torchrun stopped the other ranks and printed its report above
+        rank, failure = e.get_first_failure()
+        print(f"error: {describe_failure(rank, failure.pid, failure.exitcode)}; the other ranks were stopped",
+              file=sys.stderr)
+        return 1
+    except Exception as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def describe_failure(rank: int, pid: int, exitcode: int) -> str:
+    """One line naming a lost rank and how it ended (a negative exit code is the signal that killed it)."""
+    if exitcode < 0:
+        import signal
+
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+    else:
+        how = f"exited with code {exitcode}"
+    return f"rank {rank} (pid {pid}) died: {how}"

@@ -67,6 +67,19 @@ class SkippableAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+def loss_scale_state(optimizer) -> tuple[float, float] | None:
+    """(current, minimum) of DeepSpeed's dynamic fp16 loss scale; None without one (bf16, fp32, static).
+
+    ZeRO's optimizers keep a ``DynamicLossScaler``; FP16_Optimizer (no ZeRO) a ``loss_scale_config``."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):
+        return float(scaler.cur_scale), float(scaler.min_scale)
+    config = getattr(optimizer, "loss_scale_config", None)
+    if getattr(config, "dynamic_loss_scale", False):
+        return float(config.cur_scale), float(config.min_loss_scale)
+    return None
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     micro, accum = cfg.data.batch_size, cfg.train.grad_accum
     generated = {
@@ -110,6 +123,11 @@ class Engine:
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
                                                dist_init_required=False)
         self.module = self.engine.module
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if getattr(scaler, "dynamic", False):
+            # ZeRO's scaler raises a bare Exception at its floor; the trainer reports it instead,
+            # naming the step (FP16_Optimizer would stay at the floor and skip steps silently).
+            scaler.raise_error_at_min_scale = False
 
     # -- one step -----------------------------------------------------------------------------------
     def set_hyperparameters(self, lr: float, weight_decay: float) -> None:
@@ -131,6 +149,14 @@ class Engine:
             self.engine.step()
         finally:
             self.optimizer.skip = False
+
+    def fp16_overflow(self) -> tuple[float, float] | None:
+        """After an optimizer step: (loss scale, its minimum) when DeepSpeed skipped the step for an fp16
+        gradient overflow (and lowered the scale, down to the minimum); None otherwise."""
+        state = loss_scale_state(self.engine.optimizer)
+        if state is None or self.engine.was_step_applied():
+            return None
+        return state
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it."""

@@ -29,6 +29,7 @@ from pretrain.data import shards
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine
+from pretrain.faults import maybe_die
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
@@ -117,6 +118,8 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist)
         self.step = 0
         self.nonfinite_steps = 0
+        self.overflow_steps = 0  # fp16 steps DeepSpeed skipped for a gradient overflow
+        self.overflows_at_floor = 0  # of them, in a row at the minimum loss scale
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.interrupted = False
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
@@ -132,7 +135,8 @@ class Trainer:
         else:
             dataset = ShardDataset(train_set.urls, self.objective.train_view(), d.batch_size, rank=self.dist.rank,
                                    world_size=self.dist.world_size, seed=self.cfg.run.seed, train=True,
-                                   shuffle_buffer=d.shuffle_buffer, counts=train_set.counts, resampled=d.resampled)
+                                   shuffle_buffer=d.shuffle_buffer, counts=train_set.counts, resampled=d.resampled,
+                                   shard_timeout=d.shard_timeout)
         return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda",
                       max_skip_rate=d.max_skip_rate)
 
@@ -143,7 +147,7 @@ class Trainer:
         d = self.cfg.data
         dataset = ShardDataset(val_set.urls, view, d.val_batch_size or d.batch_size, rank=self.dist.rank,
                                world_size=self.dist.world_size, seed=self.cfg.run.seed, train=False,
-                               counts=val_set.counts)
+                               counts=val_set.counts, shard_timeout=d.shard_timeout)
         return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda")
 
     def _to_device(self, batch: dict) -> dict:
@@ -153,7 +157,7 @@ class Trainer:
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
-                            "world_size": self.dist.world_size},
+                            "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size},
                 "data": self.train_loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,6 +167,7 @@ class Trainer:
                                f"{self.dist.world_size}: the data stream cannot continue exactly")
         self.step = trainer["step"]
         self.nonfinite_steps = trainer["nonfinite_steps"]
+        self.overflow_steps = trainer.get("overflow_steps", 0)
         self.train_loader.load_state_dict(state["data"])
 
     def request_stop(self) -> None:
@@ -177,11 +182,20 @@ class Trainer:
     def resume(self) -> str | None:
         tag = self.checkpoints.latest() if self.cfg.train.resume else None
         if tag is not None:
+            self.checkpoints.verify(tag, self.checkpoint_meta())  # before anything is loaded
             self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag))
         return tag
 
     def save(self) -> str:
-        return self.checkpoints.save(self.engine, self.step, self.state_dict())
+        return self.checkpoints.save(self.engine, self.step, self.state_dict(), self.checkpoint_meta())
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint must match to be resumed by this run (see Checkpoints.verify)."""
+        shapes = {name: list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside
+                  for name, p in self.objective.named_parameters()}
+        return {"objective": self.cfg.objective.name, "model": self.cfg.model.name,
+                "model_kwargs": self.cfg.model.kwargs, "image_size": self.cfg.data.image_size,
+                "parameters": shapes}
 
     # -- the loop -----------------------------------------------------------------------------------
     def _seed_micro_step(self, step: int, micro: int) -> None:
@@ -218,6 +232,7 @@ class Trainer:
         try:
             while self.step < end:
                 step = self.step
+                maybe_die("step", dist.rank, step)
                 lr, wd = self.hyperparameters(step)
                 self.engine.set_hyperparameters(lr, wd)
                 self.engine.train()
@@ -235,6 +250,7 @@ class Trainer:
                             f"checkpoint is {self.checkpoints.latest() or 'none'}")
                 else:
                     consecutive_nonfinite = 0
+                    self._watch_fp16_overflow(step, metrics)
                     self.objective.after_step(step, self.engine)
                 self.step = step + 1
                 self.step_times.append(time.perf_counter())
@@ -244,6 +260,8 @@ class Trainer:
                     values.update({"train/lr": lr, "train/weight_decay": wd,
                                    "train/memory_gib": memory_gib(dist.device),
                                    "train/nonfinite_steps": float(self.nonfinite_steps)})
+                    if cfg.engine.precision == "fp16":
+                        values["train/fp16_overflow_steps"] = float(self.overflow_steps)
                     grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
                     if grad_norm is not None:
                         values["train/grad_norm"] = grad_norm
@@ -274,8 +292,28 @@ class Trainer:
         skipped = dist.sum_counts(self.train_loader.skipped)  # a collective: before the rank-0 branch
         if dist.is_main:
             self._write_summary({"resumed_from": resumed, "step": self.step, "final": final,
-                                 "nonfinite_steps": self.nonfinite_steps, "skipped_samples": skipped})
+                                 "nonfinite_steps": self.nonfinite_steps, "fp16_overflow_steps": self.overflow_steps,
+                                 "skipped_samples": skipped})
         return final
+
+    def _watch_fp16_overflow(self, step: int, metrics: Metrics) -> None:
+        """Count the steps DeepSpeed skipped for fp16 gradient overflows; stop once ``train.max_nonfinite``
+        in a row overflowed at the minimum loss scale, where lowering the scale can no longer help."""
+        overflow = self.engine.fp16_overflow()
+        if overflow is None:
+            self.overflows_at_floor = 0
+            return
+        scale, floor = overflow
+        self.overflow_steps += 1
+        self.overflows_at_floor = self.overflows_at_floor + 1 if scale <= floor else 0
+        metrics.write(f"step {step}: fp16 gradient overflow, step skipped (loss scale now {scale:g}, "
+                      f"{self.overflow_steps} overflows in all)")
+        if self.overflows_at_floor >= self.cfg.train.max_nonfinite:
+            raise NonFiniteLossError(
+                f"step {step}: fp16 gradients overflowed in {self.overflows_at_floor} steps in a row at the minimum "
+                f"loss scale {floor:g} (train.max_nonfinite={self.cfg.train.max_nonfinite}); stopping. Use "
+                f"engine.precision=bf16, a lower lr or train.clip_grad. The last complete checkpoint is "
+                f"{self.checkpoints.latest() or 'none'}")
 
     def _train_step(self, step: int, batches, window: "_Window", want_grad_norm: bool):
         """One optimizer step over ``train.grad_accum`` micro-batches.

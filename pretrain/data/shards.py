@@ -11,6 +11,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
+import signal
+import subprocess
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +90,56 @@ def missing_shards(urls: list[str]) -> list[str]:
     return [u for u in urls if is_local(u) and not os.access(u, os.R_OK)]
 
 
-def open_shard(url: str) -> IO[bytes]:
+class ShardStalled(OSError):
+    """A streamed shard sent no data for longer than its timeout."""
+
+
+class PipeShard(io.RawIOBase):
+    """The output of a ``pipe:`` shard's shell command, read with a stall timeout.
+
+    The command runs in its own process group; closing the stream kills the whole group, so a
+    stalled or abandoned command (and whatever it started) never outlives its shard.
+    """
+
+    def __init__(self, command: str, timeout: float | None) -> None:
+        super().__init__()
+        self.command, self.timeout = command, timeout
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        ready, _, _ = select.select([self.fd], [], [], self.timeout)
+        if not ready:
+            raise ShardStalled(f"pipe:{self.command}: no data for {self.timeout:g} s (data.shard_timeout)")
+        data = os.read(self.fd, len(buffer))
+        buffer[:len(data)] = data
+        if not data and self.proc.wait() != 0:
+            raise OSError(f"pipe:{self.command}: exited with status {self.proc.returncode}")
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.stdout.close()
+            self.proc.wait()
+        super().close()
+
+
+def open_shard(url: str, timeout: float | None = None) -> IO[bytes]:
+    """A shard's bytes; a ``pipe:`` command that sends nothing for ``timeout`` seconds raises ShardStalled."""
     if is_local(url):
         return open(url, "rb")
     scheme = url.split(":", 1)[0]
-    if scheme in ("pipe", "http", "https"):
+    if scheme == "pipe":
+        return io.BufferedReader(PipeShard(url.removeprefix("pipe:"), timeout), buffer_size=1 << 20)
+    if scheme in ("http", "https"):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
@@ -105,13 +153,14 @@ _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
 
 
-def iter_tar_samples(url: str, stream: IO[bytes] | None = None) -> Iterator[dict]:
+def iter_tar_samples(url: str, stream: IO[bytes] | None = None, timeout: float | None = None) -> Iterator[dict]:
     """Samples of one shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``, in tar order.
 
     Files are grouped by their name up to the first dot after the last slash, as WebDataset does.
-    A truncated or corrupt tar raises ``tarfile.TarError`` after the samples read so far.
+    A truncated or corrupt tar raises ``tarfile.TarError`` after the samples read so far; a
+    ``pipe:`` shard silent for ``timeout`` seconds raises ShardStalled.
     """
-    stream = stream if stream is not None else open_shard(url)
+    stream = stream if stream is not None else open_shard(url, timeout)
     try:
         current: dict | None = None
         members = _tarfile_members(stream) if url.endswith(COMPRESSED_SUFFIXES) else tar_members(stream)

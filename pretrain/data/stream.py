@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, iter_tar_samples
+from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, ShardStalled, iter_tar_samples
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, urls: list[str], view: Callable, batch_size: int, *, rank: int, world_size: int,
                  seed: int, train: bool, shuffle_buffer: int = 0, counts: list[int] | None = None,
-                 resampled: bool = False) -> None:
+                 resampled: bool = False, shard_timeout: float | None = None) -> None:
         if counts is not None and len(counts) != len(urls):
             raise ValueError(f"{len(counts)} shard counts for {len(urls)} shards")
         self.urls = list(urls)
@@ -125,6 +125,7 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.train = train
         self.resampled = resampled and train
+        self.shard_timeout = shard_timeout
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.roles: list[int] = [0]
         self.start: dict[int, tuple[int, int]] = {}
@@ -160,13 +161,13 @@ class ShardDataset(IterableDataset):
                 if i % slots == slot:
                     yield sample
 
-    @staticmethod
-    def _read(pieces: list[Piece], counters: Counter) -> Iterator[dict]:
-        """Samples of ``pieces``; a broken shard is counted, logged, and left for the next one."""
+    def _read(self, pieces: list[Piece], counters: Counter) -> Iterator[dict]:
+        """Samples of ``pieces``; a broken, vanished or stalled shard is counted, logged, and left
+        for the next one (the samples read before the problem are kept)."""
         for piece in pieces:
             read = 0
             try:
-                with closing(iter_tar_samples(piece.url)) as samples:
+                with closing(iter_tar_samples(piece.url, timeout=self.shard_timeout)) as samples:
                     for i, sample in enumerate(samples):
                         read = i + 1
                         if i >= piece.start:
@@ -177,6 +178,10 @@ class ShardDataset(IterableDataset):
                 reason = {"empty file": "empty_shard", "not a tar file": "unreadable_shard"}.get(str(e), "truncated_shard")
                 counters[reason] += 1
                 log.warning("%s: %s (%d samples read)", piece.url, e, read)
+                continue
+            except ShardStalled as e:
+                counters["stalled_shard"] += 1
+                log.warning("skipping the rest of shard %s: %s (%d samples read)", piece.url, e, read)
                 continue
             except (OSError, tarfile.TarError) as e:
                 counters["unreadable_shard"] += 1

@@ -1,0 +1,195 @@
+"""Faults injected for real into 2-process runs through `python -m launch local`: a rank SIGKILLed
+mid-step, ranks SIGKILLed inside a checkpoint save (VITSCALE_TEST_KILL, see pretrain/faults.py), a
+full disk (a size-limited tmpfs), and broken or foreign checkpoints. docs/reliability.md lists what
+each test shows.
+
+Every run is the same tiny fp32 ZeRO-1 job (8 steps, a checkpoint every 2, keep_last=1); the
+uninterrupted one is trained once and serves as the reference for the weights of every resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.checkpoint import Checkpoints, tag_for
+from pretrain.dist import DistEnv
+from tests.conftest import QUIET, REPO, TINY_VIT, python_env, run_module
+
+RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
+JOB = [*QUIET, *TINY_VIT, "engine.precision=fp32", "engine.zero_stage=1", "train.epochs=null", "train.steps=8",
+       "train.ckpt_every=2", "train.keep_last=1", "train.log_every=1", "train.eval_every=0", "data.batch_size=16",
+       "optim.warmup_steps=2", "data.val=null", "data.prepare=none"]
+
+
+def launch(run_dir: Path, digits: Path, kill: str = "", timeout: float = 300):
+    """`python -m launch local --nproc 2` on the job; ``kill``: VITSCALE_TEST_KILL for the ranks.
+    Returns (exit code, stderr, seconds from the kill to the launcher's exit or None)."""
+    env = python_env()
+    if kill:
+        env["VITSCALE_TEST_KILL"] = kill
+    command = [sys.executable, "-m", "launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}",
+               f"data.train={digits}", *JOB]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    lines, killed_at = [], None
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if killed_at is None and line.startswith("[VITSCALE_TEST_KILL]"):
+            killed_at = time.monotonic()
+        assert time.monotonic() < deadline, "".join(lines[-50:])
+    code = proc.wait()
+    return code, "".join(lines), None if killed_at is None else time.monotonic() - killed_at
+
+
+def exported(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "export" / "backbone.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = exported(a), exported(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def checkpoint_dirs(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+
+
+def latest(run_dir: Path) -> str:
+    return Checkpoints(run_dir, 1, DistEnv()).latest()
+
+
+def read_meta(run_dir: Path, tag: str) -> dict:
+    return json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, digits_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("faults") / "whole"
+    code, err, _ = launch(run_dir, digits_dir)
+    assert code == 0, err[-5000:]
+    return run_dir
+
+
+@dataclass
+class Attempt:
+    code: int
+    stderr: str
+    after_kill: float | None  # seconds from the kill to the launcher's exit
+    latest: str | None
+    dirs: list[str]  # checkpoint directories afterwards
+    resumed_from: str | None
+
+
+# One run dir, four invocations: a rank dies mid-step; the rerun loses rank 0 inside a save, after
+# every rank wrote step 4's files but before ``latest`` moved; the next rerun loses rank 1 inside a
+# save, after it wrote its part of step 6; the last one finishes.
+KILLS = ["step:1:3", "save-before-latest:0:4", "save-after-write:1:6", ""]
+
+
+@pytest.fixture(scope="module")
+def interrupted(whole, digits_dir, tmp_path_factory) -> tuple[Path, list[Attempt]]:
+    run_dir = tmp_path_factory.mktemp("faults") / "interrupted"
+    attempts = []
+    for kill in KILLS:
+        code, err, after_kill = launch(run_dir, digits_dir, kill=kill)
+        summary = json.loads((run_dir / "run.json").read_text())
+        attempts.append(Attempt(code, err, after_kill, latest(run_dir), checkpoint_dirs(run_dir),
+                                summary["resumed_from"]))
+    return run_dir, attempts
+
+
+def test_a_killed_rank_ends_the_job_with_a_message_naming_it(interrupted):
+    _, (killed, *_) = interrupted
+    assert killed.code != 0
+    assert killed.after_kill is not None and killed.after_kill < 60, killed.stderr[-3000:]
+    assert "error: rank 1 (pid " in killed.stderr and "died: killed by SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert killed.latest == tag_for(2) and killed.dirs == [tag_for(2)]
+
+
+def test_ranks_killed_inside_a_save_leave_the_previous_checkpoint(interrupted):
+    _, (_, rank0, rank1, _) = interrupted
+    assert rank0.code != 0 and "error: rank 0 (pid " in rank0.stderr, rank0.stderr[-3000:]
+    assert rank0.resumed_from == tag_for(2)
+    # keep_last=1: the only complete checkpoint survives; step 4, written but not named, is not used.
+    assert rank0.latest == tag_for(2) and rank0.dirs == [tag_for(2), tag_for(4)]
+    assert rank1.code != 0 and "error: rank 1 (pid " in rank1.stderr, rank1.stderr[-3000:]
+    assert rank1.resumed_from == tag_for(2)
+    assert rank1.latest == tag_for(4) and tag_for(4) in rank1.dirs and tag_for(2) not in rank1.dirs
+
+
+def test_reruns_resume_and_end_with_the_weights_of_an_uninterrupted_run(interrupted, whole):
+    run_dir, (*_, last) = interrupted
+    assert last.code == 0, last.stderr[-5000:]
+    assert last.resumed_from == tag_for(4) and last.dirs == [tag_for(8)]
+    assert_same_weights(run_dir, whole)
+
+
+def _directory_bytes(path: Path) -> int:
+    """Bytes ``path``'s files take on a tmpfs (whole pages)."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in path.rglob("*") if f.is_file())
+
+
+def test_a_full_disk_fails_the_save_cleanly(whole, digits_dir, tmp_path):
+    """The run's checkpoints dir is a tmpfs with room for one checkpoint and a half: step 2's save
+    fits, step 4's does not (step 2 is kept until step 4 is complete)."""
+    run_dir = tmp_path / "disk-full"
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    one = _directory_bytes(whole / "checkpoints" / tag_for(8))
+    rest = _directory_bytes(whole / "checkpoints") - one  # DeepSpeed's recovery scripts, latest
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={rest + one * 3 // 2}", "tmpfs", str(ckpts)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"this test needs to mount a tmpfs (root; CI runs as root): {mounted.stderr.strip()}")
+    try:
+        code, err, _ = launch(run_dir, digits_dir)
+        assert code != 0
+        assert "could not write checkpoint" in err and str(ckpts / tag_for(4)) in err, err[-5000:]
+        assert "(the file system is full: " in err, err[-5000:]
+        assert f"still names the last complete checkpoint, {tag_for(2)}" in err, err[-5000:]
+        assert latest(run_dir) == tag_for(2)
+        assert checkpoint_dirs(run_dir) == [tag_for(2)]  # the partial save was removed
+        # The checkpoint left is whole (resuming from one that survived is shown above).
+        Checkpoints(run_dir, 1, DistEnv()).verify(tag_for(2), read_meta(whole, tag_for(8)))
+    finally:
+        subprocess.run(["umount", str(ckpts)], check=True)
+
+
+def test_broken_and_foreign_checkpoints_are_refused_before_anything_is_loaded(whole, digits_dir, tmp_path):
+    cases = {}
+    data = [f"data.train={digits_dir}", "data.prepare=none", "data.workers=0", "run.threads=1"]
+    for name, recipe, overrides in [
+        ("truncated", RECIPE, JOB),
+        ("other-model", RECIPE, [*JOB, "model.kwargs={patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"]),
+        ("other-objective", str(REPO / "configs/pretrain/demo.yaml"), ["train.epochs=null", "train.steps=8"]),
+    ]:
+        run_dir = tmp_path / name
+        shutil.copytree(whole, run_dir)
+        cases[name] = (recipe, [*overrides, *data, f"run.dir={run_dir}"])
+    model_file = tmp_path / "truncated" / "checkpoints" / tag_for(8) / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:model_file.stat().st_size // 2])
+    result = tmp_path / "result.json"
+    run_module("tests.integration.fault_resume_worker", str(result), json.dumps(cases))
+    results = json.loads(result.read_text())
+    for name, outcome in results.items():
+        assert outcome["error"] and outcome["error"].startswith("CheckpointError"), (name, outcome)
+        assert outcome["untouched"] and outcome["step"] == 0, (name, outcome)
+    assert f"{model_file}: truncated or corrupt" in results["truncated"]["error"]
+    meta = str(tmp_path / "other-model" / "checkpoints" / tag_for(8) / "meta.json")
+    assert results["other-model"]["error"].startswith(f"CheckpointError: {meta}: written with model_kwargs")
+    assert "written with objective 'supervised', this run has 'dino'" in results["other-objective"]["error"]
