@@ -80,6 +80,14 @@ def loss_scale_state(optimizer) -> tuple[float, float] | None:
     return None
 
 
+def report_loss_scale_floor_in_trainer(optimizer) -> None:
+    """ZeRO's fp16 loss scaler raises a bare Exception when it overflows at its minimum (FP16_Optimizer
+    stays there, skipping steps silently); the trainer counts such steps and stops naming the step."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):
+        scaler.raise_error_at_min_scale = False
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     micro, accum = cfg.data.batch_size, cfg.train.grad_accum
     generated = {
@@ -123,11 +131,7 @@ class Engine:
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
                                                dist_init_required=False)
         self.module = self.engine.module
-        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        if getattr(scaler, "dynamic", False):
-            # ZeRO's scaler raises a bare Exception at its floor; the trainer reports it instead,
-            # naming the step (FP16_Optimizer would stay at the floor and skip steps silently).
-            scaler.raise_error_at_min_scale = False
+        report_loss_scale_floor_in_trainer(self.engine.optimizer)
 
     # -- one step -----------------------------------------------------------------------------------
     def set_hyperparameters(self, lr: float, weight_decay: float) -> None:

@@ -1,0 +1,102 @@
+"""Shards that break while a stream reads them: deleted, cut short, stalled, failing; each is skipped
+with a warning and a count, and too many skips stop the stream with a clear message."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data.stream import Loader, ShardDataset, SkipRateError
+from tests.unit.data_samples import write_counted_shards
+
+
+class KeyOnlyView:
+    decodes_itself = True  # reads the image header only
+
+    def __call__(self, image):
+        return {"image": torch.zeros(1)}
+
+
+def stream(urls: list[str], train: bool = False, **kw) -> ShardDataset:
+    return ShardDataset(urls, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=train, **kw)
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b["__keys__"]]
+
+
+def test_shards_deleted_or_cut_short_during_an_epoch_are_skipped_and_counted(tmp_path, caplog):
+    urls = write_counted_shards(tmp_path, [6, 6, 6])
+    loader = Loader(stream(urls), 0)
+    batches = iter(loader)
+    first = next(batches)  # shard 0 is open and being read
+    Path(urls[1]).unlink()
+    whole = Path(urls[2]).read_bytes()
+    Path(urls[2]).write_bytes(whole[:len(whole) // 2 + 100])  # mid-block
+    with caplog.at_level(logging.WARNING):
+        read = keys([first, *batches])
+    from_cut = [k for k in read if k.startswith("s2-")]
+    assert read[:6] == [f"s0-{i}" for i in range(6)] and not any(k.startswith("s1-") for k in read)
+    assert 0 < len(from_cut) < 6 and from_cut == [f"s2-{i}" for i in range(len(from_cut))]  # kept up to the cut
+    assert dict(loader.skipped) == {"unreadable_shard": 1, "truncated_shard": 1}
+    assert urls[1] in caplog.text and urls[2] in caplog.text
+
+
+def test_shards_lost_mid_run_stop_training_above_the_skip_rate(tmp_path):
+    urls = write_counted_shards(tmp_path, [6, 6, 6])
+    batches = iter(Loader(stream(urls, train=True), 0, max_skip_rate=0.2, min_samples=10))
+    next(batches)
+    for url in urls[1:]:
+        Path(url).unlink()
+    # Each epoch now reads 6 samples and 2 lost shards: 2 skips per 6 samples, above 0.2.
+    with pytest.raises(SkipRateError, match=r"unreadable_shard .* data\.max_skip_rate=0\.2"):
+        list(islice(batches, 50))
+
+
+def running(token: str) -> list[int]:
+    """Pids of processes whose command line holds ``token``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_stalled_short_and_failing_pipe_shards_are_skipped_without_leaking_their_commands(tmp_path, caplog):
+    urls = write_counted_shards(tmp_path, [4, 4, 4])
+    size = Path(urls[1]).stat().st_size
+    pause = f"{1000 + os.getpid() % 1000}.5"  # a sleep that names this test, to look for it afterwards
+    sources = [
+        urls[0],
+        f"pipe:sleep {pause}; cat {urls[1]}",  # stalls before its first byte
+        f"pipe:head -c {size // 2 + 100} {urls[1]}; sleep {pause}",  # stalls half-way
+        f"pipe:head -c {size // 2 + 100} {urls[1]}",  # ends early
+        "pipe:exit 3",  # fails
+        f"pipe:cat {urls[2]}",
+    ]
+    loader = Loader(stream(sources, shard_timeout=0.5), 0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        read = keys(loader)
+    assert time.monotonic() - started < 20
+    assert dict(loader.skipped) == {"stalled_shard": 2, "truncated_shard": 1, "unreadable_shard": 1}
+    assert "no data for 0.5 s (data.shard_timeout)" in caplog.text and "exited with status 3" in caplog.text
+    half = [k for k in read if k.startswith("s1-")]
+    assert read[:4] == [f"s0-{i}" for i in range(4)] and read[-4:] == [f"s2-{i}" for i in range(4)]
+    assert 0 < len(half) < 8 and len(half) % 2 == 0  # the same samples before each of the two cuts
+    assert running(f"sleep {pause}") == []
+
+
+def test_the_shard_timeout_is_checked():
+    with pytest.raises(ConfigError, match="data.shard_timeout"):
+        load_config(None, ["data.synthetic=true", "train.steps=1", "data.shard_timeout=0"])

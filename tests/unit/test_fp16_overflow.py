@@ -1,0 +1,81 @@
+"""fp16 loss-scale underflow: steps that keep overflowing at the minimum loss scale stop the run with a
+message naming the step, instead of being skipped forever.
+
+DeepSpeed refuses fp16 on a CPU without fp16 support (this machine and CI), so the detection is
+tested on DeepSpeed's own loss-scale objects driven as its optimizers drive them at each overflow,
+behind an engine and a trainer that hold nothing else."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaleConfig
+
+from pretrain.checkpoint import Checkpoints
+from pretrain.config import load_config
+from pretrain.dist import DistEnv
+from pretrain.engine import Engine, loss_scale_state, report_loss_scale_floor_in_trainer
+from pretrain.trainer import NonFiniteLossError, Trainer
+
+
+def zero_optimizer():
+    """What ZeRO's optimizers hold, and how they lower the scale after an overflow."""
+    scaler = DynamicLossScaler(init_scale=8, scale_window=1000, min_scale=1, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    return SimpleNamespace(loss_scaler=scaler), lambda: scaler.update_scale(True)
+
+
+def fp16_optimizer():
+    """What FP16_Optimizer (no ZeRO) holds, and how it lowers the scale after an overflow."""
+    config = LossScaleConfig(torch.float16, True, 0, {"init_scale": 8, "scale_window": 1000, "min_scale": 1,
+                                                      "delayed_shift": 1, "consecutive_hysteresis": False})
+
+    def overflow():
+        config.cur_scale = max(config.cur_scale / config.scale_factor, config.min_loss_scale)
+    return SimpleNamespace(loss_scale_config=config), overflow
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+
+@pytest.mark.parametrize("make", [zero_optimizer, fp16_optimizer])
+def test_overflows_at_the_minimum_loss_scale_stop_the_run_naming_the_step(tmp_path, monkeypatch, make):
+    import deepspeed.runtime.fp16.loss_scaler as scalers
+
+    monkeypatch.setattr(scalers.dist, "get_rank", lambda: 0)  # its log lines ask; no process group here
+    optimizer, overflow = make()
+    report_loss_scale_floor_in_trainer(optimizer)  # as Engine does: DeepSpeed must not raise first
+    applied = [True]
+    engine = Engine.__new__(Engine)
+    engine.engine = SimpleNamespace(optimizer=optimizer, was_step_applied=lambda: applied[0])
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = load_config(None, ["data.synthetic=true", "train.steps=100", "train.max_nonfinite=3"])
+    trainer.engine, trainer.checkpoints = engine, Checkpoints(tmp_path, 1, DistEnv())
+    trainer.overflow_steps = trainer.overflows_at_floor = 0
+    log = Log()
+
+    assert loss_scale_state(optimizer) == (8.0, 1.0)
+    trainer._watch_fp16_overflow(0, log)  # a step that was applied
+    assert trainer.overflow_steps == 0 and not log.lines
+    applied[0] = False
+    with pytest.raises(NonFiniteLossError) as stopped:
+        for step in range(1, 20):
+            overflow()  # DeepSpeed skipped the step and lowered the scale: 4, 2, 1, 1, 1
+            trainer._watch_fp16_overflow(step, log)
+    assert step == 5 and trainer.overflow_steps == 5
+    assert str(stopped.value).startswith("step 5: fp16 gradients overflowed in 3 steps in a row at the minimum "
+                                         "loss scale 1 (train.max_nonfinite=3)")
+    assert log.lines[0] == "step 1: fp16 gradient overflow, step skipped (loss scale now 4, 1 overflows in all)"
+
+
+def test_bf16_and_fp32_have_no_loss_scale():
+    assert loss_scale_state(SimpleNamespace()) is None
+    config = LossScaleConfig(torch.bfloat16, False, 1.0, None)
+    assert loss_scale_state(SimpleNamespace(loss_scale_config=config)) is None
