@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.config import ConfigError, apply_overrides, dump_config, load_config, read_recipe
+from pretrain.config import ConfigError, apply_overrides, build, dump_config, load_config, read_recipe
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "launch"
 STAGE_PACKAGES = ("pretrain", "finetune")
@@ -115,7 +115,9 @@ def resolve_options(profile: str | None, flags: dict) -> SlurmOptions:
     """Dataclass defaults, then the profile, then the command line's flags (those given)."""
     values = load_profile(profile) if profile else {}
     values.update({k: v for k, v in flags.items() if v is not None})
-    options = SlurmOptions(**values)
+    if isinstance(values.get("time"), int) and not isinstance(values["time"], bool):
+        values["time"] = str(values["time"])  # minutes, written as a number in a profile
+    options = build(values, SlurmOptions)  # ConfigError naming a key of the wrong type
     options.validate()
     return options
 

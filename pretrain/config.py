@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class DataConfig:
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         _require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", self.max_skip_rate, "must be in [0, 1]")
         _require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
+        _require(all(s > 0 for s in self.std), "data.std", self.std, "must be positive")
         _require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
                  "must be positive")
         _require(self.train is not None or self.synthetic, "data.train", None,
@@ -124,6 +126,11 @@ class OptimConfig:
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _require(self.min_lr >= 0, "optim.min_lr", self.min_lr, "must be >= 0")
+        _require(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
+                 self.weight_decay_end, "must be >= 0")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "must be in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "must be positive")
         _require(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_epochs", self.warmup_epochs,
                  "cannot be combined with optim.warmup_steps")
 
@@ -367,13 +374,18 @@ def _check(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}={value!r}: must be a finite number")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

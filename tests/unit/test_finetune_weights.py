@@ -156,3 +156,19 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": vit().state_dict(), "args": Payload()}, tmp_path / "pickled.pth")
     with pytest.raises(WeightsError, match="weights-only"):
         weights.load_into(vit(), tmp_path / "pickled.pth")
+
+
+@pytest.mark.parametrize("name", ["export/backbone.safetensors", "vit.safetensors", "vit.pth"])
+def test_truncated_weights_fail_naming_the_file_and_leave_the_model_untouched(tmp_path, name):
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    state = vit(seed=5).state_dict()
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    model, reference = vit(), vit()
+    with pytest.raises(WeightsError, match=re.escape(str(path))):
+        weights.load_into(model, tmp_path if name.startswith("export/") else path)
+    assert_same_backbone(model, reference, head=True)
