@@ -111,3 +111,15 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
         victim.unlink()
     with pytest.raises(CheckpointError, match=str(victim)):
         Checkpoints(tmp_path, keep_last=1, dist=DistEnv()).verify(tag_for(2), json.loads(json.dumps(META)))
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    class NonFiniteEngine(FilesEngine):
+        def weights_finite(self) -> bool:
+            return False
+
+    ckpts = Checkpoints(tmp_path, keep_last=1, dist=DistEnv())
+    assert save_in_a_child(tmp_path, 2) == 0
+    with pytest.raises(CheckpointError, match="step 4: the weights are not finite"):
+        ckpts.save(NonFiniteEngine(), 4, {}, META)
+    assert ckpts.latest() == tag_for(2) and not (ckpts.directory / tag_for(4)).exists()
