@@ -214,6 +214,7 @@ def test_killed_rank_ends_the_job_and_a_rerun_resumes(digits_dir, tmp_path):
     killed_at = time.monotonic()
     assert wait_ended(job_id, timeout=60) == "FAILED"
     assert time.monotonic() - killed_at < 60
+    assert re.search(r"srun: error: \S+: task 1: Killed", logs(run_dir)), logs(run_dir)[-5000:]  # the lost rank
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step_"))
     assert step < 40
