@@ -16,6 +16,7 @@ from pathlib import Path
 
 from finetune.config import ROOTS, FullConfig
 from finetune.weights import WeightsError
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.data.shards import ShardError
 
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # full fine-tuning resumes and saves through pre-training's trainer
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -116,8 +116,8 @@ class Checkpoints:
                                   f"it is not a complete vitscale checkpoint") from None
         for file in sorted(path.glob("*.pt")):
             if not zipfile.is_zipfile(file):  # torch.save's format; a cut-off file loses its zip directory
-                raise CheckpointError(f"{file}: truncated or corrupt ({file.stat().st_size} bytes); "
-                                      f"move {path} aside to resume from an older checkpoint")
+                raise CheckpointError(f"{file}: truncated or corrupt ({file.stat().st_size} bytes); to resume from "
+                                      f"an older checkpoint, write its tag into {self.directory / 'latest'}")
         for key in ("objective", "model", "model_kwargs", "image_size"):
             if saved.get(key) != meta.get(key):
                 raise CheckpointError(f"{path / META_NAME}: written with {key} {saved.get(key)!r}, this run has "
