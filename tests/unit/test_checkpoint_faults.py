@@ -86,7 +86,8 @@ def test_a_failed_write_raises_naming_the_checkpoint_and_removes_it(tmp_path):
 
 @pytest.mark.parametrize("change, named", [
     ({"objective": "dino"}, "written with objective 'supervised', this run has 'dino'"),
-    ({"model_kwargs": {"embed_dim": 48}}, "written with model_kwargs {'embed_dim': 32}, this run has {'embed_dim': 48}"),
+    ({"model_kwargs": {"embed_dim": 48}},
+     "written with model_kwargs {'embed_dim': 32}, this run has {'embed_dim': 48}"),
     ({"parameters": {"model.head.weight": [5, 32]}}, "1 parameters differ (checkpoint vs this run: "
                                                      "model.head.weight: [10, 32] vs [5, 32])"),
 ])

@@ -21,24 +21,32 @@ from pretrain.config import Config, ConfigError, for_world_size, load_config, ob
 from pretrain.objectives import OBJECTIVES
 from pretrain.trainer import make_plan
 
-FUZZ = settings(max_examples=150, derandomize=True, deadline=None, database=None,
+FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
-def dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every key of a config dataclass, sections included (``model``, ``model.name``, ...)."""
+def dotted_keys(cls: type, prefix: str = "", numeric: bool = False) -> list[str]:
+    """Every key of a config dataclass, sections included (``model``, ``model.name``, ...); with
+    ``numeric``, only the keys that take a number."""
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += dotted_keys(hints[f.name], f"{prefix}{f.name}.")
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += [] if numeric else [prefix + f.name]
+            keys += dotted_keys(hint, f"{prefix}{f.name}.", numeric)
+        elif not numeric or {int, float} & {hint, *typing.get_args(hint)}:
+            keys.append(prefix + f.name)
     return keys
 
 
-OBJECTIVE_KEYS = sorted({f"objective.{k}" for name in OBJECTIVES for k in dotted_keys(objective_config_class(name))})
-REAL_KEYS = {root: sorted(set(dotted_keys(root)) | set(OBJECTIVE_KEYS))
-             for root in (Config, FullConfig, LinearConfig, KnnConfig)}
+ROOTS = (Config, FullConfig, LinearConfig, KnnConfig)
+OBJECTIVES_ = [objective_config_class(name) for name in OBJECTIVES]
+REAL_KEYS = {root: sorted({*dotted_keys(root), *(f"objective.{k}" for c in OBJECTIVES_ for k in dotted_keys(c))})
+             for root in ROOTS}
+NUMERIC_KEYS = {root: sorted({*dotted_keys(root, numeric=True),
+                              *(f"objective.{k}" for c in OBJECTIVES_ for k in dotted_keys(c, numeric=True))})
+                for root in ROOTS}
 
 identifiers = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
 fake_keys = st.lists(identifiers, min_size=1, max_size=4).map(".".join)
@@ -48,17 +56,28 @@ plain = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.float
 values = st.recursive(plain, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                      st.dictionaries(identifiers, inner, max_size=3)), max_leaves=6)
 texts = st.one_of(values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...")),
-                  st.sampled_from(["[", "{a: 1", ":", "1e400", "-.inf", ".nan", "0x1f", "~", "'", "a=b", "!!python/none"]),
+                  st.sampled_from(["[", "{a: 1", ":", "1e400", "-.inf", ".nan", "0x1f", "~", "'", "a=b",
+                                   "!!python/none"]),
                   st.text(max_size=10))
 
 
+numbers = st.one_of(st.floats(allow_nan=True).map(repr), st.integers(-3, 10**4).map(str),
+                    st.sampled_from(["1e400", "-1e400", ".inf", ".nan", "0", "-0.0", "1e-300"]))
+# Runs counted in steps, or in epochs of a known number of samples (the plan's other branch).
+BASES = [["train.steps=4"], ["train.steps=null", "train.epochs=2", "data.train_samples=1000"]]
+
+
 def overrides_for(root: type):
-    key = st.one_of(st.sampled_from(REAL_KEYS[root]), fake_keys, odd_keys)
-    return st.lists(st.tuples(key, texts).map("=".join), min_size=1, max_size=4)
+    real, numeric = st.sampled_from(REAL_KEYS[root]), st.sampled_from(NUMERIC_KEYS[root])
+    pairs = st.one_of(st.tuples(numeric, numbers), st.tuples(real, texts), st.tuples(st.one_of(fake_keys, odd_keys), texts))
+    overrides = st.lists(pairs.map("=".join), min_size=1, max_size=4)
+    if root in (Config, FullConfig):
+        return st.tuples(st.sampled_from(BASES), overrides).map(lambda t: [*t[0], *t[1]])
+    return overrides
 
 
 def load_and_plan(root: type, overrides: list[str]) -> None:
-    base = ["data.synthetic=true", "train.steps=4", "data.num_classes=10"] if root in (Config, FullConfig) else []
+    base = ["data.synthetic=true", "data.num_classes=10"] if root in (Config, FullConfig) else []
     cfg = load_config(None, [*base, *overrides], root=root)
     if root in (Config, FullConfig):  # what the launcher checks next, before any process starts
         make_plan(for_world_size(cfg, 2), 2, None)
@@ -72,7 +91,7 @@ def check_outcome(root: type, overrides: list[str]) -> None:
         assert any(name and name in str(e) for name in named), str(e)
 
 
-@pytest.mark.parametrize("root", [Config, FullConfig, LinearConfig, KnnConfig], ids=lambda r: r.__name__)
+@pytest.mark.parametrize("root", ROOTS, ids=lambda r: r.__name__)
 def test_random_overrides_give_a_config_or_a_config_error(root):
     @FUZZ
     @given(overrides_for(root))
@@ -82,7 +101,8 @@ def test_random_overrides_give_a_config_or_a_config_error(root):
     check()
 
 
-# What earlier runs of these properties found (each once a traceback, not a ConfigError).
+# Values that once gave a traceback instead of a ConfigError (found by probing the epoch arithmetic
+# and the optimizer by hand; rare for the generator above), kept as fixed examples.
 @pytest.mark.parametrize("overrides, key", [
     (["train.steps=null", "train.epochs=.inf", "data.train_samples=1000"], "train.epochs"),
     (["optim.warmup_epochs=1e400", "data.train_samples=1000"], "optim.warmup_epochs"),
@@ -93,7 +113,7 @@ def test_random_overrides_give_a_config_or_a_config_error(root):
 ])
 def test_values_found_by_the_fuzzer_fail_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=rf"^{key.replace('[', '.').replace(']', '.')}="):
-        load_and_plan(Config, overrides)
+        load_and_plan(Config, ["train.steps=4", *overrides])
 
 
 @pytest.mark.parametrize("profile, key", [({"nodes": None}, "nodes"), ({"gpus_per_node": "two"}, "gpus_per_node"),
