@@ -69,7 +69,8 @@ BASES = [["train.steps=4"], ["train.steps=null", "train.epochs=2", "data.train_s
 
 def overrides_for(root: type):
     real, numeric = st.sampled_from(REAL_KEYS[root]), st.sampled_from(NUMERIC_KEYS[root])
-    pairs = st.one_of(st.tuples(numeric, numbers), st.tuples(real, texts), st.tuples(st.one_of(fake_keys, odd_keys), texts))
+    pairs = st.one_of(st.tuples(numeric, numbers), st.tuples(real, texts),
+                      st.tuples(st.one_of(fake_keys, odd_keys), texts))
     overrides = st.lists(pairs.map("=".join), min_size=1, max_size=4)
     if root in (Config, FullConfig):
         return st.tuples(st.sampled_from(BASES), overrides).map(lambda t: [*t[0], *t[1]])
