@@ -64,7 +64,7 @@ class Checkpoints:
         except FileNotFoundError:
             return None
         if not TAG_PATTERN.match(tag) or not (self.directory / tag).is_dir():
-            raise RuntimeError(f"{self.directory / 'latest'} names {tag!r}, which is not a checkpoint here")
+            raise CheckpointError(f"{self.directory / 'latest'} names {tag!r}, which is not a checkpoint here")
         return tag
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
