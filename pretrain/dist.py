@@ -109,13 +109,12 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
 
     Returns the exit code: non-zero as soon as any process fails (the others are stopped).
     """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     launcher_args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", module, *args])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     try:
         run(launcher_args)
     except ChildFailedError as e:  # torchrun stopped the other ranks and printed its report above
