@@ -43,21 +43,28 @@ class ViewPlan:
 
 @dataclass
 class DeferredViews:
-    """A sample whose pixels the device decodes: the JPEG's bytes and its views' plans."""
+    """A sample whose pixels the device decodes: the JPEG file and its views' plans."""
 
-    data: torch.Tensor  # 1-D uint8, the file's bytes
+    data: bytes
     views: dict[str, ViewPlan]
 
 
 @dataclass
 class DeferredBatch:
-    """The deferred samples of one batch, by position, and where the worker-decoded ones sit."""
+    """The deferred samples of one batch: their positions in it, their plans, and their files laid end
+    to end in one tensor (one shared-memory block from a worker, not one per file); also where the
+    worker-decoded samples sit."""
 
     batch_size: int
     positions: list[int]
-    samples: list[DeferredViews]
+    plans: list[dict[str, ViewPlan]]
+    data: torch.Tensor  # 1-D uint8: file i is data[offsets[i]:offsets[i + 1]]
+    offsets: list[int]
     keys: list[str]
     pixel_positions: list[int]
+
+    def files(self) -> list[torch.Tensor]:
+        return [self.data[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
 
 
 class DeviceDecodedView:
@@ -75,8 +82,7 @@ class DeviceDecodedView:
 
     def __call__(self, image) -> dict:
         if isinstance(image, EncodedImage) and image.device_decodable:
-            data = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-            return {DEFERRED: DeferredViews(data, self.view.plan(image.size))}
+            return {DEFERRED: DeferredViews(image.data, self.view.plan(image.size))}
         if isinstance(image, EncodedImage) and not getattr(self.view, "decodes_itself", False):
             image = load_rgb(image.pil_image())
         return self.view(image)
@@ -94,9 +100,13 @@ def collate(items: list[dict], keys: list[str]) -> dict:
     if pixel_items:
         batch.update(default_collate([{k: v for k, v in item.items() if k not in shared} for item in pixel_items]))
     positions = sorted(deferred)
-    batch[DEFERRED] = DeferredBatch(len(items), positions, [deferred[i] for i in positions],
-                                    [keys[i] for i in positions],
-                                    [i for i in range(len(items)) if i not in deferred])
+    files = [deferred[i].data for i in positions]
+    offsets = [0]
+    for data in files:
+        offsets.append(offsets[-1] + len(data))
+    batch[DEFERRED] = DeferredBatch(len(items), positions, [deferred[i].views for i in positions],
+                                    torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8), offsets,
+                                    [keys[i] for i in positions], [i for i in range(len(items)) if i not in deferred])
     return batch
 
 
@@ -142,17 +152,17 @@ def assemble(batch: dict, device: torch.device) -> tuple[dict | None, list[str]]
     deferred: DeferredBatch | None = batch.pop(DEFERRED, None)
     if deferred is None:
         return batch, []
-    images = decode_jpegs([s.data for s in deferred.samples], device)
-    for key, first in deferred.samples[0].views.items():
+    images = decode_jpegs(deferred.files(), device)
+    for key, first in deferred.plans[0].items():
         w, h = first.size
         shape = (len(first.boxes), 3, h, w) if first.stacked else (3, h, w)
         out = torch.empty((deferred.batch_size, *shape), dtype=torch.uint8, device=device)
         if deferred.pixel_positions:
             out[deferred.pixel_positions] = batch[key]
-        for position, sample, image in zip(deferred.positions, deferred.samples, images):
+        for position, plans, image in zip(deferred.positions, deferred.plans, images):
             if image is None:
                 continue
-            plan = sample.views[key]
+            plan = plans[key]
             crops = [crop_resize(image, box, plan.size, plan.interpolation, flip)
                      for box, flip in zip(plan.boxes, plan.flips)]
             out[position] = torch.stack(crops) if plan.stacked else crops[0]
