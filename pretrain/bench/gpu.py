@@ -297,8 +297,8 @@ def main(argv=None) -> int:
                 results[f"vitscale shards ({args.decode})"] = run_trainer(
                     overrides + shard_overrides(urls, args), dist, args.warmup, batch)
             results["bare timm"] = run_bare(row, args, overrides, dist, batch)
-            name = f"{row.model} {row.objective}" + (" 2x224+{}x{}".format(args.local_crops, args.local_size)
-                                                     if row.objective == "dino" else "")
+            crops = f" 2x{args.image_size}+{args.local_crops}x{args.local_size}" if row.objective == "dino" else ""
+            name = f"{row.model} {row.objective}{crops}"
             for loop, (rate, memory) in results.items():
                 mfu = f"{rate * flops / peak:.1%}" if peak else "n/a"
                 lines.append(f"{name:<44}{row.zero:>5}{batch:>6}  {loop:<26}{rate:>10.1f}{mfu:>8}{memory:>12.2f}")
