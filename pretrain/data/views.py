@@ -4,6 +4,8 @@ A CPU worker only decodes and crops: each view is one PIL ``resize`` of a box of
 (crop and resize in one pass), flipped, handed over as uint8. Colour jitter, grayscale, blur and
 solarization then run on whole uint8 batches on the accelerator (:class:`Photometric`), where they
 are nearly free, instead of image by image in PIL, where they cost most of a worker's time.
+With ``data.decode_on_device``, a worker does not even decode: ``plan`` draws the same boxes and
+flips from the image header, and the device cuts them (pretrain.data.device_decode).
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ def _stack(views: list[np.ndarray]) -> torch.Tensor:
 class MultiCropView:
     """DINO's multi-crop: ``global`` (2 x 3 x G x G) and ``local`` (N x 3 x L x L) uint8 crops."""
 
+    supports_device_decode = True  # see plan()
+
     def __init__(self, global_size: int, global_scale, local_size: int, local_scale, local_crops: int,
                  hflip: float = 0.5, interpolation: str = "bicubic") -> None:
         self.global_size, self.global_scale = global_size, tuple(global_scale)
         self.local_size, self.local_scale, self.local_crops = local_size, tuple(local_scale), local_crops
         self.hflip = hflip
         self.interpolation, self.resample = interpolation, _RESAMPLE[interpolation]
-
-    supports_device_decode = True
 
     def __call__(self, image: Image.Image) -> dict:
         out = {"global": crop_views(image, 2, self.global_size, self.global_scale, self.hflip, self.resample)}
@@ -80,11 +82,11 @@ class MultiCropView:
 class TwoView:
     """MoBY's two views of one image: ``views`` (2 x 3 x S x S) uint8 crops."""
 
+    supports_device_decode = True  # see plan()
+
     def __init__(self, size: int, scale, hflip: float = 0.5, interpolation: str = "bicubic") -> None:
         self.size, self.scale, self.hflip = size, tuple(scale), hflip
         self.interpolation, self.resample = interpolation, _RESAMPLE[interpolation]
-
-    supports_device_decode = True
 
     def __call__(self, image: Image.Image) -> dict:
         return {"views": crop_views(image, 2, self.size, self.scale, self.hflip, self.resample)}
