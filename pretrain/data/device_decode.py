@@ -138,7 +138,15 @@ def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: tuple
     crop = image[None, :, top:bottom, left:right]
     if crop.shape[-2:] != (size[1], size[0]):
         # Antialiased resizing of uint8 exists only on the CPU; float works everywhere.
-        resized = F.interpolate(crop.float(), size=(size[1], size[0]), mode=interpolation, antialias=True)
+        crop = crop.float()
+        reduce = int(min(crop.shape[-1] / size[0], crop.shape[-2] / size[1]) // 3)
+        if reduce >= 2:
+            # Shrink by an integer factor first, leaving a factor of 3 to 6 (box averaging, like
+            # PIL's reducing_gap=3 in the workers' multi-crop views): CUDA's antialiased kernels
+            # refuse very large factors (their weights no longer fit in shared memory), and what
+            # is left costs less.
+            crop = F.avg_pool2d(crop, reduce, ceil_mode=True)
+        resized = F.interpolate(crop, size=(size[1], size[0]), mode=interpolation, antialias=True)
         crop = resized.round_().clamp_(0, 255).to(torch.uint8)
     crop = crop[0]
     return crop.flip(-1) if flip else crop
