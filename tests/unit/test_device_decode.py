@@ -13,7 +13,7 @@ import torch
 from pretrain.bench.data import imagenet_like_jpegs, write_shards
 from pretrain.config import ConfigError, load_config
 from pretrain.data.decode import EncodedImage
-from pretrain.data.device_decode import DEFERRED, DeviceDecodedView, assemble, collate
+from pretrain.data.device_decode import DEFERRED, DeferredViews, DeviceDecodedView, assemble, collate
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import SupervisedTrainView
@@ -122,8 +122,6 @@ def test_a_batch_with_nothing_decodable_is_dropped():
     view = supervised_view(8)
     random.seed(0)
     plan = view.plan((40, 30))
-    from pretrain.data.device_decode import DeferredViews
-
     batch = collate([{DEFERRED: DeferredViews(broken, plan), "label": 3}], ["k0"])
     assert assemble(batch, CPU) == (None, ["k0"])
 
