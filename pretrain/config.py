@@ -72,6 +72,9 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     pin_memory: bool = True
+    # Workers hand baseline JPEGs over undecoded, with their crop plan; the device decodes them
+    # (nvJPEG on CUDA), crops, resizes and flips. Other formats are still decoded by the workers.
+    decode_on_device: bool = False
 
     def validate(self) -> None:
         _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
@@ -172,6 +175,7 @@ class EngineConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
+    compile: bool = False  # torch.compile the backbone (the first steps then take minutes)
 
     def validate(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")

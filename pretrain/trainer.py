@@ -26,6 +26,8 @@ from torch.utils.data._utils.collate import default_collate
 from pretrain.checkpoint import Checkpoints, atomic_write, export_backbone
 from pretrain.config import Config, ConfigError, save_config
 from pretrain.data import shards
+from pretrain.data.device_decode import DeviceDecodedView
+from pretrain.data.prefetch import DeviceBatches
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine
@@ -114,6 +116,7 @@ class Trainer:
         self.objective = make_objective(cfg, ctx).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
         self.train_loader = self._train_loader(train_set)
+        self.batches: DeviceBatches | None = None  # the training batches on the device, while fit() runs
         self.val_loader = self._val_loader(val_set)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist)
         self.step = 0
@@ -133,7 +136,10 @@ class Trainer:
             dataset = SyntheticDataset(self.objective.train_view(), d.batch_size, d.image_size,
                                        self.plan.num_classes, self.cfg.run.seed)
         else:
-            dataset = ShardDataset(train_set.urls, self.objective.train_view(), d.batch_size, rank=self.dist.rank,
+            view = self.objective.train_view()
+            if d.decode_on_device:
+                view = DeviceDecodedView(view)
+            dataset = ShardDataset(train_set.urls, view, d.batch_size, rank=self.dist.rank,
                                    world_size=self.dist.world_size, seed=self.cfg.run.seed, train=True,
                                    shuffle_buffer=d.shuffle_buffer, counts=train_set.counts, resampled=d.resampled,
                                    shard_timeout=d.shard_timeout)
@@ -158,7 +164,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
                             "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size},
-                "data": self.train_loader.state_dict()}
+                "data": (self.batches or self.train_loader).state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         trainer = state["trainer"]
@@ -225,7 +231,8 @@ class Trainer:
         if resumed:
             metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
         last_saved = self.step if resumed else -1
-        batches = iter(self.train_loader)
+        # Copied (and decoded) to the device ahead of the step that needs them.
+        batches = self.batches = DeviceBatches(self.train_loader, dist.device)
         window = _Window(self.dist.device)
         consecutive_nonfinite = 0
         final: dict = {}
@@ -266,7 +273,7 @@ class Trainer:
                     if grad_norm is not None:
                         values["train/grad_norm"] = grad_norm
                     values.update({f"data/skipped_{k}": float(v) for k, v in
-                                   dist.sum_counts(self.train_loader.skipped).items()})
+                                   dist.sum_counts(batches.skipped).items()})
                     metrics.log(self.step, values)
                     metrics.progress(steps_in_window, loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}",
                                      img_s=f"{values['train/images_per_s']:.0f}")
@@ -288,8 +295,9 @@ class Trainer:
             if cfg.train.export and self.step == plan.total_steps:
                 self.export()
         finally:
+            batches.close()
             metrics.close()
-        skipped = dist.sum_counts(self.train_loader.skipped)  # a collective: before the rank-0 branch
+        skipped = dist.sum_counts(batches.skipped)  # a collective: before the rank-0 branch
         if dist.is_main:
             self._write_summary({"resumed_from": resumed, "step": self.step, "final": final,
                                  "nonfinite_steps": self.nonfinite_steps, "fp16_overflow_steps": self.overflow_steps,
@@ -332,7 +340,7 @@ class Trainer:
             # Seeded after the fetch: the first fetch starts the loader's workers, which draws from
             # torch's RNG, and a resumed run makes it at another step.
             self._seed_micro_step(step, micro)
-            loss, values = self.engine.forward(self._to_device(batch), step)
+            loss, values = self.engine.forward(batch, step)
             if step in self.inject_nan:
                 loss = loss + float("nan")
             loss_ok = torch.isfinite(loss.detach())

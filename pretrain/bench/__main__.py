@@ -10,6 +10,7 @@ BENCHMARKS = {
     "data": "pretrain.bench.data",
     "views": "pretrain.bench.views",
     "teacher": "pretrain.bench.teacher",
+    "gpu": "pretrain.bench.gpu",
 }
 
 

@@ -26,17 +26,29 @@ class EncodedImage:
     data: bytes
     size: tuple[int, int]  # (width, height)
     pil: Image.Image | None = None  # the opened image for formats other than baseline JPEG
+    colorspace: str | None = None  # a JPEG's, from its header
 
     @classmethod
     def open(cls, data: bytes) -> "EncodedImage":
         if data[:2] == b"\xff\xd8":  # JPEG: simplejpeg reads the header without PIL's overhead
             try:
-                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-                return cls(data, (width, height))
+                height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+                return cls(data, (width, height), colorspace=colorspace)
             except ValueError:
                 pass  # PIL may still read it (or says why not)
         image = Image.open(io.BytesIO(data))
         return cls(data, image.size, image)
+
+    @property
+    def device_decodable(self) -> bool:
+        """A JPEG that nvJPEG decodes to RGB: YCbCr or grayscale (not CMYK/YCCK, not PNG & co.)."""
+        return self.pil is None and self.colorspace in ("YCbCr", "Gray")
+
+    def pil_image(self) -> Image.Image:
+        """The image opened by PIL (pixels not yet decoded)."""
+        if self.pil is None:
+            self.pil = Image.open(io.BytesIO(self.data))
+        return self.pil
 
 
 def load_rgb(image: Image.Image, reduce_to: tuple[int, int] | None = None) -> Image.Image:

@@ -36,6 +36,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, ShardStalled, iter_tar_samples
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
+from pretrain.data.device_decode import collate
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,7 @@ class ShardDataset(IterableDataset):
 
     def _collate(self, items: list[dict], role: int, position: tuple[int, int]) -> dict:
         keys = [item.pop("__key__") for item in items]
-        batch = default_collate(items)
+        batch = collate(items, keys)  # default_collate, leaving JPEGs for the device to decode
         batch.update(__keys__=keys, __role__=role, __position__=position,
                      __skipped__=dict(self.counters), __seen__=self.seen)
         self.counters.clear()

@@ -23,6 +23,7 @@ from PIL import Image
 from timm.data.transforms_factory import transforms_imagenet_train
 
 from pretrain.data.decode import EncodedImage, decode_pixels
+from pretrain.data.device_decode import ViewPlan
 
 def crop_resize(image: EncodedImage | Image.Image, box: tuple[float, float, float, float],
                 size: tuple[int, int], interpolation: str) -> torch.Tensor:
@@ -95,12 +96,27 @@ class SupervisedTrainView:
             mean=mean, use_prefetcher=True, separate=True)
         self.photometric = photometric if (auto_augment or color_jitter) else None
 
-    def __call__(self, image: Image.Image) -> dict:
-        box = random_resized_box(*image.size, self.scale, self.ratio)
+    @property
+    def supports_device_decode(self) -> bool:
+        return self.photometric is None  # timm's RandAugment and colour jitter need the pixels here
+
+    def _draw(self, size: tuple[int, int]) -> tuple[tuple[int, int, int, int], str, bool]:
+        """The random crop box, interpolation and flip for an image of ``size`` (w, h)."""
+        box = random_resized_box(*size, self.scale, self.ratio)
         interpolation = random.choice(["bilinear", "bicubic"]) if self.interpolation == "random" \
             else self.interpolation
+        flip = self.hflip > 0 and random.random() < self.hflip
+        return box, interpolation, flip
+
+    def plan(self, size: tuple[int, int]) -> dict[str, ViewPlan]:
+        """What ``__call__`` would draw for an image of ``size``, for decoding on the device."""
+        box, interpolation, flip = self._draw(size)
+        return {"image": ViewPlan((box,), (flip,), self.size, interpolation, stacked=False)}
+
+    def __call__(self, image: Image.Image) -> dict:
+        box, interpolation, flip = self._draw(image.size)
         pixels = crop_resize(image, box, self.size, interpolation)
-        if self.hflip > 0 and random.random() < self.hflip:
+        if flip:
             pixels = pixels.flip(-1)
         if self.photometric is not None:  # timm's RandAugment / colour jitter work on PIL images
             pixels = torch.from_numpy(np.array(self.photometric(Image.fromarray(pixels.permute(1, 2, 0).numpy()))))

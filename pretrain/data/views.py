@@ -4,6 +4,8 @@ A CPU worker only decodes and crops: each view is one PIL ``resize`` of a box of
 (crop and resize in one pass), flipped, handed over as uint8. Colour jitter, grayscale, blur and
 solarization then run on whole uint8 batches on the accelerator (:class:`Photometric`), where they
 are nearly free, instead of image by image in PIL, where they cost most of a worker's time.
+With ``data.decode_on_device``, a worker does not even decode: ``plan`` draws the same boxes and
+flips from the image header, and the device cuts them (pretrain.data.device_decode).
 """
 
 from __future__ import annotations
@@ -17,17 +19,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pretrain.data.device_decode import ViewPlan
 from pretrain.data.transforms import random_resized_box
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
-def crop_view(image: Image.Image, size: int, scale: tuple[float, float], hflip: float, resample: int) -> np.ndarray:
-    box = random_resized_box(image.width, image.height, scale)
-    view = image.resize((size, size), resample, box=box, reducing_gap=3.0)
-    if random.random() < hflip:
-        view = view.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(view)
+def draw_crops(image_size: tuple[int, int], count: int, scale: tuple[float, float],
+               hflip: float) -> tuple[tuple[tuple[int, int, int, int], ...], tuple[bool, ...]]:
+    """``count`` random boxes and flips for an image of ``image_size`` (w, h), drawn crop by crop."""
+    boxes, flips = [], []
+    for _ in range(count):
+        boxes.append(random_resized_box(*image_size, scale))
+        flips.append(random.random() < hflip)
+    return tuple(boxes), tuple(flips)
+
+
+def crop_views(image: Image.Image, count: int, size: int, scale: tuple[float, float], hflip: float,
+               resample: int) -> torch.Tensor:
+    """``count`` random crops of ``image``, each one PIL resize of its box, as N x 3 x size x size uint8."""
+    views = []
+    for box, flip in zip(*draw_crops(image.size, count, scale, hflip)):
+        view = image.resize((size, size), resample, box=box, reducing_gap=3.0)
+        views.append(np.asarray(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view))
+    return _stack(views)
 
 
 def _stack(views: list[np.ndarray]) -> torch.Tensor:
@@ -38,32 +53,52 @@ def _stack(views: list[np.ndarray]) -> torch.Tensor:
 class MultiCropView:
     """DINO's multi-crop: ``global`` (2 x 3 x G x G) and ``local`` (N x 3 x L x L) uint8 crops."""
 
+    supports_device_decode = True  # see plan()
+
     def __init__(self, global_size: int, global_scale, local_size: int, local_scale, local_crops: int,
                  hflip: float = 0.5, interpolation: str = "bicubic") -> None:
         self.global_size, self.global_scale = global_size, tuple(global_scale)
         self.local_size, self.local_scale, self.local_crops = local_size, tuple(local_scale), local_crops
         self.hflip = hflip
-        self.resample = _RESAMPLE[interpolation]
+        self.interpolation, self.resample = interpolation, _RESAMPLE[interpolation]
 
     def __call__(self, image: Image.Image) -> dict:
-        out = {"global": _stack([crop_view(image, self.global_size, self.global_scale, self.hflip, self.resample)
-                                 for _ in range(2)])}
+        out = {"global": crop_views(image, 2, self.global_size, self.global_scale, self.hflip, self.resample)}
         if self.local_crops:
-            out["local"] = _stack([crop_view(image, self.local_size, self.local_scale, self.hflip, self.resample)
-                                   for _ in range(self.local_crops)])
+            out["local"] = crop_views(image, self.local_crops, self.local_size, self.local_scale, self.hflip,
+                                      self.resample)
+        return out
+
+    def plan(self, image_size: tuple[int, int]) -> dict[str, ViewPlan]:
+        """The crops ``__call__`` would draw for an image of ``image_size``, for decoding on the device."""
+        out = {"global": _plan(draw_crops(image_size, 2, self.global_scale, self.hflip), self.global_size,
+                               self.interpolation)}
+        if self.local_crops:
+            out["local"] = _plan(draw_crops(image_size, self.local_crops, self.local_scale, self.hflip),
+                                 self.local_size, self.interpolation)
         return out
 
 
 class TwoView:
     """MoBY's two views of one image: ``views`` (2 x 3 x S x S) uint8 crops."""
 
+    supports_device_decode = True  # see plan()
+
     def __init__(self, size: int, scale, hflip: float = 0.5, interpolation: str = "bicubic") -> None:
         self.size, self.scale, self.hflip = size, tuple(scale), hflip
-        self.resample = _RESAMPLE[interpolation]
+        self.interpolation, self.resample = interpolation, _RESAMPLE[interpolation]
 
     def __call__(self, image: Image.Image) -> dict:
-        return {"views": _stack([crop_view(image, self.size, self.scale, self.hflip, self.resample)
-                                 for _ in range(2)])}
+        return {"views": crop_views(image, 2, self.size, self.scale, self.hflip, self.resample)}
+
+    def plan(self, image_size: tuple[int, int]) -> dict[str, ViewPlan]:
+        """The crops ``__call__`` would draw for an image of ``image_size``, for decoding on the device."""
+        return {"views": _plan(draw_crops(image_size, 2, self.scale, self.hflip), self.size, self.interpolation)}
+
+
+def _plan(crops, size: int, interpolation: str) -> ViewPlan:
+    boxes, flips = crops
+    return ViewPlan(boxes, flips, (size, size), interpolation, stacked=True)
 
 
 # ---------------------------------------------------------------------------------------------

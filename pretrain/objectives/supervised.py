@@ -57,6 +57,10 @@ class Config(ObjectiveConfig):
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
     def validate_run(self, cfg) -> None:
+        if cfg.data.decode_on_device and (self.auto_augment or self.color_jitter):
+            raise ConfigError(f"data.decode_on_device=true: objective.auto_augment={self.auto_augment!r} and "
+                              f"objective.color_jitter={self.color_jitter} work on decoded images in the data "
+                              f"workers; set objective.auto_augment=null objective.color_jitter=0")
         if self.uses_mixup and self.mixup_mode == "batch" and cfg.data.batch_size % 2:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size}: Mixup/CutMix in batch mode needs an even "
                               f"batch (or objective.mixup=0 objective.cutmix=0)")

@@ -19,3 +19,22 @@ def test_benchmark_prints_a_table_and_a_positive_ratio(name, args):
     ratio = RATIO.search(out)
     assert ratio and float(ratio.group(1)) > 0, out
     assert out.rstrip().splitlines()[-1].startswith("ratio "), out
+
+
+def test_gpu_benchmark_smoke_on_cpu():
+    """The GPU suite's smallest row on the CPU, through the shards with JPEGs decoded by the device path."""
+    out = run_module("pretrain.bench", "gpu", "--smoke", "--threads", "1", "--decode", "device", timeout=300).stdout
+    lines = out.rstrip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("row "))
+    assert "images/s" in lines[header] and "MFU" in lines[header], out
+    rows = {}
+    for line in lines[header + 1:-1]:
+        loop = re.search(r"(vitscale synthetic|vitscale shards \(device\)|bare timm)\s+(\d+\.\d)\s+(\S+)\s+(\d+\.\d+)$",
+                         line)
+        assert loop, line
+        rows[loop.group(1)] = (float(loop.group(2)), loop.group(3), float(loop.group(4)))
+    assert set(rows) == {"vitscale synthetic", "vitscale shards (device)", "bare timm"}, out
+    assert all(rate > 0 and mfu == "n/a" and memory > 0 for rate, mfu, memory in rows.values()), rows
+    ratio = RATIO.search(lines[-1])
+    assert ratio and lines[-1].endswith("(vitscale / bare timm images per second)"), lines[-1]
+    assert float(ratio.group(1)) == pytest.approx(rows["vitscale synthetic"][0] / rows["bare timm"][0], rel=0.01)

@@ -10,7 +10,6 @@ uninterrupted one is trained once and serves as the reference for the weights of
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import signal

@@ -1,0 +1,81 @@
+"""The GPU fast path's switches, checked on the CPU: fused attention gives Swin's results, including
+its shifted (masked) windows; engine.compile reaches the backbone the engine trains."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.models.backbone import create_backbone
+from tests.conftest import REPO, python_env
+
+# Two blocks per stage: the second of each is shifted, i.e. takes timm's masked attention path.
+SWIN = ["model.name=swin_tiny_patch4_window7_224", "model.drop_path=0",
+        "model.kwargs={patch_size: 2, window_size: 4, embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}"]
+
+
+def config(*overrides):
+    return load_config(None, ["data.synthetic=true", "train.steps=1", *overrides])
+
+
+def test_swin_fused_attention_matches_the_unfused_path_with_shifted_windows():
+    outputs, grads = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = create_backbone(config(*SWIN, f"model.fused_attn={fused}").model, 32, 10)
+        attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
+        assert attention and all(m.fused_attn is fused for m in attention)
+        shifted = [b for b in model.modules() if getattr(b, "shift_size", 0) and b.attn_mask is not None]
+        assert len(shifted) == 2, "the test needs the masked (shifted-window) path in every stage"
+        images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        out = model(images)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_default_backbones_use_fused_attention():
+    for model in (["model.name=vit_tiny_patch16_224", "model.kwargs={depth: 1}"], SWIN):
+        backbone = create_backbone(config(*model).model, 32, 10)
+        assert {m.fused_attn for m in backbone.modules() if hasattr(m, "fused_attn")} == {True}
+
+
+def test_compile_is_validated_and_off_by_default():
+    assert config().engine.compile is False
+    with pytest.raises(ConfigError, match="engine.compile"):
+        config("engine.compile=sometimes")
+
+
+# What the engine does with engine.compile=true, without running the compiled model (compiling even
+# a 2-block ViT takes over a minute on one CPU core): the backbone is compiled in place, the
+# objective around it is not, and parameter names (checkpoints, exports) do not change.
+ENGINE_CHECK = """
+import torch
+from pretrain.config import load_config
+from pretrain.dist import init_distributed
+from pretrain.engine import Engine
+from pretrain.objectives.base import RunContext, build_objective
+from tests.conftest import TINY_VIT
+cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.precision=fp32", "engine.compile=true",
+                         *TINY_VIT])
+dist = init_distributed()
+objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+names = [n for n, _ in objective.named_parameters()]
+engine = Engine(objective, objective.param_groups(), cfg, dist)
+assert objective.backbone()._compiled_call_impl is not None
+assert objective._compiled_call_impl is None
+assert [n for n, _ in engine.module.named_parameters()] == names
+print("compiled backbone")
+"""
+
+
+def test_engine_compiles_the_backbone_it_trains():
+    result = subprocess.run([sys.executable, "-c", ENGINE_CHECK], cwd=REPO, env=python_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "compiled backbone" in result.stdout, result.stderr[-3000:]
