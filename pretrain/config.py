@@ -331,7 +331,7 @@ def build(raw: dict, root: type = Config) -> Any:
 def objective_config_class(name: Any) -> type:
     from pretrain.objectives import OBJECTIVES
 
-    if name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVES:
         raise ConfigError(f"objective.name={name!r}: unknown objective; choose one of {sorted(OBJECTIVES)}")
     return importlib.import_module(OBJECTIVES[name]).Config
 
