@@ -7,8 +7,12 @@ crop) pair of different crops. The centre is an EMA of the teacher's mean output
 
 Multi-crop with one backbone needs ``model.kwargs.dynamic_img_size: true`` whenever the local crops
 differ in size from ``data.image_size``: timm's ViT then interpolates its position embedding, and
-timm's Swin pads each stage to whole windows and builds its shift masks for the input it gets (so
-windows stay at ``window_size``; a 96-pixel crop on Swin-T/4/7 gives 24x24 tokens, padded to 28).
+timm's Swin pads each stage to whole windows and builds its shift masks for the input it gets.
+Windows stay at ``window_size`` with their relative-position tables, and which stages shift is
+decided by the 224-px layout: a 96-px crop on Swin-T/4/7 gives 24, 12, 6 and 3 tokens a side,
+padded to 28, 14, 7 and 7. The padding tokens are zeros that attention does not mask out (timm's
+behaviour). A smaller window that divides every local stage would avoid the padding but breaks the
+224-px layout (56, 28, 14, 7 tokens) and the relative-position tables of pretrained weights.
 """
 
 from __future__ import annotations
