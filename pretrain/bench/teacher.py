@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="3 (default): the partitioned teacher; 1 or 2: the replicated one")
     parser.add_argument("--dir", default=None)
     args = parser.parse_args(argv)
+    if args.steps < 6:
+        parser.error("--steps: at least 6 (the first 4 steps are warm-up and not timed)")
     if "WORLD_SIZE" in os.environ:
         worker(args)
         return 0
