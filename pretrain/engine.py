@@ -53,10 +53,14 @@ def refresh_gathered(params: list[nn.Parameter]) -> None:
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW that leaves weights and moments untouched while ``skip`` is set.
+    """AdamW that leaves weights and moments untouched while ``skip`` is set, and always leaves
+    alone the param groups marked ``frozen``.
 
     DeepSpeed's ZeRO wrappers call the inner optimizer once per parameter sub-group, so the flag
-    is held for the whole of one ``engine.step()`` rather than consumed by the first call.
+    is held for the whole of one ``engine.step()`` rather than consumed by the first call. A frozen
+    group is treated as torch treats parameters without a gradient: no update, no weight decay,
+    moments and step count untouched. (ZeRO hands its flat partitions a zero gradient instead of
+    none, which would still decay the weights and age the step count.)
     """
 
     skip = False
@@ -64,7 +68,14 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.skip:
             return None
-        return super().step(closure)
+        groups = self.param_groups
+        if not any(g.get("frozen") for g in groups):
+            return super().step(closure)
+        self.param_groups = [g for g in groups if not g.get("frozen")]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
 
 
 def loss_scale_state(optimizer) -> tuple[float, float] | None:
@@ -150,11 +161,14 @@ class Engine:
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
 
     # -- one step -----------------------------------------------------------------------------------
-    def set_hyperparameters(self, lr: float, weight_decay: float) -> None:
+    def set_hyperparameters(self, lr: float, weight_decay: float, step: int = 0) -> None:
+        """The scheduled values for optimizer step ``step``; a group with ``freeze_steps: N`` is left
+        untouched by the optimizer during steps 0 to N - 1."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
             if group.get("apply_weight_decay", True):
                 group["weight_decay"] = weight_decay
+            group["frozen"] = step < group.get("freeze_steps", 0)
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)

@@ -241,7 +241,7 @@ class Trainer:
                 step = self.step
                 maybe_die("step", dist.rank, step)
                 lr, wd = self.hyperparameters(step)
-                self.engine.set_hyperparameters(lr, wd)
+                self.engine.set_hyperparameters(lr, wd, step)
                 self.engine.train()
                 log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
                 skip, stop, grad_norm = self._train_step(step, batches, window, want_grad_norm=log_now)

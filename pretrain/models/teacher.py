@@ -7,9 +7,10 @@ compute dtype, and partitioned under ZeRO-3. Its exact state is a separate fp32 
 * ZeRO-3: each rank holds the EMA of its own partition only, laid out like the student's fp32
   partition, and writes it into its own partition of the teacher. No communication, 1/world of an
   fp32 teacher per rank.
-* ZeRO-1/2 (and bf16 without ZeRO): each rank updates the fragment of the master it owns from the
-  optimizer's fp32 fragment, then one all-reduce of the flat buffer makes every rank's full teacher
-  (which these stages replicate anyway) identical.
+* ZeRO-1/2: each rank updates the fragment of the master it owns from the optimizer's fp32
+  fragment, then one all-gather of the packed fragments makes every rank's full teacher (which these
+  stages replicate anyway) identical.
+* bf16 without ZeRO: every rank holds whole fp32 masters; a local EMA.
 * fp32 without ZeRO: the parameters are the masters; a local EMA.
 
 Only trainable student parameters are followed: frozen ones never change, so the teacher's copy,
@@ -25,6 +26,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as tdist
 import torch.nn as nn
 from timm.layers import DropPath
 
@@ -76,13 +78,13 @@ class MomentumTeacher(nn.Module):
             self._bound = self._bind(engine)
         b = self._bound
         if b.states:
-            torch._foreach_mul_(b.states, momentum)
-            torch._foreach_add_(b.states, b.masters, alpha=1.0 - momentum)
-        if b.gather:
-            self._gather_fragments(b)
+            # One pass over memory, in place: state += (1 - momentum) * (master - state).
+            torch._foreach_lerp_(b.states, b.masters, 1.0 - momentum)
+        if b.exchange is not None:
+            b.exchange()
         torch._foreach_copy_(b.shards, b.sources)
-        if b.partitioned:
-            refresh_gathered(self._teachers)
+        if b.refresh is not None:
+            b.refresh()
 
     def _bind(self, engine) -> "_Views":
         """Views of the master buffer, the student's fp32 masters and the teacher's storage."""
@@ -96,7 +98,7 @@ class MomentumTeacher(nn.Module):
             sizes = [len(s.values) for s in slices]
             states = list(torch.split(self.master, sizes))
             return _Views(states, [s.values for s in slices], [local_shard(t) for t in self._teachers], states,
-                          [], gather=False, partitioned=True)
+                          None, _PersistentRefresh(self._teachers))
         per_param = torch.split(self.master, self._numels)
         offsets = [0]
         for n in self._numels[:-1]:
@@ -108,17 +110,8 @@ class MomentumTeacher(nn.Module):
                 masters.append(s.values)
                 fragments.append((offset + s.start, len(s.values)))
         owned = sum(size for _, size in fragments)
-        return _Views(states, masters, [t.data.view(-1) for t in self._teachers], list(per_param), fragments,
-                      gather=owned < self.master.numel(), partitioned=False)
-
-    def _gather_fragments(self, b: "_Views") -> None:
-        """Every rank's updated fragments into every rank's full buffer: fragments do not overlap,
-        so the sum of buffers that are zero elsewhere is exact."""
-        scratch = torch.zeros_like(self.master)
-        for (offset, size), state in zip(b.fragments, b.states):
-            scratch[offset:offset + size] = state
-        self.dist.all_reduce(scratch)
-        self.master.copy_(scratch)
+        exchange = _FragmentExchange(self.master, states, fragments) if owned < self.master.numel() else None
+        return _Views(states, masters, [t.data.view(-1) for t in self._teachers], list(per_param), exchange, None)
 
     def full_master(self) -> list[torch.Tensor]:
         """Every followed parameter's full fp32 teacher weights (a collective under ZeRO-3)."""
@@ -127,7 +120,7 @@ class MomentumTeacher(nn.Module):
             return [m.view(shape) for m, shape in zip(torch.split(self.master, self._numels), shapes)]
         world = self.dist.world_size
         gathered = torch.empty(world * self.master.numel(), dtype=self.master.dtype, device=self.master.device)
-        torch.distributed.all_gather_into_tensor(gathered, self.master)
+        tdist.all_gather_into_tensor(gathered, self.master)
         sizes = [local_shard(t).numel() for t in self._teachers]
         per_rank = [torch.split(part, sizes) for part in gathered.chunk(world)]
         return [torch.cat([pieces[i] for pieces in per_rank])[:n].view(shape)
@@ -186,12 +179,81 @@ def _rebuild_weights(module: MomentumTeacher, incompatible) -> None:
     module._refresh_weights()
 
 
+class _FragmentExchange:
+    """ZeRO-1/2: every rank's freshly updated fragments of ``master`` into every rank's copy, with
+    one all-gather of the packed fragments. An all-reduce of the whole buffer, zero outside each
+    rank's fragments, gives the same result; a ring all-gather moves half its bytes (it is the
+    second half of a ring all-reduce) and needs no zeroed scratch buffer. On 2 CPU processes
+    (gloo, shared memory) the two take the same time."""
+
+    def __init__(self, master: torch.Tensor, states: list[torch.Tensor], fragments: list[tuple[int, int]]) -> None:
+        world, rank = tdist.get_world_size(), tdist.get_rank()
+        layouts: list = [None] * world
+        tdist.all_gather_object(layouts, fragments)  # (offset, size) in ``master`` of each rank's fragments
+        size = max(sum(n for _, n in layout) for layout in layouts)
+        self.send = master.new_zeros(size)
+        self.received = master.new_empty(world * size)
+        self.states = states
+        sizes = [n for _, n in fragments]
+        self.packed = list(torch.split(self.send[:sum(sizes)], sizes))  # this rank's fragments, in order
+        self.targets, self.sources = [], []
+        for other, layout in enumerate(layouts):
+            position = other * size
+            for offset, n in layout:
+                if other != rank:
+                    self.targets.append(master[offset:offset + n])
+                    self.sources.append(self.received[position:position + n])
+                position += n
+
+    def __call__(self) -> None:
+        torch._foreach_copy_(self.packed, self.states)
+        tdist.all_gather_into_tensor(self.received, self.send)
+        torch._foreach_copy_(self.targets, self.sources)
+
+
+class _PersistentRefresh:
+    """ZeRO-3 keeps small parameters ("persistent": biases, norms, tokens) whole on every rank next
+    to their partitions. After the partitions are written, one all-gather of all of them, packed,
+    refreshes the whole copies. (DeepSpeed's own refresh, ``refresh_gathered``, does bookkeeping
+    and a collective per parameter: for a ViT, whose small parameters are two thirds of its
+    tensors, that was most of the teacher's update.)"""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = [p for p in params if getattr(p, "ds_persist", False)]
+        self.world = tdist.get_world_size()
+        self.shards = [local_shard(p) for p in self.params]
+        self.sizes = [s.numel() for s in self.shards]
+        self.total = sum(self.sizes)
+        if self.params:
+            self.send = self.shards[0].new_empty(self.total)
+            self.received = self.shards[0].new_empty(self.world * self.total)
+            self.packed = list(torch.split(self.send, self.sizes))
+
+    def __call__(self) -> None:
+        if not self.params:
+            return
+        torch._foreach_copy_(self.packed, self.shards)
+        tdist.all_gather_into_tensor(self.received, self.send)
+        # The whole copies are looked up each time: DeepSpeed may re-make them between steps.
+        targets, sources = [], []
+        offset = 0
+        for p, size in zip(self.params, self.sizes):
+            full = p.data.view(-1)
+            for rank in range(self.world):  # rank r holds elements [r * size, (r + 1) * size), padded
+                start, stop = rank * size, min((rank + 1) * size, full.numel())
+                if stop > start:
+                    at = rank * self.total + offset
+                    targets.append(full[start:stop])
+                    sources.append(self.received[at:at + stop - start])
+            offset += size
+        torch._foreach_copy_(targets, sources)
+
+
 @dataclass
 class _Views:
     states: list[torch.Tensor]  # the parts of ``master`` this rank updates
     masters: list[torch.Tensor]  # the student's fp32 masters, same shapes
     shards: list[torch.Tensor]  # the teacher's local storage, per parameter
     sources: list[torch.Tensor]  # what each shard is copied from
-    fragments: list[tuple[int, int]]  # (offset, size) of ``states`` in ``master`` (replicated layouts)
-    gather: bool
-    partitioned: bool
+    exchange: _FragmentExchange | None  # replicated layouts where each rank owns a fragment of the masters
+    refresh: _PersistentRefresh | None  # ZeRO-3

@@ -7,8 +7,12 @@ crop) pair of different crops. The centre is an EMA of the teacher's mean output
 
 Multi-crop with one backbone needs ``model.kwargs.dynamic_img_size: true`` whenever the local crops
 differ in size from ``data.image_size``: timm's ViT then interpolates its position embedding, and
-timm's Swin pads each stage to whole windows and builds its shift masks for the input it gets (so
-windows stay at ``window_size``; a 96-pixel crop on Swin-T/4/7 gives 24x24 tokens, padded to 28).
+timm's Swin pads each stage to whole windows and builds its shift masks for the input it gets.
+Windows stay at ``window_size`` with their relative-position tables, and which stages shift is
+decided by the 224-px layout: a 96-px crop on Swin-T/4/7 gives 24, 12, 6 and 3 tokens a side,
+padded to 28, 14, 7 and 7. The padding tokens are zeros that attention does not mask out (timm's
+behaviour). A smaller window that divides every local stage would avoid the padding but breaks the
+224-px layout (56, 28, 14, 7 tokens) and the relative-position tables of pretrained weights.
 """
 
 from __future__ import annotations
@@ -159,6 +163,7 @@ class Objective(base.Objective):
             local = batch["local"].transpose(0, 1).flatten(0, 1)  # crop-major, like the global crops
             features.append(self.student["backbone"](self._inputs(local, self.photometric[2])))
         features = torch.cat(features)
+        # The prototypes are frozen in the first epoch(s): no gradient here, no update (param_groups).
         student_out = self.student["head"](features, freeze_last_layer=step < self.freeze_last_layer_steps)
         loss, teacher_p = dino_loss(student_out, teacher_out, self.center, o.student_temp, self.teacher_temp(step))
         metrics = self._monitors(student_out, teacher_out, teacher_p, features)
@@ -196,6 +201,31 @@ class Objective(base.Objective):
                          high={"teacher_entropy": 0.99})
 
     # -- parameters ------------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """The prototypes (the head's last layer) in groups of their own, frozen for the first
+        ``freeze_last_layer_epochs``.
+
+        DINO's official code sets their gradients to None during that epoch, so torch's AdamW skips
+        them entirely: no update, no weight decay, and their Adam moments and step count start when
+        they start learning. Detaching them in the forward alone is not that: ZeRO hands the
+        optimizer a zero gradient for them instead, so weight decay still shrinks them and their
+        step count runs on, and on unfreezing Adam's bias correction no longer offsets the
+        moments' cold start: after a long freeze (1,250 steps for ImageNet at batch 1024) the first
+        updates come out several times larger than lr. So the forward detaches them (no gradient
+        is computed, and none enters the norm that clipping measures) and the engine skips their
+        groups (``freeze_steps``) until they unfreeze."""
+        groups = super().param_groups()
+        if not self.freeze_last_layer_steps:
+            return groups
+        last = {id(p) for p in self.student["head"].last_layer.parameters()}
+        out = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in last]
+            frozen = [p for p in group["params"] if id(p) in last]
+            out += [{**group, "params": rest}] if rest else []
+            out += [{**group, "params": frozen, "freeze_steps": self.freeze_last_layer_steps}] if frozen else []
+        return out
+
     def backbone(self) -> nn.Module:
         if self.cfg.objective.export == "teacher":
             return self.teacher.nets["backbone"]

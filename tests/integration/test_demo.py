@@ -41,7 +41,9 @@ def test_demo_runs_from_an_empty_home_and_directory(tmp_path):
     probe = re.search(r"pre-trained\s+([\d.]+)%\s+random init\s+([\d.]+)%", result.stdout)
     assert probe, result.stdout[-2000:]
     pretrained, initial = map(float, probe.groups())
-    assert pretrained > initial + 3, result.stdout[-2000:]  # points of accuracy on the digits' val split
+    # DINO's learning check (the issue's "clearly above random init"): points of accuracy on the
+    # digits' validation split; the demo's recipe gives about 65% against 50%.
+    assert pretrained > initial + 10, result.stdout[-2000:]
     assert json.loads((run_dir / "run.json").read_text())["step"] > 0
 
     # The README's next step: a linear probe of the demo's backbone, with the demo recipe.

@@ -99,3 +99,39 @@ def test_export_choice(tmp_path):
     assert teacher.backbone() is teacher.teacher.nets["backbone"]
     assert student.backbone() is student.student["backbone"]
     assert teacher.backbone_prefix() == "teacher.nets.backbone."
+
+
+def test_prototypes_are_frozen_like_parameters_without_gradients(tmp_path):
+    """During the first epoch the optimizer leaves the last layer alone entirely (as torch does with
+    parameters whose gradient is None): no update, no weight decay, no Adam state. Afterwards its
+    Adam state starts fresh, so its first update is lr-sized."""
+    from types import SimpleNamespace
+
+    from pretrain.engine import Engine, SkippableAdamW
+
+    cfg = tiny_config(tmp_path, "objective.freeze_last_layer_epochs=1", "objective.norm_last_layer=false")
+    ctx = RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv())
+    objective = build_objective(cfg, ctx)
+    groups = objective.param_groups()
+    last = {id(p) for p in objective.student["head"].last_layer.parameters()}
+    frozen = [g for g in groups if g.get("freeze_steps")]
+    assert {id(p) for g in frozen for p in g["params"]} == last and all(g["freeze_steps"] == 4 for g in frozen)
+    assert all(id(p) not in last for g in groups if not g.get("freeze_steps") for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in objective.parameters())
+
+    optimizer = SkippableAdamW(groups, lr=0.0, weight_decay=0.04)
+    engine = SimpleNamespace(optimizer=optimizer)
+    for g in optimizer.param_groups:
+        g.setdefault("lr_scale", 1.0)
+    prototypes = objective.student["head"].last_layer.weight_v
+    before = prototypes.detach().clone()
+    for step in range(5):
+        Engine.set_hyperparameters(engine, 1e-2, 0.04, step)
+        for p in objective.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None  # ZeRO's zeros would decay too
+        optimizer.step()
+        if step < 4:
+            assert torch.equal(prototypes, before) and prototypes not in optimizer.state, step
+    assert optimizer.state[prototypes]["step"] == 1
+    # Fresh Adam, decoupled decay: w <- w (1 - lr wd) - lr * g / (|g| + eps), g = 1.
+    assert torch.allclose(prototypes, before * (1 - 1e-2 * 0.04) - 1e-2, atol=1e-6)
