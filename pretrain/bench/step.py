@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pretrain.config import load_config
 from pretrain.data.transforms import normalize
-from pretrain.dist import init_distributed
+from pretrain.dist import init_distributed, leave_process_group
 from pretrain.engine import SkippableAdamW, deepspeed_config
 from pretrain.models.backbone import create_backbone
 from pretrain.trainer import Trainer
@@ -118,4 +118,5 @@ def main(argv=None) -> int:
               + ", ".join(f"{r:.3f}" for r in rates))
     ratio = max(results["vitscale trainer"]) / max(results["bare DeepSpeed loop"])
     print(f"ratio {ratio:.3f} (vitscale / bare loop steps per second)")
+    leave_process_group()
     return 0

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from pretrain.dist import init_distributed, leave_process_group, spawn_local
 from pretrain.engine import refresh_gathered
 
 
@@ -58,7 +59,6 @@ def gathered_update(teacher, students: dict, state: dict):
 
 def worker(args) -> None:
     from pretrain.config import load_config
-    from pretrain.dist import init_distributed
     from pretrain.trainer import Trainer
 
     dist = init_distributed()
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps: at least 6 (the first 4 steps are warm-up and not timed)")
     if "WORLD_SIZE" in os.environ:
         worker(args)
+        leave_process_group()
         return 0
-    from pretrain.dist import spawn_local
 
     with tempfile.TemporaryDirectory() as tmp:
         forwarded = list(argv) if argv is not None else sys.argv[2:]

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed
+from pretrain.dist import init_distributed, leave_process_group
 from pretrain.trainer import Trainer
 
 
@@ -32,6 +32,7 @@ def main() -> None:
         results[name] = {"error": error, "untouched": untouched, "step": trainer.step}
     with open(result_path, "w") as f:
         json.dump(results, f)
+    leave_process_group()  # together, or a rank may abort at exit
 
 
 if __name__ == "__main__":

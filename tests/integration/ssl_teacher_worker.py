@@ -16,7 +16,7 @@ import deepspeed
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed
+from pretrain.dist import init_distributed, leave_process_group
 from pretrain.schedules import cosine
 from pretrain.trainer import Trainer
 
@@ -72,6 +72,7 @@ def main() -> None:
     if dist.is_main:
         with open(result_path, "w") as f:
             json.dump(results, f)
+    leave_process_group()  # together, or a rank may abort at exit
 
 
 if __name__ == "__main__":
