@@ -142,6 +142,17 @@ def compile_backbone(module: nn.Module) -> None:
     target.compile(dynamic=False)
 
 
+def cast_attention_masks(module: nn.Module, dtype: torch.dtype) -> None:
+    """Swin's shifted-window masks (float ``attn_mask`` buffers) in the parameters' dtype. DeepSpeed
+    (0.18 on) casts parameters to bf16/fp16 but leaves buffers in fp32, so the relative-position bias
+    (a parameter) and the mask disagree, and CUDA's fused attention refuses a bias whose dtype is not
+    the query's (seen on an H200: "invalid dtype for bias")."""
+    for layer in module.modules():
+        mask = getattr(layer, "attn_mask", None)
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dtype != dtype:
+            layer.attn_mask = mask.to(dtype)
+
+
 class Engine:
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
         self.cfg, self.dist = cfg, dist
@@ -158,6 +169,8 @@ class Engine:
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
                                                dist_init_required=False)
         self.module = self.engine.module
+        if cfg.engine.precision != "fp32":
+            cast_attention_masks(self.module, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
 
     # -- one step -----------------------------------------------------------------------------------

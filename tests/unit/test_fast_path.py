@@ -40,6 +40,41 @@ def test_swin_fused_attention_matches_the_unfused_path_with_shifted_windows():
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+# Under bf16 the engine's Swin must hand fused attention a mask of the query's dtype: CUDA refuses
+# any other, the CPU kernel does not, so the check wraps the attention function.
+BF16_SWIN_CHECK = """
+import torch
+import torch.nn.functional as F
+from pretrain.config import load_config
+from pretrain.dist import init_distributed
+from pretrain.engine import Engine
+from pretrain.objectives.base import RunContext, build_objective
+from tests.unit.test_fast_path import SWIN
+attention = F.scaled_dot_product_attention
+def same_dtypes(q, k, v, attn_mask=None, **kwargs):
+    assert attn_mask is None or attn_mask.dtype == q.dtype, (q.dtype, attn_mask.dtype)
+    return attention(q, k, v, attn_mask=attn_mask, **kwargs)
+F.scaled_dot_product_attention = same_dtypes
+cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.precision=bf16", "data.image_size=32",
+                         "objective.mixup=0", "objective.cutmix=0", "objective.reprob=0", *SWIN])
+dist = init_distributed()
+objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+engine = Engine(objective, objective.param_groups(), cfg, dist)
+masks = [m.attn_mask for m in engine.module.modules() if getattr(m, "attn_mask", None) is not None]
+assert masks and {m.dtype for m in masks} == {torch.bfloat16}
+batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([1, 2])}
+loss, _ = engine.forward(batch, 0)
+assert torch.isfinite(loss)
+print("masks follow bf16")
+"""
+
+
+def test_swin_masks_follow_the_engines_precision():
+    result = subprocess.run([sys.executable, "-c", BF16_SWIN_CHECK], cwd=REPO, env=python_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "masks follow bf16" in result.stdout, result.stderr[-3000:]
+
+
 def test_default_backbones_use_fused_attention():
     for model in (["model.name=vit_tiny_patch16_224", "model.kwargs={depth: 1}"], SWIN):
         backbone = create_backbone(config(*model).model, 32, 10)
