@@ -17,7 +17,8 @@ Figures: images/s; model FLOPs utilization (the backbone's forward FLOPs counted
 the device's dense bf16 peak from a small table or ``--peak-tflops``); peak memory
 (``torch.cuda.max_memory_allocated``; on the CPU the process's max RSS so far). The last line is
 ``ratio <value> (vitscale / bare timm images per second)``: the geometric mean over the rows of
-vitscale on synthetic batches against the bare loop. Without ``--model``, the rows of issue #7.
+vitscale on synthetic batches against the bare loop. Without ``--model``, the rows of issue #7 and
+ViT-B/16 at ZeRO-1.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Row:
 DEFAULT_ROWS = [Row("vit_small_patch16_224"), Row("vit_base_patch16_224"), Row("vit_large_patch16_224"),
                 Row("swin_tiny_patch4_window7_224"), Row("swin_base_patch4_window7_224"),
                 Row("vit_small_patch16_224", "dino"),
-                Row("vit_base_patch16_224", zero=2), Row("vit_base_patch16_224", zero=3)]
+                Row("vit_base_patch16_224", zero=1), Row("vit_base_patch16_224", zero=2),
+                Row("vit_base_patch16_224", zero=3)]
 # Per-GPU batches that fit an 80 GB H100 in bf16 with room to spare; on the CPU, tiny ones.
 GPU_BATCH = {"vit_small": 256, "vit_base": 256, "vit_large": 128, "swin_tiny": 256, "swin_base": 128}
 
@@ -89,6 +91,9 @@ def parse(argv):
                    "on known GPUs; none on CPUs)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--smoke", action="store_true", help="one tiny row on a 64 px vit_tiny: seconds on a CPU")
+    p.add_argument("--profile", metavar="DIR", help="after each row, profile a few steps of vitscale on synthetic "
+                   "batches with torch.profiler: print the top kernels and the device's busy share, and write "
+                   "DIR/ROW.json.gz (a Chrome trace)")
     args = p.parse_args(argv)
     if args.smoke:
         args.model, args.image_size, args.batch = ["vit_tiny_patch16_224"], 64, args.batch or 4
@@ -145,6 +150,35 @@ def run_trainer(overrides: list[str], dist, warmup: int, batch: int) -> tuple[fl
         rate = trainer_rate(trainer, warmup) * batch
         del trainer
     return rate, memory()
+
+
+def profile_trainer(overrides: list[str], dist, args, trace: Path) -> None:
+    """Profiles a short Trainer run (3 steps to warm up, 5 more; no checkpoint) and prints where the
+    device's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = ["train.steps=8", "train.log_every=8"]
+    cfg = load_config(None, overrides + steps)
+    trainer = Trainer(cfg, dist)
+    # The Trainer saves after its last step; that copy of every weight and moment to the host would
+    # dominate a profile of 8 steps (it did, on an H200: 39% of the device time was its transfers).
+    trainer.save = lambda *args, **kwargs: None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dist.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        trainer.fit()
+        synchronize(dist.device)
+        wall_us = (time.perf_counter() - started) * 1e6
+    del trainer
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    sort_by = device_key if dist.device.type == "cuda" else "self_cpu_time_total"
+    kernels_us = sum(getattr(e, device_key) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"profile of {trace.name} (8 steps, 3 of them warm-up; trace written): device busy "
+          f"{kernels_us / wall_us:.1%} of {wall_us / 1e6:.2f} s", file=sys.stderr)
+    print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60), file=sys.stderr, flush=True)
 
 
 def crops_of(row: Row, args, batch: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -302,9 +336,12 @@ def main(argv=None) -> int:
             for loop, (rate, memory) in results.items():
                 mfu = f"{rate * flops / peak:.1%}" if peak else "n/a"
                 lines.append(f"{name:<44}{row.zero:>5}{batch:>6}  {loop:<26}{rate:>10.1f}{mfu:>8}{memory:>12.2f}")
+                print(lines[-1], file=sys.stderr, flush=True)  # progress: rows take minutes on GPUs
+            if args.profile:
+                profile_trainer(overrides, dist, args, Path(args.profile) / f"{number}-{row.model}-{row.objective}"
+                                f"-zero{row.zero}.json.gz")
             ours = results.get("vitscale synthetic", next(iter(results.values())))[0]
             ratios.append(ours / results["bare timm"][0])
-            print(lines[-1], file=sys.stderr, flush=True)  # progress: rows take minutes on GPUs
     print(f"\n{device_name}; torch {torch.__version__}; {args.precision}; {args.steps} timed steps after "
           f"{args.warmup}; MFU against {peak / 1e12:.0f} TFLOP/s" if peak else
           f"\n{device_name}; torch {torch.__version__}; {args.precision}; {args.steps} timed steps after "
