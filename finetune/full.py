@@ -43,8 +43,11 @@ class FinetuneObjective(supervised.Objective):
         layer_decay = self.cfg.finetune.layer_decay
         if layer_decay is None:
             return super().param_groups()
+        # optim.no_decay's names inside the model; timm's grouping also always exempts 1-D parameters.
+        prefix = self.backbone_prefix()
+        exempt = {n[len(prefix):] for n in self.no_decay_names() if n.startswith(prefix)}
         groups = param_groups_layer_decay(self.model, weight_decay=self.cfg.optim.weight_decay,
-                                          no_weight_decay_list=self.model.no_weight_decay(),
+                                          no_weight_decay_list=exempt,
                                           layer_decay=layer_decay)
         for group in groups:  # the engine schedules weight decay only where it applies
             group["apply_weight_decay"] = group["weight_decay"] > 0
