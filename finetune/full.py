@@ -33,7 +33,8 @@ class FinetuneObjective(supervised.Objective):
         super().__init__(cfg, ctx)
         f = cfg.finetune
         if cfg.pretrained is not None:
-            found = weights.load_into(self.model, cfg.pretrained, f.checkpoint_key, f.head, f.class_map)
+            found = weights.load_into(self.model, cfg.pretrained, f.checkpoint_key, f.head, f.class_map,
+                                      f.relpos_interpolation)
             if ctx.dist.is_main:
                 log.info("fine-tuning from %s (%s)", found.source, found.layout)
         # The EMA is a submodule, so it is saved and resumed with the rest of the objective.
