@@ -250,11 +250,13 @@ class Engine:
     def _local_grads(self, params: list[nn.Parameter]) -> tuple[list[torch.Tensor | None], bool]:
         """The reduced gradient of each parameter held on this rank, as tensors that DeepSpeed's step
         reads (scaling them in place scales what the optimizer gets), and whether every rank holds
-        all of them (no ZeRO, fp32 or fp16) rather than disjoint pieces.
+        all of them rather than disjoint pieces.
 
-        ZeRO-3: the rank's partition of each gradient. ZeRO-1/2, and bf16 without ZeRO: the fragment
-        of each gradient that belongs to the rank's part of the flat fp32 master weights (its
-        ``_hp_mapping``; None when another rank owns all of it). Otherwise: ``param.grad``."""
+        ZeRO-3: the rank's partition of each gradient. ZeRO-1/2, and DeepSpeed's BF16_Optimizer
+        (bf16 without ZeRO in some DeepSpeed versions): the fragment of each gradient that belongs
+        to the rank's part of the flat fp32 master weights (its ``_hp_mapping``; None when another
+        rank owns all of it). Otherwise (no ZeRO: a torch optimizer, or DeepSpeed's fp16/bf16
+        optimizers that copy ``param.grad`` at their step): ``param.grad``, whole on every rank."""
         grads, replicated = [], True
         for p in params:
             if hasattr(p, "ds_id"):
@@ -268,7 +270,7 @@ class Engine:
                     continue
                 fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
                 address = mapping.lp_fragment_address
-                if fragment.numel() != address.numel:  # bf16 without ZeRO keeps whole gradients on every rank
+                if fragment.numel() != address.numel:  # BF16_Optimizer keeps whole gradients on every rank
                     fragment = fragment.narrow(0, address.start, address.numel)
                 grads.append(fragment)
             else:
@@ -280,14 +282,12 @@ class Engine:
         state = loss_scale_state(self.engine.optimizer)
         if state is not None:
             return state[0]
-        scale = getattr(self.engine.optimizer, "loss_scale", None)  # a static fp16 scale
-        return float(scale) if isinstance(scale, (int, float)) and scale > 0 else 1.0
-
-    def train(self) -> None:
-        self.engine.train()
-
-    def eval(self) -> None:
-        self.engine.eval()
+        wrapper = self.engine.optimizer  # a static fp16 scale: ZeRO's loss_scale, FP16_Optimizer's config
+        for scale in (getattr(wrapper, "loss_scale", None),
+                      getattr(getattr(wrapper, "loss_scale_config", None), "cur_scale", None)):
+            if isinstance(scale, (int, float)) and scale > 0:
+                return float(scale)
+        return 1.0
 
     # -- checkpoints --------------------------------------------------------------------------------
     def weights_finite(self) -> bool:
