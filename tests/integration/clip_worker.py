@@ -77,7 +77,9 @@ def run_case(dist, initial: nn.Module, clip: float, stage: int, precision: str) 
     cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.batch_size=4", f"optim.eps={EPS}",
                              f"train.clip_grad={clip}", "train.clip_mode=per_param", f"engine.zero_stage={stage}",
                              f"engine.precision={precision}",
-                             "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}"])
+                             # fp16: a loss scale of 2^8 neither overflows nor hides a missing unscale
+                             "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}, "
+                             "fp16: {initial_scale_power: 8}}"])
     module = copy.deepcopy(initial)
     engine = Engine(module, [{"params": list(module.parameters())}], cfg, dist)
     engine.set_hyperparameters(LR, 0.0)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from deepspeed.accelerator import get_accelerator
 
 from tests.conftest import REPO, python_env
 
@@ -17,6 +18,10 @@ pytestmark = pytest.mark.slow
 # the optimizer once with zero gradients at start-up, so its first Adam update is not torch's
 # (the clipping there is the fp32 case's, on param.grad).
 TOLERANCE = {"0-fp32": 1e-5, "1-fp32": 1e-5, "2-fp32": 1e-5, "3-fp32": 1e-5, "2-bf16": 5e-2, "3-bf16": 5e-2}
+# fp16 (the gradients carry the loss scale until DeepSpeed's step) where DeepSpeed's accelerator
+# offers it: its CPU accelerator does in DeepSpeed 0.19, not in every version pyproject allows.
+if get_accelerator().is_fp16_supported():
+    TOLERANCE["2-fp16"] = 5e-2
 
 
 def test_per_param_clipping_matches_dino_on_every_zero_stage(tmp_path):
