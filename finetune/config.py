@@ -31,6 +31,9 @@ class FinetuneSection:
     checkpoint_key: str | None = None  # entry of the checkpoint file holding the weights (DINO: teacher)
     head: Literal["new", "keep", "map"] = "new"  # map: the stored head's rows named by class_map
     class_map: str | None = None  # one source-class index per line, e.g. ImageNet-22K -> 1K
+    # Swin relative-position tables at a new window: timm's geometric resampling, or the official
+    # Swin code's bicubic interpolation of the table
+    relpos_interpolation: Literal["geometric", "bicubic"] = "geometric"
     layer_decay: float | None = None  # layer-wise lr decay (timm's group_matcher); None: one lr
     ema: float = 0.0  # EMA decay of the weights, evaluated beside them; 0 turns it off
     keep_best: bool = True  # export the weights with the best val/top1 into RUN_DIR/best

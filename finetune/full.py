@@ -33,7 +33,8 @@ class FinetuneObjective(supervised.Objective):
         super().__init__(cfg, ctx)
         f = cfg.finetune
         if cfg.pretrained is not None:
-            found = weights.load_into(self.model, cfg.pretrained, f.checkpoint_key, f.head, f.class_map)
+            found = weights.load_into(self.model, cfg.pretrained, f.checkpoint_key, f.head, f.class_map,
+                                      f.relpos_interpolation)
             if ctx.dist.is_main:
                 log.info("fine-tuning from %s (%s)", found.source, found.layout)
         # The EMA is a submodule, so it is saved and resumed with the rest of the objective.
@@ -43,8 +44,11 @@ class FinetuneObjective(supervised.Objective):
         layer_decay = self.cfg.finetune.layer_decay
         if layer_decay is None:
             return super().param_groups()
+        # optim.no_decay's names inside the model; timm's grouping also always exempts 1-D parameters.
+        prefix = self.backbone_prefix()
+        exempt = {n[len(prefix):] for n in self.no_decay_names() if n.startswith(prefix)}
         groups = param_groups_layer_decay(self.model, weight_decay=self.cfg.optim.weight_decay,
-                                          no_weight_decay_list=self.model.no_weight_decay(),
+                                          no_weight_decay_list=exempt,
                                           layer_decay=layer_decay)
         for group in groups:  # the engine schedules weight decay only where it applies
             group["apply_weight_decay"] = group["weight_decay"] > 0

@@ -5,6 +5,9 @@ model's grid, prefix tokens kept, as ``VisionTransformer.set_input_size`` does; 
 kernel of another size is resampled too. Swin: timm's own ``checkpoint_filter_fn`` drops the
 relative-position index and attention-mask buffers, interpolates every relative-position bias table
 to the model's window (224/window 7 -> 384/window 12) and renames the official checkpoints' layout.
+The tables are resampled either by timm's geometric method (``geometric``) or, as the official Swin
+code's ``load_pretrained`` does, by plain bicubic interpolation of the (2w-1) x (2w-1) grid
+(``bicubic``): the two give different tables.
 """
 
 from __future__ import annotations
@@ -13,16 +16,27 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
 from timm.models.vision_transformer import VisionTransformer
 
 
-def adapt(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` with its resolution-dependent tensors reshaped for ``model``."""
+RELPOS_INTERPOLATIONS = ("geometric", "bicubic")
+
+
+def adapt(state: dict[str, torch.Tensor], model: nn.Module,
+          relpos_interpolation: str = "geometric") -> dict[str, torch.Tensor]:
+    """``state`` with its resolution-dependent tensors reshaped for ``model``; ``relpos_interpolation``
+    picks how Swin's relative-position bias tables are resampled to a new window."""
+    if relpos_interpolation not in RELPOS_INTERPOLATIONS:
+        raise ValueError(f"relpos_interpolation={relpos_interpolation!r}: expected one of {RELPOS_INTERPOLATIONS}")
     if isinstance(model, SwinTransformer):
-        return swin_filter(dict(state), model)
+        state = dict(state)
+        if relpos_interpolation == "bicubic":
+            state = _bicubic_relpos_tables(state, model)  # then timm's filter finds them fitting and keeps them
+        return swin_filter(state, model)
     if isinstance(model, VisionTransformer):
         return _adapt_vit(state, model)
     return dict(state)
@@ -43,4 +57,22 @@ def _adapt_vit(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict
             raise ValueError(f"pos_embed: {pos.shape[1] - prefix} patch positions do not form a square grid")
         out["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
                                                   old_size=[side, side], num_prefix_tokens=prefix, verbose=False)
+    return out
+
+
+def _bicubic_relpos_tables(state: dict[str, torch.Tensor], model: SwinTransformer) -> dict[str, torch.Tensor]:
+    """Each relative-position bias table of another size than the model's, bicubically interpolated
+    as a (heads, 2w-1, 2w-1) image to the model's grid (the official Swin ``load_pretrained``)."""
+    expected = model.state_dict()
+    out = dict(state)
+    for key, table in state.items():
+        if not key.endswith("relative_position_bias_table") or key not in expected:
+            continue
+        (length, heads), (new_length, new_heads) = table.shape, expected[key].shape
+        side, new_side = math.isqrt(length), math.isqrt(new_length)
+        if heads != new_heads or length == new_length or side * side != length or new_side * new_side != new_length:
+            continue  # left to timm's filter, or reported by the shape check
+        grid = table.float().permute(1, 0).reshape(1, heads, side, side)
+        resized = F.interpolate(grid, size=(new_side, new_side), mode="bicubic")
+        out[key] = resized.reshape(heads, new_length).permute(1, 0).to(table.dtype).contiguous()
     return out

@@ -221,16 +221,17 @@ def read_class_map(path: str | Path) -> torch.Tensor:
 
 
 def fit_to_model(pretrained: Pretrained, model: nn.Module, head: str = "new",
-                 class_map: str | None = None) -> dict[str, torch.Tensor]:
+                 class_map: str | None = None, relpos_interpolation: str = "geometric") -> dict[str, torch.Tensor]:
     """The weights adapted to ``model`` (resolution, window, classifier); WeightsError naming every
     missing or unexpected key, or a shape that cannot be adapted.
 
     ``head``: ``new`` keeps the model's freshly initialized classifier, ``keep`` loads the stored one
     (same classes), ``map`` picks the stored classifier's rows named by ``class_map``.
+    ``relpos_interpolation``: how Swin's relative-position tables follow a new window (finetune.resize).
     """
     from finetune.resize import adapt
 
-    state = adapt(pretrained.state_dict, model)
+    state = adapt(pretrained.state_dict, model, relpos_interpolation)
     head_prefix = classifier_prefix(model)
     stored_head = {k: v for k, v in state.items() if k.startswith(head_prefix)}
     state = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
@@ -265,10 +266,10 @@ def _listing(kind: str, keys: list[str]) -> str:
 
 
 def load_into(model: nn.Module, path: str | Path, checkpoint_key: str | None = None, head: str = "new",
-              class_map: str | None = None) -> Pretrained:
+              class_map: str | None = None, relpos_interpolation: str = "geometric") -> Pretrained:
     """Read ``path``, adapt it to ``model`` and load it; returns what was read (with its layout)."""
     pretrained = load(path, set(model.state_dict()), checkpoint_key)
-    state = fit_to_model(pretrained, model, head, class_map)
+    state = fit_to_model(pretrained, model, head, class_map, relpos_interpolation)
     model.load_state_dict(state, strict=False)  # fit_to_model checked every key; only a new head is left out
     log.info("loaded %s (%s) into %s", pretrained.source, pretrained.layout, type(model).__name__)
     return pretrained

@@ -121,6 +121,11 @@ class OptimConfig:
     warmup_epochs: float = 0.0  # alternative to warmup_steps, converted with the epoch length
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # Parameters without weight decay: "1d" (at most one dimension: biases, norm weights, layer
+    # scales), "timm" (what the timm models list in no_weight_decay(): ViT's position embedding and
+    # tokens, Swin's relative-position tables), or a glob on the parameter's name in the objective
+    # ("*pos_embed"). DINO and MoBY's official code exclude "1d" only.
+    no_decay: list[str] = field(default_factory=lambda: ["1d", "timm"])
 
     def validate(self) -> None:
         _require(self.lr is None or self.lr > 0, "optim.lr", self.lr, "must be positive")
@@ -134,6 +139,8 @@ class OptimConfig:
                  self.weight_decay_end, "must be >= 0")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "must be in [0, 1)")
         _require(self.eps > 0, "optim.eps", self.eps, "must be positive")
+        _require(all(rule.strip() for rule in self.no_decay), "optim.no_decay", self.no_decay,
+                 'entries must be "1d", "timm" or a glob on parameter names such as "*pos_embed"')
         _require(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_epochs", self.warmup_epochs,
                  "cannot be combined with optim.warmup_steps")
 
@@ -145,6 +152,9 @@ class TrainConfig:
     stop_at: int | None = None  # end this run at this step; the schedules still span the whole run
     grad_accum: int = 1
     clip_grad: float | None = None
+    # global: the norm of all gradients together is clipped to clip_grad (DeepSpeed's);
+    # per_param: each parameter's gradient norm on its own (DINO's utils.clip_gradients)
+    clip_mode: Literal["global", "per_param"] = "global"
     eval_every: int = 0  # steps; 0 evaluates only at the end
     ckpt_every: int = 1000
     keep_last: int = 3

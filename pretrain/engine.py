@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.nn as nn
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
@@ -105,7 +105,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        "gradient_clipping": cfg.train.clip_grad or 0.0,
+        # Per-parameter clipping is the engine's own (Engine.clip_each_parameter); DeepSpeed clips the global norm.
+        "gradient_clipping": (cfg.train.clip_grad or 0.0) if cfg.train.clip_mode == "global" else 0.0,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "bf16": {"enabled": cfg.engine.precision == "bf16"},
         "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
@@ -171,6 +172,7 @@ class Engine:
         self.module = self.engine.module
         if cfg.engine.precision != "fp32":
             cast_attention_masks(self.module, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
+        self._unclipped_norm: float | None = None
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
 
     # -- one step -----------------------------------------------------------------------------------
@@ -191,6 +193,11 @@ class Engine:
 
     def step(self, skip: bool = False) -> None:
         """One micro-step; at the accumulation boundary the optimizer steps (or skips, on request)."""
+        self._unclipped_norm = None
+        clip = self.cfg.train.clip_grad
+        if clip and self.cfg.train.clip_mode == "per_param" and not skip and \
+                self.engine.is_gradient_accumulation_boundary():
+            self._unclipped_norm = self.clip_each_parameter(clip)
         self.optimizer.skip = skip
         try:
             self.engine.step()
@@ -206,7 +213,10 @@ class Engine:
         return state
 
     def grad_norm(self) -> float | None:
-        """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it."""
+        """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it
+        (or where per-parameter clipping measured it)."""
+        if self._unclipped_norm is not None:
+            return self._unclipped_norm
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return None
@@ -220,13 +230,77 @@ class Engine:
 
     @property
     def tracks_grad_norm(self) -> bool:
-        return self.cfg.engine.zero_stage > 0 or self.cfg.engine.precision != "fp32"
+        return self.cfg.engine.zero_stage > 0 or self.cfg.engine.precision != "fp32" or \
+            (self.cfg.train.clip_mode == "per_param" and bool(self.cfg.train.clip_grad))
 
-    def train(self) -> None:
-        self.engine.train()
+    # -- per-parameter clipping (DINO's utils.clip_gradients) ------------------------------------------
+    def clip_each_parameter(self, clip: float) -> float:
+        """Scale each parameter's gradient by ``clip / (norm + 1e-6)`` where that is below 1, ``norm``
+        being the norm of the parameter's whole (unscaled) gradient, as DINO's ``clip_gradients`` does;
+        returns the global norm before clipping. A collective: call on every rank after the last
+        backward of an optimizer step, before ``engine.step()``.
 
-    def eval(self) -> None:
-        self.engine.eval()
+        The reduced gradients are read where DeepSpeed keeps them until its step (see
+        ``_local_grads``). Where a parameter's gradient is split over ranks, each rank's pieces'
+        squares are summed by one all-reduce of a vector with an entry per parameter. fp16's loss
+        scale is divided out of the norms, so the threshold applies to the true gradient."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grads, replicated = self._local_grads(params)
+        device = self.dist.device
+        squares = torch.stack([g.float().pow(2).sum() if g is not None and g.numel() else
+                               torch.zeros((), device=device) for g in grads]).to(device, torch.float64)
+        if not replicated:
+            self.dist.all_reduce(squares)
+        norms = squares.sqrt() / self._loss_scale()
+        coefs = (clip / (norms + 1e-6)).tolist()
+        for p, grad, coef in zip(params, grads, coefs):
+            if coef < 1 and grad is not None:
+                grad.mul_(coef)
+                if hasattr(p, "ds_id"):  # ZeRO-3 hands out an fp32 copy of a lower-precision partition
+                    safe_set_local_grad(p, grad)
+        return float(norms.pow(2).sum().sqrt())
+
+    def _local_grads(self, params: list[nn.Parameter]) -> tuple[list[torch.Tensor | None], bool]:
+        """The reduced gradient of each parameter held on this rank, as tensors that DeepSpeed's step
+        reads (scaling them in place scales what the optimizer gets), and whether every rank holds
+        all of them rather than disjoint pieces.
+
+        ZeRO-3: the rank's partition of each gradient. ZeRO-1/2, and DeepSpeed's BF16_Optimizer
+        (bf16 without ZeRO in some DeepSpeed versions): the fragment of each gradient that belongs
+        to the rank's part of the flat fp32 master weights (its ``_hp_mapping``; None when another
+        rank owns all of it). Otherwise (no ZeRO: a torch optimizer, or DeepSpeed's fp16/bf16
+        optimizers that copy ``param.grad`` at their step): ``param.grad``, whole on every rank."""
+        grads, replicated = [], True
+        for p in params:
+            if hasattr(p, "ds_id"):
+                replicated = False
+                grads.append(safe_get_local_grad(p).view(-1))
+            elif hasattr(p, "_hp_mapping"):
+                replicated = False
+                mapping = p._hp_mapping
+                if mapping is None:
+                    grads.append(None)
+                    continue
+                fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).view(-1)
+                address = mapping.lp_fragment_address
+                if fragment.numel() != address.numel:  # BF16_Optimizer keeps whole gradients on every rank
+                    fragment = fragment.narrow(0, address.start, address.numel)
+                grads.append(fragment)
+            else:
+                grads.append(None if p.grad is None else p.grad.view(-1))
+        return grads, replicated
+
+    def _loss_scale(self) -> float:
+        """The factor the gradients held before the step are multiplied by (fp16's loss scale, else 1)."""
+        state = loss_scale_state(self.engine.optimizer)
+        if state is not None:
+            return state[0]
+        wrapper = self.engine.optimizer  # a static fp16 scale: ZeRO's loss_scale, FP16_Optimizer's config
+        for scale in (getattr(wrapper, "loss_scale", None),
+                      getattr(getattr(wrapper, "loss_scale_config", None), "cur_scale", None)):
+            if isinstance(scale, (int, float)) and scale > 0:
+                return float(scale)
+        return 1.0
 
     # -- checkpoints --------------------------------------------------------------------------------
     def weights_finite(self) -> bool:

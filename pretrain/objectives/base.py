@@ -6,6 +6,7 @@ the trainer only calls the methods below, so a new objective is one new file and
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -71,22 +72,33 @@ class Objective(nn.Module):
         raise ValueError("backbone() is not a submodule of the objective")
 
     def param_groups(self) -> list[dict]:
-        """Trainable parameters split into decayed and not decayed (norms, biases, tokens, position
-        embeddings, and whatever the timm models list in ``no_weight_decay()``)."""
-        skip = set()
-        for name, module in self.named_modules():
-            if hasattr(module, "no_weight_decay"):
-                prefix = name + "." if name else ""
-                skip |= {prefix + n for n in module.no_weight_decay()}
-        decay, no_decay = [], []
+        """Trainable parameters split into decayed and not decayed, by the rules of ``optim.no_decay``."""
+        no_decay = self.no_decay_names()
+        decay, plain = [], []
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            excluded = param.ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip)
-            (no_decay if excluded else decay).append(param)
+            if param.requires_grad:
+                (plain if name in no_decay else decay).append(param)
         groups = [{"params": decay, "apply_weight_decay": True},
-                  {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0}]
+                  {"params": plain, "apply_weight_decay": False, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
+
+    def no_decay_names(self) -> set[str]:
+        """Names of the parameters that ``optim.no_decay`` exempts from weight decay."""
+        rules = self.cfg.optim.no_decay
+        listed = set()
+        if "timm" in rules:
+            for module_name, module in self.named_modules():
+                if hasattr(module, "no_weight_decay"):
+                    prefix = module_name + "." if module_name else ""
+                    listed |= {prefix + n for n in module.no_weight_decay()}
+        patterns = [r for r in rules if r not in ("1d", "timm")]
+        out = set()
+        for name, param in self.named_parameters():
+            if ("1d" in rules and param.ndim <= 1) or name in listed or \
+                    any(name.startswith(s + ".") for s in listed) or \
+                    any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+                out.add(name)
+        return out
 
 
 def build_objective(cfg: Config, ctx: RunContext) -> Objective:

@@ -65,3 +65,25 @@ def test_swin_matches_checkpoint_filter_fn_on_a_raw_checkpoint(tmp_path):
     weights.load_into(large, tmp_path / "swin.pth", head="keep")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(large.state_dict()[key], value, msg=key)
+
+
+def test_swin_bicubic_relpos_tables_as_the_official_code(tmp_path):
+    """finetune.relpos_interpolation=bicubic: each (2w-1)^2 x heads table interpolated as a heads x
+    (2w-1) x (2w-1) image (Swin's utils.load_pretrained), on a raw official-layout checkpoint; the
+    geometric default gives other tables."""
+    torch.manual_seed(0)
+    small = _perturbed(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, **SWIN))
+    torch.save({"model": small.state_dict()}, tmp_path / "swin.pth")
+    bicubic = timm.create_model("swin_tiny_patch4_window7_224", img_size=48, window_size=6, **SWIN).eval()
+    geometric = copy.deepcopy(bicubic)
+    weights.load_into(bicubic, tmp_path / "swin.pth", head="keep", relpos_interpolation="bicubic")
+    weights.load_into(geometric, tmp_path / "swin.pth", head="keep")
+    for name, table in small.state_dict().items():
+        if not name.endswith("relative_position_bias_table"):
+            continue
+        heads = table.shape[1]
+        official = torch.nn.functional.interpolate(table.permute(1, 0).view(1, heads, 7, 7), size=(11, 11),
+                                                   mode="bicubic").view(heads, 121).permute(1, 0)
+        torch.testing.assert_close(bicubic.state_dict()[name], official, msg=name)
+        assert (geometric.state_dict()[name] - official).abs().max() > 1e-3, name
+    assert torch.isfinite(bicubic(torch.randn(2, 3, 48, 48))).all()

@@ -2,14 +2,15 @@
 
 import pytest
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError, load_config
 from pretrain.dist import DistEnv
 from pretrain.objectives.base import RunContext, build_objective
 from tests.conftest import TINY_SWIN, TINY_VIT
 
 
-def groups_by_name(model_args):
-    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.image_size=32", *model_args])
+def groups_by_name(model_args, no_decay=None):
+    rule = [] if no_decay is None else [f"optim.no_decay={no_decay}"]
+    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.image_size=32", *model_args, *rule])
     objective = build_objective(cfg, RunContext(num_classes=10, total_steps=1, steps_per_epoch=1, dist=DistEnv()))
     names = {id(p): n for n, p in objective.named_parameters()}
     decayed, plain = objective.param_groups()
@@ -26,3 +27,22 @@ def test_weight_decay_only_on_weight_matrices(model, no_decay):
     head = "model.head.fc" if model is TINY_SWIN else "model.head"
     assert f"{head}.weight" in decayed and f"{head}.bias" in plain
     assert any(n.endswith("qkv.weight") for n in decayed)
+
+
+def test_no_decay_1d_only_decays_tokens_and_relative_position_tables():
+    """DINO's and MoBY's official rule: only biases and norm weights are exempt."""
+    decayed, plain = groups_by_name(TINY_VIT, "[1d]")
+    assert {"model.pos_embed", "model.cls_token"} <= decayed
+    assert all(n.endswith(".bias") or "norm" in n for n in plain) and "model.blocks.0.norm1.weight" in plain
+    decayed, _ = groups_by_name(TINY_SWIN, "[1d]")
+    assert "model.layers.0.blocks.0.attn.relative_position_bias_table" in decayed
+
+
+def test_no_decay_globs_name_parameters():
+    decayed, plain = groups_by_name(TINY_VIT, "[1d, '*pos_embed']")
+    assert "model.pos_embed" in plain and "model.cls_token" in decayed
+
+
+def test_no_decay_rejects_an_empty_entry():
+    with pytest.raises(ConfigError, match="optim.no_decay"):
+        load_config(None, ["data.synthetic=true", "train.steps=1", "optim.no_decay=['']"])
