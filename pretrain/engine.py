@@ -167,8 +167,15 @@ class Engine:
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", 1.0)
         self.ds_config = deepspeed_config(cfg, dist.world_size)
-        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
-                                               dist_init_required=False)
+        # DeepSpeed's unfused mixed-precision wrapper (bf16/fp16 without ZeRO) steps the optimizer once on
+        # zero gradients at start-up: Adam's step count would be one ahead and its first real update
+        # 0.744x torch's. That step is skipped like any other.
+        self.optimizer.skip = True
+        try:
+            self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
+                                                   dist_init_required=False)
+        finally:
+            self.optimizer.skip = False
         self.module = self.engine.module
         if cfg.engine.precision != "fp32":
             cast_attention_masks(self.module, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
