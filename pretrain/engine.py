@@ -240,6 +240,12 @@ class Engine:
         return self.cfg.engine.zero_stage > 0 or self.cfg.engine.precision != "fp32" or \
             (self.cfg.train.clip_mode == "per_param" and bool(self.cfg.train.clip_grad))
 
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
     # -- per-parameter clipping (DINO's utils.clip_gradients) ------------------------------------------
     def clip_each_parameter(self, clip: float) -> float:
         """Scale each parameter's gradient by ``clip / (norm + 1e-6)`` where that is below 1, ``norm``
