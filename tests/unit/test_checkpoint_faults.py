@@ -24,11 +24,14 @@ class FilesEngine:
     def weights_finite(self) -> bool:
         return True
 
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
+    def save(self, directory: str, tag: str, client_state: dict) -> list[str]:
         path = os.path.join(directory, tag)
         os.makedirs(path, exist_ok=True)
-        torch.save({"module": {"w": torch.ones(4)}, **client_state}, os.path.join(path, "mp_rank_00_model_states.pt"))
-        torch.save({"state": torch.zeros(4)}, os.path.join(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        files = [os.path.join(path, "mp_rank_00_model_states.pt"),
+                 os.path.join(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+        torch.save({"module": {"w": torch.ones(4)}, **client_state}, files[0])
+        torch.save({"state": torch.zeros(4)}, files[1])
+        return files
 
 
 def save_in_a_child(run_dir, step: int, kill: str = "") -> int:
