@@ -133,7 +133,7 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
     try:
         run(launcher_args)
     except ChildFailedError as e:  # torchrun stopped the other ranks and printed its report above
-        if {f.exitcode for f in e.failures.values()} == {STOPPED_EXIT_CODE}:
+        if stopped_together({f.exitcode for f in e.failures.values()}):
             print(f"stopped: the ranks saved and stopped before the end of the run (exit code "
                   f"{STOPPED_EXIT_CODE}); rerun the same command to resume", file=sys.stderr)
             return STOPPED_EXIT_CODE
@@ -145,6 +145,16 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def stopped_together(exit_codes: set[int]) -> bool:
+    """Whether ranks ending with ``exit_codes`` saved and stopped on a signal. A rank exits with
+    STOPPED_EXIT_CODE only after every rank agreed to stop, saved and left the process group, so
+    the others were done too: torch's launcher may still have ended them with SIGTERM (or SIGKILL)
+    on seeing the first one exit."""
+    import signal
+
+    return STOPPED_EXIT_CODE in exit_codes and exit_codes <= {STOPPED_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}
 
 
 def describe_failure(rank: int, pid: int, exitcode: int) -> str:
