@@ -256,3 +256,29 @@ def test_flipped_bytes_stop_a_rerun_before_it_trains(whole, digits_dir, tmp_path
     assert f"error: {victim}: corrupt: its sha256 differs" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before and latest(run_dir) == tag_for(8)
+
+
+def test_a_crafted_checkpoint_given_as_pretrained_runs_nothing(whole, digits_dir, tmp_path):
+    """``python -m finetune ... pretrained=DIR`` on a DeepSpeed directory whose model states would run
+    code when unpickled: refused naming the file, nothing runs. Without vitscale's meta.json there is
+    no checksum to catch it first; with a copied one, the checksum does."""
+    from finetune import weights
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(whole / "checkpoints" / tag_for(8), crafted / tag_for(8))
+    (crafted / "latest").write_text(tag_for(8))
+    victim = crafted / tag_for(8) / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "payload-ran"
+    write_code_payload(victim, marker)
+
+    with pytest.raises(weights.WeightsError, match=f"^{victim}: truncated or corrupt"):
+        weights.read(crafted)  # meta.json copied along: its checksums do not fit
+    (crafted / tag_for(8) / "meta.json").unlink()  # a foreign DeepSpeed directory
+    result = run_module("finetune", "linear", "configs/finetune/linear_demo.yaml", f"pretrained={crafted}",
+                        f"run.dir={tmp_path / 'probe'}", f"data.train={digits_dir}", f"data.val={digits_dir}",
+                        "data.prepare=none", "data.workers=0", *TINY_VIT, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {victim}: refused: loading it would unpickle more than weights" in result.stderr, \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()
