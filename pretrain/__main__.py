@@ -26,7 +26,10 @@ DEMO_PROCESSES = 2
 def parse_args(argv: list[str] | None, prog: str = "python -m pretrain") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description="Pre-train a Swin or ViT backbone.",
                                      epilog="With no arguments, runs the demo recipe "
-                                            f"({DEMO_RECIPE.relative_to(DEMO_RECIPE.parents[2])}) on 2 processes.")
+                                            f"({DEMO_RECIPE.relative_to(DEMO_RECIPE.parents[2])}) on 2 processes. "
+                                            "Exit codes: 0 done (or ended at train.stop_at), 1 failed, 2 bad config "
+                                            f"or data, {STOPPED_EXIT_CODE} saved and stopped on a signal (SIGUSR1) "
+                                            "before train.steps: rerun to resume.")
     parser.add_argument("config", nargs="?", help="YAML recipe (configs/pretrain/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=128")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
