@@ -239,6 +239,11 @@ def verify_files(path: Path, saved_meta: dict, dist: DistEnv) -> str | None:
             if not zipfile.is_zipfile(file):  # torch.save's format; a cut-off file loses its zip directory
                 return f"{file}: truncated or corrupt ({file.stat().st_size} bytes)"
         return None
+    malformed = not isinstance(files, dict) or any(
+        not isinstance(r, dict) or not isinstance(r.get("bytes"), int) or not isinstance(r.get("sha256"), str)
+        for r in files.values())
+    if malformed:
+        return f"{path / META_NAME}: its \"files\" entry does not give a size and a sha256 for every file"
     unlisted = sorted(set(p.name for p in path.glob("*.pt")) - set(files))
     if unlisted:
         return f"{path / unlisted[0]}: not written by this checkpoint's save (its {META_NAME} does not list it)"
