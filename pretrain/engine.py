@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import deepspeed
@@ -131,7 +131,7 @@ def weights_only_loading():
     if scoped is None:
         torch.serialization.add_safe_globals(allowed)
     try:
-        with scoped(allowed) if scoped is not None else _nothing():
+        with scoped(allowed) if scoped is not None else nullcontext():
             yield
     finally:
         for name, value in saved.items():
@@ -139,11 +139,6 @@ def weights_only_loading():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def refused_file_error(path: str, error: Exception) -> CheckpointError:
