@@ -143,8 +143,9 @@ def weights_only_loading():
 
 def refused_file_error(path: str, error: Exception) -> CheckpointError:
     """The error for a checkpoint file that weights-only loading refused, naming the file."""
-    detail = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line or "global" in line),
-                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's message opens with advice to unpickle fully; the line naming what it refused says more.
+    detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(error).__name__)
     return CheckpointError(f"{path}: refused: loading it would unpickle more than weights ({detail}), which could "
                            f"run code; vitscale loads checkpoints weights-only. Load only checkpoints you trust "
                            f"with DeepSpeed directly; nothing of this file was run")
