@@ -152,8 +152,9 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
     resume: bool = True  # continue from run.dir's latest checkpoint when there is one
-    # A checkpoint tag (step_00001000) to resume from when the one `latest` names is refused (damaged,
-    # checksums differ); never used otherwise, so a requeue with the same arguments resumes from latest.
+    # A checkpoint tag (step_00001000) to resume from when `latest` is absent or unreadable or the
+    # checkpoint it names is refused (damaged, checksums differ); never used otherwise, so a requeue
+    # with the same arguments resumes from latest.
     resume_from: str | None = None
     export: bool = True
     progress: bool = True
