@@ -19,6 +19,7 @@ from finetune.weights import WeightsError
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.data.shards import ShardError
+from pretrain.dist import STOPPED_EXIT_CODE
 
 STAGE_MODULES = {"full": "finetune.full", "linear": "finetune.linear", "knn": "finetune.knn"}
 
@@ -76,7 +77,7 @@ def check(argv: list[str], world_size: int) -> None:
 
 
 def run(stage: str, cfg):
-    """Run ``stage`` in this process (one rank of a distributed run, or alone)."""
+    """Run ``stage`` in this process (one rank of a distributed run, or alone); what its ``run`` returns."""
     import torch
 
     from pretrain.dist import init_distributed, leave_process_group
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
             preflight(args.stage, cfg, 1)
-        run(args.stage, cfg)
+        if run(args.stage, cfg) == "stopped":  # full fine-tuning saved and stopped on a signal
+            return STOPPED_EXIT_CODE
     except (ConfigError, ShardError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,7 +95,8 @@ class FinetuneTrainer(Trainer):
         return result
 
 
-def run(cfg: FullConfig, dist: DistEnv) -> dict:
+def run(cfg: FullConfig, dist: DistEnv) -> str:
+    """Fine-tune; how the run ended (Trainer.state: ``stopped`` makes the process exit STOPPED_EXIT_CODE)."""
     trainer = FinetuneTrainer(cfg, dist)
     trainer.stop_on_signal()
     result = trainer.fit()
@@ -103,4 +104,4 @@ def run(cfg: FullConfig, dist: DistEnv) -> dict:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         print(f"fine-tuned: {shown}\n  run dir: {cfg.run.dir}\n  best: {trainer.best_dir} "
               f"(val/top1 {trainer.best_top1:.4f})\n  export: {Path(cfg.run.dir) / 'export'}")
-    return result
+    return trainer.state

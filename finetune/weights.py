@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,23 +130,76 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a vitscale DeepSpeed checkpoint, gathered from its ZeRO partitions.
+    """The fp32 weights of a DeepSpeed checkpoint, gathered from its ZeRO partitions.
 
-    ZeRO-0 model states load with weights_only; for ZeRO-1-3 partitions DeepSpeed's own reader unpickles,
-    so only consolidate checkpoints that vitscale (or DeepSpeed) wrote.
+    A vitscale checkpoint's files are first checked against the checksums in its ``meta.json``. Every
+    file is read weights-only (DeepSpeed's own reader included), with only the few DeepSpeed classes
+    its states hold allowed: a file that would unpickle anything else is refused, naming it.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = directory / (tag or (directory / "latest").read_text().strip())
-    if any(tag_dir.glob("*optim_states.pt")):
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag_dir.name)
-        return {k: v for k, v in state.items() if torch.is_tensor(v)}
-    # ZeRO stage 0 keeps whole weights in the model-states file.
-    files = sorted(tag_dir.glob("*model_states.pt"))
-    if not files:
-        raise WeightsError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
-    states = torch.load(files[0], map_location="cpu", weights_only=True)
+    from pretrain.engine import weights_only_loading
+
+    tag_dir = directory / (tag or _latest_tag(directory))
+    if not tag_dir.is_dir():
+        raise WeightsError(f"{directory / 'latest'} names {tag_dir.name!r}, which is not a checkpoint in {directory}")
+    _verify_checksums(tag_dir)
+    try:
+        with weights_only_loading():
+            if any(tag_dir.glob("*optim_states.pt")):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag_dir.name)
+                return {k: v for k, v in state.items() if torch.is_tensor(v)}
+            # ZeRO stage 0 keeps whole weights in the model-states file.
+            files = sorted(tag_dir.glob("*model_states.pt"))
+            if not files:
+                raise WeightsError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
+            states = torch.load(files[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refused(tag_dir, e) from None
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def _latest_tag(directory: Path) -> str:
+    pointer = directory / "latest"
+    try:
+        return pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{pointer}: not a readable checkpoint tag ({e})") from None
+
+
+def _verify_checksums(tag_dir: Path) -> None:
+    """WeightsError naming the file when a vitscale checkpoint's files differ from its ``meta.json``."""
+    from pretrain.checkpoint import META_NAME, verify_files
+    from pretrain.dist import DistEnv
+
+    meta = tag_dir / META_NAME
+    if not meta.is_file():
+        return  # not written by vitscale: nothing recorded to check against
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{meta}: unreadable ({e})") from None
+    problem = verify_files(tag_dir, saved, DistEnv())
+    if problem:
+        raise WeightsError(problem)
+
+
+def _refused(tag_dir: Path, error: Exception) -> WeightsError:
+    """Name the file that weights-only loading refused: DeepSpeed's reader does not say which it was.
+    Each file is opened again weights-only with its tensors memory-mapped (cheap), until one fails."""
+    from pretrain.engine import refused_file_error, weights_only_loading
+
+    culprit = str(tag_dir)
+    with weights_only_loading():
+        for file in sorted(tag_dir.glob("*.pt")):
+            try:
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as e:
+                culprit, error = str(file), e
+                break
+            except Exception:  # not what is being diagnosed
+                continue
+    return WeightsError(str(refused_file_error(culprit, error)))
 
 
 def _unwrap(raw, source: str, checkpoint_key: str | None) -> dict[str, torch.Tensor]:

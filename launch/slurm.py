@@ -29,7 +29,7 @@ from launch import events
 from launch.spec import (SlurmOptions, Stage, check_partition, check_stage, parse_stages, sweep_base, sweep_points,
                          time_minutes)
 from pretrain.config import ConfigError
-from pretrain.dist import leave_process_group
+from pretrain.dist import STOPPED_EXIT_CODE, leave_process_group
 
 SAVE_NOW_SIGNAL = signal.SIGUSR1  # what pretrain's trainer (and every stage built on it) listens to
 
@@ -53,19 +53,22 @@ class StageJob:
                           tasks=env.num_tasks, nodes=env.hostnames, stderr=str(env.paths.stderr))
         try:
             code = importlib.import_module(f"{self.stage.package}.__main__").main(list(self.stage.argv))
-            if code:
+            if code not in (0, STOPPED_EXIT_CODE):
                 raise RuntimeError(f"{self.stage.command_line()} exited with status {code}")
         except BaseException as e:
             if main_rank:
                 events.record(self.run_dir, "failed", job_id=env.job_id, error=f"{type(e).__name__}: {e}")
             raise
         leave_process_group()
-        if save_request.received.is_set() and not save_request.requeue:
+        if code == STOPPED_EXIT_CODE and not save_request.requeue:
+            # SIGTERM (a cancellation, or a preemption that Slurm requeues) or a save signal sent to
+            # the tasks: the job must not count as a success, or a chain would start its next stage.
             if main_rank:
                 events.record(self.run_dir, "stopped", job_id=env.job_id,
-                              error="saved and stopped on SIGTERM (cancelled, or preempted: Slurm requeues it)")
-            return "stopped"
-        if save_request.received.is_set():
+                              error=f"saved and stopped before the end of the run (exit code {STOPPED_EXIT_CODE}); "
+                                    f"resubmit to resume")
+            sys.exit(STOPPED_EXIT_CODE)
+        if code == STOPPED_EXIT_CODE:
             if main_rank:
                 events.record(self.run_dir, "requeued" if self.requeues < self.max_requeues else "failed",
                               job_id=env.job_id, requeues=self.requeues + 1,

@@ -1,8 +1,9 @@
 """python -m launch status RUN_DIR: the run's Slurm jobs and where training stands.
 
 Job ids and requeues come from the launcher's record (``RUN_DIR/slurm/events.jsonl``), live states from
-``squeue`` (or ``scontrol`` for jobs that ended recently), the last step from ``metrics.jsonl``, the last
-checkpoint from ``checkpoints/latest``, and the last error lines from the newest job's logs.
+``squeue`` (or ``scontrol`` for jobs that ended recently), the last step from ``metrics.jsonl``, how the
+last invocation ended from ``run.json``, the last checkpoint from ``checkpoints/latest``, and the last
+error lines from the newest job's logs.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ def last_step(run_dir: Path) -> int | None:
     return step
 
 
+def run_state(run_dir: Path) -> str | None:
+    """How the last invocation ended, from ``run.json``: ``finished``, ``stopped`` (saved and stopped on a
+    signal before the end; resubmit to resume), ``stop_at`` or ``running`` (or it died)."""
+    try:
+        summary = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if "state" not in summary:
+        return None
+    return f"{summary['state']} at step {summary.get('step', '?')} of {summary.get('total_steps', '?')}"
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     path = run_dir / "checkpoints" / "latest"
     return path.read_text().strip() if path.exists() else None
@@ -94,6 +107,9 @@ def summarize(run_dir: str | Path) -> list[str] | None:
                    f"requeues: {requeues}) {where}")
     step, checkpoint = last_step(run_dir), last_checkpoint(run_dir)
     out.append(f"last step: {step if step is not None else 'none logged'}")
+    state = run_state(run_dir)
+    if state:
+        out.append(f"run: {state}")
     out.append(f"last checkpoint: {run_dir / 'checkpoints' / checkpoint if checkpoint else 'none'}")
     finished = max((i for i, e in enumerate(record) if e["event"] == "finished"), default=-1)
     failures = [e for e in record[finished + 1:] if e["event"] == "failed"]  # not those a later run fixed

@@ -17,6 +17,7 @@ from pretrain import DEMO_RECIPE
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.data.shards import ShardError
+from pretrain.dist import STOPPED_EXIT_CODE
 from pretrain.trainer import NonFiniteLossError
 
 DEMO_PROCESSES = 2
@@ -25,7 +26,10 @@ DEMO_PROCESSES = 2
 def parse_args(argv: list[str] | None, prog: str = "python -m pretrain") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description="Pre-train a Swin or ViT backbone.",
                                      epilog="With no arguments, runs the demo recipe "
-                                            f"({DEMO_RECIPE.relative_to(DEMO_RECIPE.parents[2])}) on 2 processes.")
+                                            f"({DEMO_RECIPE.relative_to(DEMO_RECIPE.parents[2])}) on 2 processes. "
+                                            "Exit codes: 0 done (or ended at train.stop_at), 1 failed, 2 bad config "
+                                            f"or data, {STOPPED_EXIT_CODE} saved and stopped on a signal (SIGUSR1) "
+                                            "before train.steps: rerun to resume.")
     parser.add_argument("config", nargs="?", help="YAML recipe (configs/pretrain/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=128")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -54,8 +58,8 @@ def preflight(cfg: Config, world_size: int) -> None:
     make_plan(cfg, world_size, train_set)
 
 
-def train(cfg: Config) -> dict:
-    """Train in this process (one rank of a distributed run, or alone)."""
+def train(cfg: Config) -> str:
+    """Train in this process (one rank of a distributed run, or alone); how it ended (Trainer.state)."""
     import torch
 
     from pretrain.dist import init_distributed, leave_process_group
@@ -67,12 +71,12 @@ def train(cfg: Config) -> dict:
     cfg = for_world_size(cfg, dist.world_size)
     trainer = Trainer(cfg, dist)
     trainer.stop_on_signal()
-    result = trainer.fit()
+    trainer.fit()
     if dist.is_main:
         print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
               f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
     leave_process_group()
-    return result
+    return trainer.state
 
 
 def run_demo() -> int:
@@ -116,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not distributed:
             preflight(cfg, 1)
-        train(cfg)
+        if train(cfg) == "stopped":
+            return STOPPED_EXIT_CODE
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,22 +1,24 @@
 """Checkpoint cadence, an atomic ``latest`` pointer, keep-last-K pruning, and backbone export.
 
 Layout under ``RUN_DIR/checkpoints``: one DeepSpeed checkpoint directory per save (``step_00001000``)
-holding also ``meta.json`` (what wrote it: objective, model, parameter shapes), and a ``latest`` file
-naming the newest complete one. ``latest`` is replaced atomically only after every rank has
-finished writing, so it never names a partial checkpoint; pruning never removes the checkpoint
-``latest`` names. Before a resume, :meth:`Checkpoints.verify` checks the files and the meta data, so
-a truncated file or another run's checkpoint is refused before anything is loaded.
+holding also ``meta.json`` (what wrote it: objective, model, parameter shapes, and the size and
+sha256 of every file), and a ``latest`` file naming the newest complete one. ``meta.json`` and then
+``latest`` are written only after every rank has finished writing, so ``latest`` never names a
+partial checkpoint; pruning never removes the checkpoint ``latest`` names. Before a resume,
+:meth:`Checkpoints.verify` checks the meta data and every file against its checksum, so a truncated
+or altered file or another run's checkpoint is refused before anything is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-from pathlib import Path
-
 import zipfile
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -24,9 +26,12 @@ from safetensors.torch import save_file
 from pretrain.dist import DistEnv
 from pretrain.faults import maybe_die
 
+log = logging.getLogger(__name__)
+
 TAG_PATTERN = re.compile(r"^step_(\d{8,})$")
 META_NAME = "meta.json"
 FULL_BELOW_BYTES = 64 << 20  # a failed save with less room than this left is reported as a full disk
+HASH_CHUNK_BYTES = 16 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +56,33 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def file_checksum(path: Path) -> dict:
+    """``{"bytes": size, "sha256": hex digest}`` of ``path``, read in chunks (ZeRO shards can be GBs)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK_BYTES)
+    view = memoryview(buffer)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+            size += n
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def check_file(path: Path, recorded: dict) -> str | None:
+    """Why ``path`` is not the file recorded at save time (``file_checksum``'s dict), or None."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{path}: missing (the checkpoint's {META_NAME} lists it, {recorded['bytes']} bytes)"
+    if size != recorded["bytes"]:
+        return f"{path}: truncated or corrupt ({size} bytes, {recorded['bytes']} when it was written)"
+    if file_checksum(path)["sha256"] != recorded["sha256"]:
+        return (f"{path}: corrupt: its sha256 differs from the one recorded in {META_NAME} when it was "
+                f"written (bytes changed on disk)")
+    return None
+
+
 class Checkpoints:
     def __init__(self, run_dir: str | Path, keep_last: int, dist: DistEnv) -> None:
         self.directory = Path(run_dir) / "checkpoints"
@@ -59,16 +91,22 @@ class Checkpoints:
 
     def latest(self) -> str | None:
         """The newest complete checkpoint's tag, or None for a fresh run."""
+        pointer = self.directory / "latest"
         try:
-            tag = (self.directory / "latest").read_text().strip()
+            tag = pointer.read_bytes().decode("utf-8").strip()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{pointer}: not a checkpoint tag (not UTF-8 text); "
+                                  f"{self._alternatives(None)}") from None
         if not TAG_PATTERN.match(tag) or not (self.directory / tag).is_dir():
-            raise CheckpointError(f"{self.directory / 'latest'} names {tag!r}, which is not a checkpoint here")
+            raise CheckpointError(f"{pointer} names {tag!r}, which is not a checkpoint here; "
+                                  f"{self._alternatives(None)}")
         return tag
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
-        """A collective: every rank writes its share, then rank 0 points ``latest`` at it and prunes.
+        """A collective: every rank writes its share and checksums it; rank 0 then writes ``meta.json``
+        (``meta`` and every file's checksum), points ``latest`` at the checkpoint and prunes.
 
         ``meta`` (JSON) describes what wrote the checkpoint; :meth:`verify` compares it on resume.
         A failed write (a full disk) raises CheckpointError and removes this save's directory;
@@ -85,28 +123,68 @@ class Checkpoints:
         self.dist.barrier()
         maybe_die("save-before-write", rank, step)
         try:
-            engine.save(str(self.directory), tag, client_state)
-            if self.dist.is_main:
-                atomic_write(path / META_NAME, json.dumps(meta, indent=1).encode())
+            written = engine.save(str(self.directory), tag, client_state)
+            # Hashed by the rank that wrote them, while they are likely still in its page cache.
+            checksums = {Path(f).name: file_checksum(Path(f)) for f in written}
         except Exception as e:  # torch reports a full disk as a RuntimeError ("unexpected pos"), the OS as an OSError
-            free = shutil.disk_usage(self.directory).free
-            full = f" (the file system is full: {free} bytes free)" if free < FULL_BELOW_BYTES else ""
-            shutil.rmtree(path, ignore_errors=True)
-            raise CheckpointError(f"rank {rank} could not write checkpoint {path}{full}: {e}\n"
-                                  f"{self.directory / 'latest'} still names the last complete checkpoint, "
-                                  f"{self.latest() or 'none'}") from e
+            raise self._failed_write(path, e) from e
         maybe_die("save-after-write", rank, step)
-        self.dist.barrier()  # every rank's files are on disk before the pointer moves
+        every_rank = self.dist.gather_objects(checksums)  # also: every rank's files are on disk
         maybe_die("save-before-latest", rank, step)
         if self.dist.is_main:
+            files = {name: record for part in every_rank for name, record in part.items()}
+            try:
+                atomic_write(path / META_NAME, json.dumps({**meta, "files": dict(sorted(files.items()))},
+                                                          indent=1).encode())
+            except OSError as e:
+                raise self._failed_write(path, e) from e
             atomic_write(self.directory / "latest", tag.encode())
             self.prune(keep=tag)
         self.dist.barrier()
         return tag
 
+    def _failed_write(self, path: Path, error: Exception) -> CheckpointError:
+        """The error for a save that failed on this rank, after removing its directory."""
+        free = shutil.disk_usage(self.directory).free
+        full = f" (the file system is full: {free} bytes free)" if free < FULL_BELOW_BYTES else ""
+        shutil.rmtree(path, ignore_errors=True)
+        return CheckpointError(f"rank {self.dist.rank} could not write checkpoint {path}{full}: {error}\n"
+                               f"{self.directory / 'latest'} still names the last complete checkpoint, "
+                               f"{self.latest() or 'none'}")
+
+    def resumable(self, meta: dict, fallback: str | None = None) -> str | None:
+        """The checkpoint to resume from, verified (a collective): the one ``latest`` names, or None
+        for a fresh run. Only when that one is refused (or ``latest`` is unreadable or absent) and
+        ``fallback`` (``train.resume_from``) names another, that one is verified and ``latest`` is
+        pointed at it, so the run continues from there; the checkpoints after it are removed by the
+        next save as leftovers. CheckpointError naming the file otherwise."""
+        try:
+            tag = self.latest()
+            if tag is not None:
+                self.verify(tag, meta)
+                return tag
+            if fallback is None:
+                return None
+            refused = f"{self.directory / 'latest'}: absent"
+        except CheckpointError as e:
+            if fallback is None:
+                raise
+            refused = str(e)
+        if not (self.directory / fallback / META_NAME).is_file():
+            raise CheckpointError(f"train.resume_from={fallback}: {self.directory / fallback} is not a complete "
+                                  f"checkpoint; {self._alternatives(None)}")
+        if self.dist.is_main:
+            log.warning("%s\nresuming from %s instead, as train.resume_from asks", refused, fallback)
+        self.verify(fallback, meta)
+        if self.dist.is_main:
+            atomic_write(self.directory / "latest", fallback.encode())
+        self.dist.barrier()
+        return fallback
+
     def verify(self, tag: str, meta: dict) -> None:
-        """CheckpointError unless checkpoint ``tag`` is whole and was written by a run like this one
-        (``meta`` as this run would save it); reads only the meta data and file headers."""
+        """CheckpointError unless checkpoint ``tag`` was written by a run like this one (``meta`` as
+        this run would save it) and every file is as it was written (size and sha256 against
+        ``meta.json``); nothing is loaded. A collective: the ranks share the hashing."""
         path = self.directory / tag
         meta = json.loads(json.dumps(meta))  # tuples as lists, as they were saved
         try:
@@ -114,10 +192,6 @@ class Checkpoints:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path / META_NAME}: cannot read what wrote this checkpoint ({e}); "
                                   f"it is not a complete vitscale checkpoint") from None
-        for file in sorted(path.glob("*.pt")):
-            if not zipfile.is_zipfile(file):  # torch.save's format; a cut-off file loses its zip directory
-                raise CheckpointError(f"{file}: truncated or corrupt ({file.stat().st_size} bytes); to resume from "
-                                      f"an older checkpoint, write its tag into {self.directory / 'latest'}")
         for key in ("objective", "model", "model_kwargs", "image_size"):
             if saved.get(key) != meta.get(key):
                 raise CheckpointError(f"{path / META_NAME}: written with {key} {saved.get(key)!r}, this run has "
@@ -128,6 +202,17 @@ class Checkpoints:
             listed = "; ".join(f"{k}: {theirs.get(k, 'absent')} vs {ours.get(k, 'absent')}" for k in differ[:5])
             raise CheckpointError(f"{path / META_NAME}: {len(differ)} parameters differ (checkpoint vs this run: "
                                   f"{listed}); use another run.dir or train.resume=false")
+        problem = verify_files(path, saved, self.dist)
+        if problem:
+            raise CheckpointError(f"{problem}; {self._alternatives(tag)}")
+
+    def _alternatives(self, refused: str | None) -> str:
+        """What a user can do about a refused checkpoint, naming the other complete ones."""
+        others = sorted((d.name for d in self.directory.iterdir() if d.name != refused and
+                         TAG_PATTERN.match(d.name) and (d / META_NAME).is_file()), reverse=True)
+        older = (f"to resume from an older complete checkpoint ({', '.join(others[:5])}), set "
+                 f"train.resume_from=TAG; " if others else "")
+        return f"{older}to start afresh, use another run.dir or train.resume=false"
 
     def prune(self, keep: str) -> None:
         """Keep the newest ``keep_last`` checkpoints up to ``keep``; drop older ones and any newer
@@ -138,6 +223,33 @@ class Checkpoints:
         for tag in tags:
             if tag not in survivors:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
+
+
+def verify_files(path: Path, saved_meta: dict, dist: DistEnv) -> str | None:
+    """Why the files of checkpoint directory ``path`` are not those its ``meta.json`` (``saved_meta``)
+    records, or None. Every listed file is checked (the ranks share the hashing: a collective, all
+    ranks get the same answer); a ``*.pt`` file it does not list is refused too. A checkpoint written
+    before vitscale recorded checksums only has its files checked for torch's complete zip format."""
+    files = saved_meta.get("files")
+    if files is None:
+        if dist.is_main:
+            log.warning("%s: no checksums recorded (written by an older vitscale); files checked for "
+                        "completeness only", path / META_NAME)
+        for file in sorted(path.glob("*.pt")):
+            if not zipfile.is_zipfile(file):  # torch.save's format; a cut-off file loses its zip directory
+                return f"{file}: truncated or corrupt ({file.stat().st_size} bytes)"
+        return None
+    malformed = not isinstance(files, dict) or any(
+        not isinstance(r, dict) or not isinstance(r.get("bytes"), int) or not isinstance(r.get("sha256"), str)
+        for r in files.values())
+    if malformed:
+        return f"{path / META_NAME}: its \"files\" entry does not give a size and a sha256 for every file"
+    unlisted = sorted(set(p.name for p in path.glob("*.pt")) - set(files))
+    if unlisted:
+        return f"{path / unlisted[0]}: not written by this checkpoint's save (its {META_NAME} does not list it)"
+    names = sorted(files)
+    mine = next((p for p in (check_file(path / n, files[n]) for n in names[dist.rank::dist.world_size]) if p), None)
+    return next((p for p in dist.gather_objects(mine) if p), None)
 
 
 def export_backbone(state_dict: dict[str, torch.Tensor], out_dir: str | Path, model_name: str,

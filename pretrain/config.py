@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,10 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite: int = 5  # consecutive non-finite losses that stop the run
     resume: bool = True  # continue from run.dir's latest checkpoint when there is one
+    # A checkpoint tag (step_00001000) to resume from when `latest` is absent or unreadable or the
+    # checkpoint it names is refused (damaged, checksums differ); never used otherwise, so a requeue
+    # with the same arguments resumes from latest.
+    resume_from: str | None = None
     export: bool = True
     progress: bool = True
 
@@ -176,6 +181,8 @@ class TrainConfig:
         for key in ("eval_every", "ckpt_every"):
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
         _require(self.keep_last > 0, "train.keep_last", self.keep_last, "must be positive")
+        _require(self.resume_from is None or re.fullmatch(r"step_\d{8,}", str(self.resume_from)) is not None,
+                 "train.resume_from", self.resume_from, "must be a checkpoint tag like step_00001000")
         _require(self.log_every > 0, "train.log_every", self.log_every, "must be positive")
         _require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be positive")
 

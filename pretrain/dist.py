@@ -48,12 +48,26 @@ class DistEnv:
                 total[key] = total.get(key, 0) + value
         return total
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank; a collective."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size
+        tdist.all_gather_object(gathered, obj)
+        return gathered
+
     def broadcast_object(self, obj, src: int = 0):
         if self.world_size == 1:
             return obj
         box = [obj]
         tdist.broadcast_object_list(box, src=src)
         return box[0]
+
+
+# The exit code of a stage that saved and stopped on a signal (SIGUSR1, or Slurm's via the launcher)
+# before train.steps: EX_TEMPFAIL, "try again later". Rerunning the same command resumes it; a chain
+# must not start its next stage.
+STOPPED_EXIT_CODE = 75
 
 
 def free_port() -> int:
@@ -107,7 +121,8 @@ def leave_process_group() -> None:
 def spawn_local(nproc: int, module: str, args: list[str]) -> int:
     """Run ``python -m module args`` in ``nproc`` local processes through torch.distributed's launcher.
 
-    Returns the exit code: non-zero as soon as any process fails (the others are stopped).
+    Returns the exit code: non-zero as soon as any process fails (the others are stopped), and
+    STOPPED_EXIT_CODE when the ranks that ended first all saved and stopped on a signal.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -118,6 +133,10 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
     try:
         run(launcher_args)
     except ChildFailedError as e:  # torchrun stopped the other ranks and printed its report above
+        if stopped_together({f.exitcode for f in e.failures.values()}):
+            print(f"stopped: the ranks saved and stopped before the end of the run (exit code "
+                  f"{STOPPED_EXIT_CODE}); rerun the same command to resume", file=sys.stderr)
+            return STOPPED_EXIT_CODE
         rank, failure = e.get_first_failure()
         print(f"error: {describe_failure(rank, failure.pid, failure.exitcode)}; the other ranks were stopped",
               file=sys.stderr)
@@ -126,6 +145,16 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def stopped_together(exit_codes: set[int]) -> bool:
+    """Whether ranks ending with ``exit_codes`` saved and stopped on a signal. A rank exits with
+    STOPPED_EXIT_CODE only after every rank agreed to stop, saved and left the process group, so
+    the others were done too: torch's launcher may still have ended them with SIGTERM (or SIGKILL)
+    on seeing the first one exit."""
+    import signal
+
+    return STOPPED_EXIT_CODE in exit_codes and exit_codes <= {STOPPED_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}
 
 
 def describe_failure(rank: int, pid: int, exitcode: int) -> str:

@@ -2,13 +2,16 @@
 
 It translates the run config into a DeepSpeed config, wraps the objective with a torch AdamW whose
 step can be skipped (for non-finite losses), sets the scheduled lr and weight decay on the
-optimizer's groups, and saves, loads and gathers the fp32 master weights.
+optimizer's groups, and saves, loads and gathers the fp32 master weights. Checkpoints are read
+weights-only (:func:`weights_only_loading`): a file that would run code on load is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import deepspeed
@@ -16,6 +19,7 @@ import torch
 import torch.nn as nn
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
 
@@ -97,6 +101,54 @@ def report_loss_scale_floor_in_trainer(optimizer) -> None:
     scaler = getattr(optimizer, "loss_scaler", None)
     if getattr(scaler, "dynamic", False):
         scaler.raise_error_at_min_scale = False
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes DeepSpeed pickles into its checkpoints besides tensors and containers: the loss
+    scalers (ZeRO-1/2 and fp16 state), ZeRO's stage enum and fragment addresses (ZeRO optimizer
+    states). Plain data holders: rebuilding them runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loading():
+    """Inside, every ``torch.load`` reads weights only, with :func:`deepspeed_safe_globals` allowed.
+
+    DeepSpeed's loaders ask torch for full unpickling (``weights_only=False``), which runs whatever a
+    file's pickle names; torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that at every call site,
+    DeepSpeed's own ``torch.load`` calls included. A refused file raises ``pickle.UnpicklingError``.
+    """
+    saved = {name: os.environ.get(name) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+                                                      "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # torch refuses both set
+    allowed = deepspeed_safe_globals()
+    scoped = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if scoped is None:
+        torch.serialization.add_safe_globals(allowed)
+    try:
+        with scoped(allowed) if scoped is not None else nullcontext():
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def refused_file_error(path: str, error: Exception) -> CheckpointError:
+    """The error for a checkpoint file that weights-only loading refused, naming the file."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch's message opens with advice to unpickle fully; the line naming what it refused says more.
+    detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(error).__name__)
+    return CheckpointError(f"{path}: refused: loading it would unpickle more than weights ({detail}), which could "
+                           f"run code; vitscale loads checkpoints weights-only. Load only checkpoints you trust "
+                           f"with DeepSpeed directly; nothing of this file was run")
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -181,6 +233,26 @@ class Engine:
             cast_attention_masks(self.module, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
         self._unclipped_norm: float | None = None
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
+        self._written: list[str] = []
+        self._watch_checkpoint_files(self.engine.checkpoint_engine)
+
+    def _watch_checkpoint_files(self, checkpoint_engine) -> None:
+        """Record the files this rank's saves write (for their checksums), and name the file when a
+        weights-only load refuses one. DeepSpeed reads and writes every checkpoint file through its
+        checkpoint engine's ``save(state, path)`` and ``load(path, map_location)``."""
+        save, load = checkpoint_engine.save, checkpoint_engine.load
+
+        def save_and_record(state_dict, path, *args, **kwargs):
+            self._written.append(str(path))
+            return save(state_dict, path, *args, **kwargs)
+
+        def load_naming_refused_files(path, *args, **kwargs):
+            try:
+                return load(path, *args, **kwargs)
+            except pickle.UnpicklingError as e:
+                raise refused_file_error(str(path), e) from None
+
+        checkpoint_engine.save, checkpoint_engine.load = save_and_record, load_naming_refused_files
 
     # -- one step -----------------------------------------------------------------------------------
     def set_hyperparameters(self, lr: float, weight_decay: float, step: int = 0) -> None:
@@ -326,11 +398,19 @@ class Engine:
                 break
         return self.dist.all_reduce(bad, "max").item() == 0
 
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
+    def save(self, directory: str, tag: str, client_state: dict) -> list[str]:
+        """Write this rank's share of checkpoint ``tag``; the paths of the files it wrote."""
+        self._written = []
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        return list(self._written)
 
     def load(self, directory: str, tag: str) -> dict:
-        path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
+        """Load checkpoint ``tag`` weights-only; CheckpointError naming a file that would run code."""
+        try:
+            with weights_only_loading():
+                path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as e:  # a torch.load outside the checkpoint engine
+            raise refused_file_error(os.path.join(directory, tag), e) from None
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
         return client_state

@@ -1,4 +1,5 @@
-"""Test-only fault injection: a rank kills itself with SIGKILL at a named point of a run.
+"""Test-only fault injection: a rank kills itself with SIGKILL at a named point of a run, or sends
+itself a signal (``VITSCALE_TEST_SIGNAL``, below) at the start of a step.
 
 ``VITSCALE_TEST_KILL`` holds ``POINT:RANK:STEP`` entries separated by commas, e.g.
 ``step:1:5`` (rank 1 dies as it starts step 5) or ``save-before-latest:0:4`` (rank 0 dies while
@@ -13,6 +14,7 @@ import signal
 import sys
 
 ENV = "VITSCALE_TEST_KILL"
+SIGNAL_ENV = "VITSCALE_TEST_SIGNAL"
 POINTS = ("step",  # the start of a training step
           "save-before-write",  # in a save, before this rank writes any file
           "save-after-write",  # in a save, after this rank wrote its files, before the others are known done
@@ -36,3 +38,13 @@ def maybe_die(point: str, rank: int, step: int) -> None:
         print(f"[{ENV}] rank {rank} (pid {os.getpid()}) kills itself at {point}, step {step}",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(rank: int, step: int) -> None:
+    """``VITSCALE_TEST_SIGNAL=NAME:RANK:STEP[,...]`` (e.g. ``USR1:1:4``): rank RANK sends itself SIGNAME
+    as it starts step STEP, a real signal through the run's own handler, at a step a test can name."""
+    for entry in filter(None, os.environ.get(SIGNAL_ENV, "").split(",")):
+        name, at_rank, at_step = entry.split(":")
+        if (int(at_rank), int(at_step)) == (rank, step):
+            print(f"[{SIGNAL_ENV}] rank {rank} sends itself SIG{name} at step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.Signals[f"SIG{name}"])

@@ -31,7 +31,7 @@ from pretrain.data.prefetch import DeviceBatches
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine
-from pretrain.faults import maybe_die
+from pretrain.faults import maybe_die, maybe_signal
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
@@ -124,7 +124,8 @@ class Trainer:
         self.overflow_steps = 0  # fp16 steps DeepSpeed skipped for a gradient overflow
         self.overflows_at_floor = 0  # of them, in a row at the minimum loss scale
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
-        self.interrupted = False
+        self.interrupted = False  # stopped on request before the end of this invocation
+        self.window = _Window(dist.device)  # the loss and metrics since the last log line
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
         # Fault injection for the tests: steps whose loss is made NaN (e.g. "3,4").
         self.inject_nan = {int(s) for s in os.environ.get("VITSCALE_TEST_NAN_STEPS", "").split(",") if s}
@@ -162,8 +163,11 @@ class Trainer:
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly; a collective (the partial logging window
+        is averaged over the ranks, so the first log line after a resume is the uninterrupted run's)."""
         return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
-                            "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size},
+                            "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size,
+                            "log_window": self.window.state_dict(self.dist)},
                 "data": (self.batches or self.train_loader).state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -174,6 +178,8 @@ class Trainer:
         self.step = trainer["step"]
         self.nonfinite_steps = trainer["nonfinite_steps"]
         self.overflow_steps = trainer.get("overflow_steps", 0)
+        if "log_window" in trainer:
+            self.window.load_state_dict(trainer["log_window"])
         self.train_loader.load_state_dict(state["data"])
 
     def request_stop(self) -> None:
@@ -186,9 +192,11 @@ class Trainer:
         signal.signal(signum, lambda received, frame: self.request_stop())
 
     def resume(self) -> str | None:
-        tag = self.checkpoints.latest() if self.cfg.train.resume else None
+        if not self.cfg.train.resume:
+            return None
+        # Verified (meta data, every file's checksum) before anything is loaded.
+        tag = self.checkpoints.resumable(self.checkpoint_meta(), fallback=self.cfg.train.resume_from)
         if tag is not None:
-            self.checkpoints.verify(tag, self.checkpoint_meta())  # before anything is loaded
             self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag))
         return tag
 
@@ -226,24 +234,27 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            self._write_summary({"resumed_from": resumed})
+            self._write_summary({"resumed_from": resumed, "state": "running", "step": self.step})
         metrics = Metrics(self.run_dir, dist, self.step, plan.total_steps, cfg.train.progress)
         if resumed:
             metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
         last_saved = self.step if resumed else -1
         # Copied (and decoded) to the device ahead of the step that needs them.
         batches = self.batches = DeviceBatches(self.train_loader, dist.device)
-        window = _Window(self.dist.device)
+        window = self.window
         consecutive_nonfinite = 0
         final: dict = {}
         try:
             while self.step < end:
                 step = self.step
                 maybe_die("step", dist.rank, step)
+                maybe_signal(dist.rank, step)
                 lr, wd = self.hyperparameters(step)
                 self.engine.set_hyperparameters(lr, wd, step)
                 self.engine.train()
-                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == end
+                # Whole windows only (and the run's last step): a window cut by the end of this
+                # invocation goes into the checkpoint and is logged, whole, by the resumed run.
+                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps
                 skip, stop, grad_norm = self._train_step(step, batches, window, want_grad_norm=log_now)
                 if skip:
                     self.nonfinite_steps += 1
@@ -282,27 +293,37 @@ class Trainer:
                 if stop or (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
                     self.save()
                     last_saved = self.step
-                if stop:
+                if stop and self.step < end:
                     self.interrupted = True
                     metrics.write(f"stopped on request at step {self.step}; checkpoint saved")
-                    return {}
-            final = self.evaluate()
-            if final:
-                metrics.log(self.step, final)
-                metrics.write("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-            if last_saved != self.step:
-                self.save()
-            if cfg.train.export and self.step == plan.total_steps:
-                self.export()
+                    break
+            if not self.interrupted:
+                final = self.evaluate()
+                if final:
+                    metrics.log(self.step, final)
+                    metrics.write("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+                if last_saved != self.step:
+                    self.save()
+                if cfg.train.export and self.step == plan.total_steps:
+                    self.export()
         finally:
             batches.close()
             metrics.close()
         skipped = dist.sum_counts(batches.skipped)  # a collective: before the rank-0 branch
         if dist.is_main:
-            self._write_summary({"resumed_from": resumed, "step": self.step, "final": final,
+            self._write_summary({"resumed_from": resumed, "state": self.state, "step": self.step, "final": final,
                                  "nonfinite_steps": self.nonfinite_steps, "fp16_overflow_steps": self.overflow_steps,
                                  "skipped_samples": skipped})
         return final
+
+    @property
+    def state(self) -> str:
+        """How this invocation ended, as ``run.json`` records it: ``finished`` (train.steps reached),
+        ``stopped`` (saved and stopped on a signal before that; the process exits with
+        STOPPED_EXIT_CODE), or ``stop_at`` (ended at train.stop_at, as asked)."""
+        if self.step >= self.plan.total_steps:
+            return "finished"
+        return "stopped" if self.interrupted else "stop_at"
 
     def _watch_fp16_overflow(self, step: int, metrics: Metrics) -> None:
         """Count the steps DeepSpeed skipped for fp16 gradient overflows; stop once ``train.max_nonfinite``
@@ -418,7 +439,7 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
+        self.loss = torch.zeros((), device=self.device)  # summed over this rank's micro-batches
         self.values: dict[str, torch.Tensor] = {}
         self.micro = 0
         self.steps = 0
@@ -430,6 +451,21 @@ class _Window:
         for key, value in values.items():
             self.values[key] = self.values.get(key, 0.0) + value.detach().float()
         self.micro += 1
+
+    def state_dict(self, dist: DistEnv) -> dict:
+        """The sums so far, averaged over the ranks (a collective): every rank restores the same
+        share, and the ranks' sum at the next flush is the uninterrupted run's. Time is not carried:
+        throughput counts the steps since the resume."""
+        keys = sorted(self.values)
+        stacked = torch.stack([self.loss, *[self.values[k] for k in keys]]).float()
+        dist.all_reduce(stacked)
+        stacked = (stacked / dist.world_size).tolist()
+        return {"loss": stacked[0], "values": dict(zip(keys, stacked[1:])), "micro": self.micro}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss = torch.tensor(state["loss"], dtype=torch.float32, device=self.device)
+        self.values = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state["values"].items()}
+        self.micro = state["micro"]
 
     def flush(self, dist: DistEnv, global_batch: int) -> tuple[int, dict[str, float]]:
         """(steps in the window, rank-averaged metrics with throughput and data-wait share); resets."""

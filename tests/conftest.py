@@ -50,3 +50,29 @@ def run_module(module: str, *args: str, timeout: float = 600, check: bool = True
         raise AssertionError(f"python -m {module} {' '.join(args)} exited {result.returncode}\n"
                              f"--- stdout\n{result.stdout[-5000:]}\n--- stderr\n{result.stderr[-8000:]}")
     return result
+
+
+class _RunsCode:
+    """Pickled, it makes the unpickler call ``os.system(command)``: what a crafted checkpoint does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def write_code_payload(path: Path, marker: Path) -> None:
+    """Replace the torch file ``path`` by one shaped like a DeepSpeed model-states file whose loading,
+    unless weights-only, creates ``marker``."""
+    import torch
+
+    torch.save({"module": {}, "payload": _RunsCode(f"touch {marker}")}, path)
+
+
+def flip_bytes(path: Path, count: int = 8) -> None:
+    """XOR ``count`` bytes in the middle of ``path``: its size stays, its zip directory stays intact."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))

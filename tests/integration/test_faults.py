@@ -23,9 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import Checkpoints, tag_for
+from pretrain.checkpoint import Checkpoints, file_checksum, tag_for
 from pretrain.dist import DistEnv
-from tests.conftest import QUIET, REPO, TINY_VIT, python_env, run_module
+from tests.conftest import QUIET, REPO, TINY_VIT, flip_bytes, python_env, run_module, write_code_payload
 
 RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 JOB = [*QUIET, *TINY_VIT, "engine.precision=fp32", "engine.zero_stage=1", "train.epochs=null", "train.steps=8",
@@ -33,7 +33,8 @@ JOB = [*QUIET, *TINY_VIT, "engine.precision=fp32", "engine.zero_stage=1", "train
        "optim.warmup_steps=2", "data.val=null", "data.prepare=none"]
 
 
-def launch(run_dir: Path, digits: Path, kill: str = "", limit_file_size: int | None = None, timeout: float = 300):
+def launch(run_dir: Path, digits: Path, kill: str = "", limit_file_size: int | None = None, timeout: float = 300,
+           extra: list[str] = ()):
     """`python -m launch local --nproc 2` on the job; ``kill``: VITSCALE_TEST_KILL for the ranks;
     ``limit_file_size``: no file written may grow beyond this many bytes (EFBIG, not SIGXFSZ).
     Returns (exit code, stderr, seconds from the kill to the launcher's exit or None)."""
@@ -41,7 +42,7 @@ def launch(run_dir: Path, digits: Path, kill: str = "", limit_file_size: int | N
     if kill:
         env["VITSCALE_TEST_KILL"] = kill
     command = [sys.executable, "-m", "launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}",
-               f"data.train={digits}", *JOB]
+               f"data.train={digits}", *JOB, *extra]
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited: writes fail with an OSError instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_size, limit_file_size))
@@ -188,16 +189,34 @@ def test_a_full_disk_fails_the_save_cleanly(whole, digits_dir, tmp_path):
 def test_broken_and_foreign_checkpoints_are_refused_before_anything_is_loaded(whole, digits_dir, tmp_path):
     cases = {}
     data = [f"data.train={digits_dir}", "data.prepare=none", "data.workers=0", "run.threads=1"]
+    damaged = ["truncated", "flipped", "missing-shard", "latest-not-utf8", "payload-copied-meta",
+               "payload-rehashed-meta"]
     for name, recipe, overrides in [
-        ("truncated", RECIPE, JOB),
+        *((name, RECIPE, JOB) for name in damaged),
         ("other-model", RECIPE, [*JOB, "model.kwargs={patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"]),
         ("other-objective", str(REPO / "configs/pretrain/demo.yaml"), ["train.epochs=null", "train.steps=8"]),
     ]:
         run_dir = tmp_path / name
         shutil.copytree(whole, run_dir)
         cases[name] = (recipe, [*overrides, *data, f"run.dir={run_dir}"])
-    model_file = tmp_path / "truncated" / "checkpoints" / tag_for(8) / "mp_rank_00_model_states.pt"
+
+    def tag_dir(case: str) -> Path:
+        return tmp_path / case / "checkpoints" / tag_for(8)
+
+    model_file = tag_dir("truncated") / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:model_file.stat().st_size // 2])
+    flip_bytes(tag_dir("flipped") / "mp_rank_00_model_states.pt")
+    (tag_dir("missing-shard") / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (tmp_path / "latest-not-utf8" / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+    markers = {}
+    for case in ("payload-copied-meta", "payload-rehashed-meta"):  # a crafted file in place of the model states
+        markers[case] = tmp_path / f"{case}.ran"
+        write_code_payload(tag_dir(case) / "mp_rank_00_model_states.pt", markers[case])
+    meta = read_meta(tmp_path / "payload-rehashed-meta", tag_for(8))
+    meta["files"]["mp_rank_00_model_states.pt"] = file_checksum(tag_dir("payload-rehashed-meta") /
+                                                                "mp_rank_00_model_states.pt")
+    (tag_dir("payload-rehashed-meta") / "meta.json").write_text(json.dumps(meta))
+
     result = tmp_path / "result.json"
     run_module("tests.integration.fault_resume_worker", str(result), json.dumps(cases))
     results = json.loads(result.read_text())
@@ -205,6 +224,61 @@ def test_broken_and_foreign_checkpoints_are_refused_before_anything_is_loaded(wh
         assert outcome["error"] and outcome["error"].startswith("CheckpointError"), (name, outcome)
         assert outcome["untouched"] and outcome["step"] == 0, (name, outcome)
     assert f"{model_file}: truncated or corrupt" in results["truncated"]["error"]
+    assert (f"{tag_dir('flipped') / 'mp_rank_00_model_states.pt'}: corrupt: its sha256 differs"
+            in results["flipped"]["error"])
+    assert f"{tag_dir('missing-shard') / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'}: missing" in \
+        results["missing-shard"]["error"]
+    assert f"{tmp_path / 'latest-not-utf8' / 'checkpoints' / 'latest'}: not a checkpoint tag" in \
+        results["latest-not-utf8"]["error"]
+    # A copied meta.json does not fit the crafted file; one rewritten to fit it still loads nothing
+    # but weights. Either way the payload never runs.
+    assert f"{tag_dir('payload-copied-meta') / 'mp_rank_00_model_states.pt'}: truncated or corrupt" in \
+        results["payload-copied-meta"]["error"]
+    assert (f"{tag_dir('payload-rehashed-meta') / 'mp_rank_00_model_states.pt'}: refused: loading it would "
+            f"unpickle more than weights" in results["payload-rehashed-meta"]["error"])
+    assert not any(marker.exists() for marker in markers.values())
     meta = str(tmp_path / "other-model" / "checkpoints" / tag_for(8) / "meta.json")
     assert results["other-model"]["error"].startswith(f"CheckpointError: {meta}: written with model_kwargs")
     assert "written with objective 'supervised', this run has 'dino'" in results["other-objective"]["error"]
+
+
+def test_flipped_bytes_stop_a_rerun_before_it_trains(whole, digits_dir, tmp_path):
+    """The issue's reproduction through the launcher: bytes flipped in the largest file of the latest
+    checkpoint; the rerun refuses it naming the file, without a traceback, and trains nothing."""
+    run_dir = tmp_path / "flipped"
+    shutil.copytree(whole, run_dir)
+    tag = run_dir / "checkpoints" / tag_for(8)
+    victim = max(tag.glob("*.pt"), key=lambda f: f.stat().st_size)
+    flip_bytes(victim)
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    code, err, _ = launch(run_dir, digits_dir, extra=["train.steps=10"])
+    assert code == 1, err[-3000:]
+    assert f"error: {victim}: corrupt: its sha256 differs" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before and latest(run_dir) == tag_for(8)
+
+
+def test_a_crafted_checkpoint_given_as_pretrained_runs_nothing(whole, digits_dir, tmp_path):
+    """``python -m finetune ... pretrained=DIR`` on a DeepSpeed directory whose model states would run
+    code when unpickled: refused naming the file, nothing runs. Without vitscale's meta.json there is
+    no checksum to catch it first; with a copied one, the checksum does."""
+    from finetune import weights
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(whole / "checkpoints" / tag_for(8), crafted / tag_for(8))
+    (crafted / "latest").write_text(tag_for(8))
+    victim = crafted / tag_for(8) / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "payload-ran"
+    write_code_payload(victim, marker)
+
+    with pytest.raises(weights.WeightsError, match=f"^{victim}: truncated or corrupt"):
+        weights.read(crafted)  # meta.json copied along: its checksums do not fit
+    (crafted / tag_for(8) / "meta.json").unlink()  # a foreign DeepSpeed directory
+    result = run_module("finetune", "linear", "configs/finetune/linear_demo.yaml", f"pretrained={crafted}",
+                        f"run.dir={tmp_path / 'probe'}", f"data.train={digits_dir}", f"data.val={digits_dir}",
+                        "data.prepare=none", "data.workers=0", *TINY_VIT, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {victim}: refused: loading it would unpickle more than weights" in result.stderr, \
+        result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not marker.exists()

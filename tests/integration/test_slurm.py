@@ -225,3 +225,29 @@ def test_killed_rank_ends_the_job_and_a_rerun_resumes(digits_dir, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["step"] == 40
     status = launch("status", str(run_dir))
     assert f"job {job_id}: FAILED" in status and f"job {rerun_id}: COMPLETED" in status, status
+
+
+def test_a_stopped_stage_fails_its_job_and_the_chain_stops_there(digits_dir, tmp_path):
+    """Rank 0 receives SIGUSR1 as step 3 starts (VITSCALE_TEST_SIGNAL, exported to the job): the stage
+    saves and stops at step 4 of 20, its job ends unsuccessfully (exit code 75), and the chained linear
+    probe never starts."""
+    run_dir, probe_dir = tmp_path / "stopped", tmp_path / "never"
+    linear_probe = ["finetune", "linear", str(REPO / "configs/finetune/linear_demo.yaml"), f"pretrained={run_dir}",
+                    f"run.dir={probe_dir}", f"data.train={digits_dir}", f"data.val={digits_dir}", "data.workers=0",
+                    "linear.epochs=1", "linear.lrs=[0.1]"]
+    os.environ["VITSCALE_TEST_SIGNAL"] = "USR1:0:3"
+    try:
+        first_id, second_id = submit(*TWO_TASKS, "--", *stage(digits_dir, run_dir, "train.steps=20"), "--",
+                                     *linear_probe)
+    finally:
+        del os.environ["VITSCALE_TEST_SIGNAL"]
+    assert wait_ended(first_id) == "FAILED", logs(run_dir)
+    assert [e["event"] for e in events(run_dir)] == ["submitted", "started", "stopped"]
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert (summary["state"], summary["step"]) == ("stopped", 4)
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(4)
+    wait_until(lambda: slurm_job(second_id).get("Reason") == "DependencyNeverSatisfied"
+               or slurm_job(second_id).get("JobState") == "CANCELLED", 60, "the chained job to be held back")
+    assert [e["event"] for e in events(probe_dir)] == ["submitted"]
+    status = launch("status", str(run_dir))
+    assert "run: stopped at step 4 of 20" in status and "last event: stopped" in status, status

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import signal
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 from pretrain.checkpoint import CheckpointError, Checkpoints, tag_for
 from pretrain.dist import DistEnv
 from pretrain.faults import POINTS
+from tests.conftest import flip_bytes, write_code_payload
 
 META = {"objective": "supervised", "model": "vit_tiny_patch16_224", "model_kwargs": {"embed_dim": 32},
         "image_size": 32, "parameters": {"model.head.weight": [10, 32]}}
@@ -24,21 +27,24 @@ class FilesEngine:
     def weights_finite(self) -> bool:
         return True
 
-    def save(self, directory: str, tag: str, client_state: dict) -> None:
+    def save(self, directory: str, tag: str, client_state: dict) -> list[str]:
         path = os.path.join(directory, tag)
         os.makedirs(path, exist_ok=True)
-        torch.save({"module": {"w": torch.ones(4)}, **client_state}, os.path.join(path, "mp_rank_00_model_states.pt"))
-        torch.save({"state": torch.zeros(4)}, os.path.join(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        files = [os.path.join(path, "mp_rank_00_model_states.pt"),
+                 os.path.join(path, "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+        torch.save({"module": {"w": torch.ones(4)}, **client_state}, files[0])
+        torch.save({"state": torch.zeros(4)}, files[1])
+        return files
 
 
-def save_in_a_child(run_dir, step: int, kill: str = "") -> int:
+def save_in_a_child(run_dir, step: int, kill: str = "", keep_last: int = 1) -> int:
     """Save step ``step`` in a forked process; its exit code (negative: the signal that ended it)."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             os.environ["VITSCALE_TEST_KILL"] = kill
-            Checkpoints(run_dir, keep_last=1, dist=DistEnv()).save(FilesEngine(), step, {"step": step}, META)
+            Checkpoints(run_dir, keep_last=keep_last, dist=DistEnv()).save(FilesEngine(), step, {"step": step}, META)
         except BaseException:
             code = 1
         os._exit(code)
@@ -124,3 +130,79 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(CheckpointError, match="step 4: the weights are not finite"):
         ckpts.save(NonFiniteEngine(), 4, {}, META)
     assert ckpts.latest() == tag_for(2) and not (ckpts.directory / tag_for(4)).exists()
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("flip", "corrupt: its sha256 differs from the one recorded in meta.json"),
+    ("delete", "missing (the checkpoint's meta.json lists it"),
+    ("add", "not written by this checkpoint's save (its meta.json does not list it)"),
+])
+def test_changed_missing_and_unlisted_files_are_refused_naming_them(tmp_path, damage, says):
+    assert save_in_a_child(tmp_path, 2) == 0
+    path = tmp_path / "checkpoints" / tag_for(2)
+    victim = path / ("zero_pp_rank_1_mp_rank_00_optim_states.pt" if damage == "add"
+                     else "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    if damage == "flip":
+        flip_bytes(victim)
+        assert __import__("zipfile").is_zipfile(victim)  # what the check before checksums looked at
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        torch.save({"state": torch.zeros(4)}, victim)
+    with pytest.raises(CheckpointError) as e:
+        Checkpoints(tmp_path, keep_last=1, dist=DistEnv()).verify(tag_for(2), META)
+    assert str(e.value).startswith(f"{victim}: {says}"), str(e.value)
+
+
+def test_a_latest_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    assert save_in_a_child(tmp_path, 2) == 0
+    pointer = tmp_path / "checkpoints" / "latest"
+    pointer.write_bytes(b"step_\xff\xfe0002")
+    with pytest.raises(CheckpointError, match=re.escape(f"{pointer}: not a checkpoint tag (not UTF-8 text)")):
+        Checkpoints(tmp_path, keep_last=1, dist=DistEnv()).resumable(META)
+
+
+def test_an_older_checkpoint_is_resumed_only_when_train_resume_from_asks(tmp_path):
+    for step in (2, 4):
+        assert save_in_a_child(tmp_path, step, keep_last=2) == 0
+    ckpts = Checkpoints(tmp_path, keep_last=2, dist=DistEnv())
+    assert ckpts.resumable(META, fallback=tag_for(2)) == tag_for(4)  # latest is whole: no fallback
+    flip_bytes(ckpts.directory / tag_for(4) / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError) as e:
+        ckpts.resumable(META)
+    assert f"({tag_for(2)}), set train.resume_from=TAG" in str(e.value)  # says how, never does it by itself
+    assert ckpts.latest() == tag_for(4)
+    assert ckpts.resumable(META, fallback=tag_for(2)) == tag_for(2)
+    assert ckpts.latest() == tag_for(2)  # the run continues from there
+    with pytest.raises(CheckpointError, match=f"train.resume_from={tag_for(6)}: .* is not a complete checkpoint"):
+        (ckpts.directory / "latest").write_bytes(b"step_9")
+        ckpts.resumable(META, fallback=tag_for(6))
+
+
+def test_deepspeed_states_load_weights_only_and_a_payload_does_not_run(tmp_path):
+    """What DeepSpeed pickles besides tensors (ZeRO-1/2/3 and fp16 optimizer states) loads inside
+    ``weights_only_loading`` even where DeepSpeed asks torch to unpickle fully; a file that would run
+    code is refused and nothing runs."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from pretrain.engine import weights_only_loading
+
+    dynamic = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                                consecutive_hysteresis=False)
+    state = {"loss_scaler": dynamic, "static_loss_scaler": LossScaler(2.0),
+             "zero_stage": ZeroStageEnum.weights, "mappings": {"w": fragment_address(numel=4, start=8)},
+             "fp32": torch.arange(4.0)}
+    torch.save(state, tmp_path / "optim_states.pt")
+    marker = tmp_path / "payload-ran"
+    write_code_payload(tmp_path / "model_states.pt", marker)
+    with weights_only_loading():
+        loaded = torch.load(tmp_path / "optim_states.pt", weights_only=False)  # as DeepSpeed calls it
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(tmp_path / "model_states.pt", weights_only=False)
+    assert not marker.exists()
+    assert loaded["loss_scaler"].cur_scale == 2.0**16 and loaded["static_loss_scaler"].cur_scale == 2
+    assert loaded["zero_stage"] is ZeroStageEnum.weights and loaded["mappings"]["w"].start == 8
+    assert torch.equal(loaded["fp32"], torch.arange(4.0))
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # as it was before
