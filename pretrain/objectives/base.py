@@ -58,10 +58,11 @@ class Objective(nn.Module):
         """The timm model that is exported."""
         raise NotImplementedError
 
-    def backbone_state_dict(self, engine) -> dict[str, torch.Tensor]:
-        """The exported backbone's full fp32 weights on the CPU (a collective under ZeRO-3). Objectives
-        whose backbone is not trained by the optimizer (a momentum teacher) override this."""
-        return engine.full_fp32_state_dict(self.backbone())
+    def backbone_state_dict(self, engine, main_only: bool = False) -> dict[str, torch.Tensor]:
+        """The exported backbone's full fp32 weights on the CPU (a collective under ZeRO-3; with
+        ``main_only``, only the main rank gets them). Objectives whose backbone is not trained by
+        the optimizer (a momentum teacher) override this."""
+        return engine.full_fp32_state_dict(self.backbone(), main_only)
 
     def backbone_prefix(self) -> str:
         """The backbone's name inside this module's state dict (``backbone.`` for ``self.backbone``)."""
@@ -82,7 +83,8 @@ class Objective(nn.Module):
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            excluded = param.ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip)
+            ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the shape aside
+            excluded = ndim <= 1 or name in skip or any(name.startswith(s + ".") for s in skip)
             (no_decay if excluded else decay).append(param)
         groups = [{"params": decay, "apply_weight_decay": True},
                   {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0}]
