@@ -240,6 +240,19 @@ def check_precision(precision: str) -> None:
                           f"(supported here: {', '.join(k for k, ok in supported.items() if ok)})")
 
 
+def check_offload(cfg: Config) -> None:
+    """ConfigError when ``engine.offload_path`` (NVMe, ZeRO-Infinity) cannot work on this machine:
+    DeepSpeed writes through its async_io op, which needs libaio to build."""
+    if cfg.engine.offload_path is None:
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(f"engine.offload_path={cfg.engine.offload_path!r}: offloading to NVMe needs DeepSpeed's "
+                          f"async_io op, which cannot be built here (it needs libaio: apt install libaio-dev); "
+                          f"use engine.offload without engine.offload_path (host memory)")
+
+
 def compile_backbone(module: nn.Module) -> None:
     """torch.compile, in place, the backbone of ``module`` (an objective), else ``module`` itself.
 
@@ -258,6 +271,7 @@ class Engine:
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
         self.cfg, self.dist = cfg, dist
         check_precision(cfg.engine.precision)
+        check_offload(cfg)
         if cfg.engine.compile:
             compile_backbone(module)
         self.optimizer = make_optimizer(param_groups, cfg, dist)

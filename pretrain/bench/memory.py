@@ -7,9 +7,9 @@ For each ZeRO stage given, one run of a few training steps (synthetic batches, m
 AdamW) on ``--nproc`` processes; then, on every rank, memory per parameter:
 
 - ``tensors``: bytes of every live tensor storage on the device (found through the garbage
-  collector, each storage counted once), that is what DeepSpeed and the objective hold after a
-  step: the weights (whole, or this rank's ZeRO-3 partition), fp32 master weights and Adam's two
-  moments (the optimizer's own state), gradient buffers, communication buckets, buffers;
+  collector, each storage counted once) just before the last optimizer step, when gradients are
+  held too: the weights (whole, or this rank's ZeRO-3 partition), gradients, fp32 master weights
+  and Adam's two moments (``optim.``: those two), communication buckets, buffers;
 - ``process``: the accelerator's allocated memory (on a CPU, the process's resident memory)
   after the steps, less what it was before the model was built; ``peak``: the most it reached,
   less the same baseline (on a CPU, the process's peak resident set);
@@ -21,6 +21,10 @@ teacher parameter; and DeepSpeed's own estimate for the stage (``estimate_zero2/
 which counts 18 bytes per parameter: fp32 gradients too). Bytes per parameter are over the
 trainable parameters. The worst rank is shown. The last line is ``tensors`` over the theory at the
 highest stage run.
+
+DeepSpeed's bucket sizes are fixed element counts made for GPUs (a gradient bucket of 500M
+elements is 1 GB per rank whatever the model); by default (``--deepspeed lean``) they are sized to
+the model instead (``lean_buckets``); ``--deepspeed '{}'`` keeps DeepSpeed's.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def parse(argv):
     p.add_argument("--no-zero-init", action="store_true", help="ZeRO-3: build the whole model, then partition it")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--deepspeed", default="{}", help="engine.deepspeed, YAML: raw DeepSpeed settings")
+    p.add_argument("--deepspeed", default="lean", help="engine.deepspeed, YAML: raw DeepSpeed settings; 'lean' "
+                   "(default): buckets sized to the model (lean_buckets); '{}': DeepSpeed's defaults")
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)  # a worker's result file
     return p.parse_args(argv)
 
@@ -84,9 +89,15 @@ def deepspeed_estimate(stage: int, params: int, largest_layer: int, ranks: int, 
     return None
 
 
+MASTER_ATTRIBUTES = ("fp32_partitioned_groups_flat",  # ZeRO-3
+                     "single_partition_of_fp32_groups",  # ZeRO-1/2
+                     "fp32_groups_flat_partition",  # bf16 without ZeRO
+                     "fp32_groups_flat", "fp32_groups")  # fp16 without ZeRO
+
+
 def live_tensor_bytes(device: torch.device, optimizer) -> dict[str, int]:
-    """Bytes of the live tensor storages on ``device``, each counted once: those of the optimizer's
-    own state and the fp32 master weights it steps ("optimizer"), and all of them ("total")."""
+    """Bytes of the live tensor storages on ``device``, each counted once: all of them ("total"),
+    and those of the optimizer's state and the fp32 master weights it steps ("optimizer")."""
     def storages(tensors):
         found = {}
         for t in tensors:
@@ -96,11 +107,28 @@ def live_tensor_bytes(device: torch.device, optimizer) -> dict[str, int]:
         return found
 
     gc.collect()
-    everything = storages(o for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    everything = storages(o for o in gc.get_objects() if torch.is_tensor(o))
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrapper holds the torch optimizer
-    owned = [p for g in inner.param_groups for p in g["params"]]
-    owned += [v for state in inner.state.values() for v in state.values()]
+    owned = [v for state in inner.state.values() for v in state.values()]
+    for name in MASTER_ATTRIBUTES:
+        for item in getattr(optimizer, name, None) or []:
+            owned += item if isinstance(item, (list, tuple)) else [item]
     return {"total": sum(everything.values()), "optimizer": sum(storages(owned).values())}
+
+
+def lean_buckets(args) -> str:
+    """DeepSpeed settings sized to the model rather than to DeepSpeed's defaults, which are fixed
+    element counts for GPUs (a 500M-element gradient bucket, 1G live parameters): each bucket, and
+    the parameters ZeRO-3 may keep gathered, hold twice the largest parameter."""
+    import timm
+    import yaml
+
+    with torch.device("meta"):
+        model = timm.create_model(args.model, img_size=args.image_size, **yaml.safe_load(args.kwargs))
+    size = 2 * max(p.numel() for p in model.parameters())
+    return json.dumps({"zero_optimization": {
+        "reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size,
+        "stage3_max_live_parameters": size, "stage3_max_reuse_distance": size, "sub_group_size": 4 * size}})
 
 
 def process_bytes(device: torch.device) -> tuple[int, int]:
@@ -139,9 +167,18 @@ def worker(args) -> None:
     else:
         overrides += ["objective.local_crops=0", "objective.out_dim=4096", "objective.hidden_dim=512"]
     cfg = load_config(None, overrides)
-    yaml.safe_load(args.deepspeed)  # fails here, naming the option, rather than in every rank
     trainer = Trainer(cfg, dist)
     trainer.save = lambda: None  # memory is measured, not checkpoint writes
+    held = {}
+    step = trainer.engine.step
+
+    def measured_step(skip: bool = False) -> None:
+        """Before the last optimizer step, when the gradients are held too."""
+        if trainer.step == args.steps - 1:
+            held.update(live_tensor_bytes(dist.device, trainer.engine.engine.optimizer))
+        step(skip)
+
+    trainer.engine.step = measured_step
     trainer.fit()
     params = list(trainer.objective.parameters())
     trainable = sum(partitioned_numel(p) for p in params if p.requires_grad)
@@ -149,7 +186,7 @@ def worker(args) -> None:
     followed = _teacher_followed(trainer.objective)
     largest = max(sum(partitioned_numel(p) for p in m.parameters(recurse=False)) for m in trainer.objective.modules())
     current, peak = process_bytes(dist.device)
-    mine = {"rank": dist.rank, **live_tensor_bytes(dist.device, trainer.engine.engine.optimizer),
+    mine = {"rank": dist.rank, **held,
             "process": current - baseline, "peak": peak - baseline, "baseline": baseline}
     everyone = [None] * dist.world_size
     torch.distributed.all_gather_object(everyone, mine)
@@ -204,6 +241,8 @@ def report(args, results: dict[int, dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[2:] if argv is None else argv)
     args = parse(argv)
+    if args.deepspeed == "lean":
+        args.deepspeed = lean_buckets(args)
     if "WORLD_SIZE" in os.environ:
         args.stage = int(os.environ["VITSCALE_BENCH_STAGE"])
         worker(args)
@@ -215,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(tmp) / f"zero{stage}" / "result.json"
             out.parent.mkdir()
             os.environ["VITSCALE_BENCH_STAGE"] = str(stage)
-            code = spawn_local(args.nproc, "pretrain.bench", ["memory", *argv, "--out", str(out)])
-            if code != 0:
-                return code
+            code = spawn_local(args.nproc, "pretrain.bench", ["memory", *argv, "--deepspeed", args.deepspeed,
+                                                              "--out", str(out)])
+            if not out.exists():
+                return code or 1
+            if code != 0:  # after rank 0 wrote the results: a rank that failed while leaving the group
+                print(f"note: ZeRO-{stage}: the ranks exited with code {code} after measuring", file=sys.stderr)
             results[stage] = json.loads(out.read_text())
     report(args, results)
     return 0
