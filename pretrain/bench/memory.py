@@ -144,8 +144,6 @@ def process_bytes(device: torch.device) -> tuple[int, int]:
 
 
 def worker(args) -> None:
-    import yaml
-
     from pretrain.config import load_config
     from pretrain.engine import partitioned_numel
     from pretrain.trainer import Trainer
