@@ -75,6 +75,8 @@ class FinetuneObjective(supervised.Objective):
 class FinetuneTrainer(Trainer):
     """The trainer, keeping an export of the weights with the best ``val/top1`` in ``RUN_DIR/best``."""
 
+    build_partitioned = False  # the objective loads the pre-trained weights into the whole model as it is built
+
     def __init__(self, cfg: FullConfig, dist: DistEnv) -> None:
         super().__init__(cfg, dist, make_objective=FinetuneObjective)
         self.best_dir = self.run_dir / "best"

@@ -45,13 +45,14 @@ def preflight(cfg: Config, world_size: int) -> None:
     import timm
 
     from pretrain.data.builtin import prepare
-    from pretrain.engine import check_precision
+    from pretrain.engine import check_offload, check_precision
     from pretrain.trainer import make_plan, resolve_sources
 
     cfg = for_world_size(cfg, world_size)
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
     check_precision(cfg.engine.precision)
+    check_offload(cfg)
     if cfg.data.prepare != "none":
         prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)

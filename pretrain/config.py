@@ -193,9 +193,23 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
     compile: bool = False  # torch.compile the backbone (the first steps then take minutes)
+    zero_init: bool = True  # ZeRO-3: build the model partitioned (deepspeed.zero.Init), never whole on a rank
+    # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (and with "all" the ZeRO-3 parameter
+    # partitions) live: host memory, or files under offload_path (NVMe; ZeRO-3 only).
+    offload: Literal["none", "optimizer", "all"] = "none"
+    offload_path: str | None = None
 
     def validate(self) -> None:
         _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        _require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
+                 "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
+        _require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,
+                 f"offloads parameters too, which only ZeRO-3 partitions; needs engine.zero_stage=3 "
+                 f"(it is {self.zero_stage}), or engine.offload=optimizer")
+        _require(self.offload_path is None or self.offload != "none", "engine.offload_path", self.offload_path,
+                 "is where engine.offload writes; set engine.offload=optimizer or all")
+        _require(self.offload_path is None or self.zero_stage == 3, "engine.offload_path", self.offload_path,
+                 f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 (it is {self.zero_stage})")
 
 
 @dataclass

@@ -13,11 +13,14 @@ import os
 import pickle
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import deepspeed
 import torch
 import torch.nn as nn
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+from torch.overrides import TorchFunctionMode
 
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, merge
@@ -56,9 +59,81 @@ def refresh_gathered(params: list[nn.Parameter]) -> None:
         persistent[0].all_gather(persistent)
 
 
-class SkippableAdamW(torch.optim.AdamW):
-    """AdamW that leaves weights and moments untouched while ``skip`` is set, and always leaves
-    alone the param groups marked ``frozen``.
+def partitioned_numel(param: nn.Parameter) -> int:
+    """The number of elements of ``param`` as built, also once ZeRO-3 partitioned it."""
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def partitioned_shape(param: nn.Parameter) -> torch.Size:
+    """The shape of ``param`` as built, also once ZeRO-3 partitioned it."""
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+
+def builds_partitioned(cfg: Config) -> bool:
+    """Whether :func:`build_module` partitions the parameters as the modules are built."""
+    return cfg.engine.zero_stage == 3 and cfg.engine.zero_init
+
+
+def build_module(make: Callable[[], nn.Module], cfg: Config, dist: DistEnv) -> nn.Module:
+    """``make()``; under ZeRO-3 (with ``engine.zero_init``) inside ``deepspeed.zero.Init``, so that no
+    rank ever holds the whole model: each module's parameters are partitioned as soon as that module
+    is built, and at most one parameter is whole at a time (a rank holds 4/N bytes per parameter,
+    then the compute dtype's 2/N, instead of 4 bytes for the whole model, before the engine starts).
+
+    The weights come out exactly as an unpartitioned build makes them (every rank seeds the same
+    generator): they are initialized in fp32, where model code initializes them (see
+    :class:`_InPlaceOnWholeParameters`), and cast partition by partition to the compute dtype.
+    """
+    if not builds_partitioned(cfg):
+        return make()
+    # DeepSpeed's communication layer on the process group that is already up (its config reads the
+    # world size from it); deepspeed.initialize does the same later.
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dist.world_size), dtype=torch.float32), \
+            _InPlaceOnWholeParameters():
+        module = make()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
+    if dtype is not None:
+        for param in module.parameters():
+            if hasattr(param, "ds_tensor") and param.dtype != dtype:
+                param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+                param.data = torch.empty(0, dtype=dtype, device=param.data.device)
+    return module
+
+
+class _InPlaceOnWholeParameters(TorchFunctionMode):
+    """Runs each in-place operation on a ZeRO-3 partitioned parameter on the whole parameter.
+
+    ``zero.Init`` partitions a module's parameters as soon as the module is built, but model code
+    initializes most weights afterwards, from a parent's constructor (timm's ViT and Swin run
+    ``trunc_normal_`` over every ``nn.Linear`` from the model's ``init_weights``). On a partitioned
+    parameter, whose storage is empty, such an initializer would do nothing and draw no random
+    numbers: the weights would differ from an unpartitioned build. Here the parameter is gathered,
+    the operation runs on it whole (each rank draws the same numbers from the same seed), and it is
+    partitioned again, keeping this rank's part; one parameter at a time is whole.
+    """
+
+    NOT_DATA = frozenset({"requires_grad_", "share_memory_"})  # in-place on flags, not on values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else None
+        name = getattr(func, "__name__", "")
+        in_place = name == "__setitem__" or (name.endswith("_") and not name.startswith("_")
+                                             and name not in self.NOT_DATA)
+        if not (in_place and isinstance(target, nn.Parameter)
+                and getattr(target, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE):
+            return func(*args, **kwargs)
+        target.all_gather()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            target.partition(has_been_updated=True)
+
+
+class SkipAndFreeze:
+    """An optimizer mixin that leaves weights and moments untouched while ``skip`` is set, and
+    always leaves alone the param groups marked ``frozen``.
 
     DeepSpeed's ZeRO wrappers call the inner optimizer once per parameter sub-group, so the flag
     is held for the whole of one ``engine.step()`` rather than consumed by the first call. A frozen
@@ -80,6 +155,43 @@ class SkippableAdamW(torch.optim.AdamW):
             return super().step(closure)
         finally:
             self.param_groups = groups
+
+
+class SkippableAdamW(SkipAndFreeze, torch.optim.AdamW):
+    """torch's AdamW (fused on GPUs), with :class:`SkipAndFreeze`."""
+
+
+def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torch.optim.Optimizer:
+    """AdamW with :class:`SkipAndFreeze`: torch's, or with ``engine.offload`` DeepSpeed's CPU Adam
+    (a C++ op compiled on first use), which steps the offloaded fp32 state on the host several
+    times faster than torch's; ZeRO-Offload's speed rests on it."""
+    o = cfg.optim
+    if cfg.engine.offload == "none":
+        return SkippableAdamW(param_groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                              fused=(dist.device.type == "cuda") or None)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    class SkippableCPUAdam(SkipAndFreeze, DeepSpeedCPUAdam):
+        pass
+
+    return SkippableCPUAdam(param_groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                            adamw_mode=True)
+
+
+def offload_config(cfg: Config) -> dict:
+    """DeepSpeed's ``zero_optimization`` offload settings for ``engine.offload``."""
+    e = cfg.engine
+    if e.offload == "none":
+        return {}
+    target = {"device": "nvme", "nvme_path": e.offload_path} if e.offload_path else {"device": "cpu"}
+    from deepspeed.accelerator import get_accelerator
+
+    # Page-locked host buffers speed up the copies to and from an accelerator; a CPU has none to make.
+    target["pin_memory"] = get_accelerator().device_name() != "cpu"
+    zero = {"offload_optimizer": dict(target)}
+    if e.offload == "all":
+        zero["offload_param"] = dict(target)
+    return {"zero_optimization": zero}
 
 
 def loss_scale_state(optimizer) -> tuple[float, float] | None:
@@ -167,7 +279,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 2**62,  # the trainer does the logging
         "wall_clock_breakdown": False,
     }
-    return merge(generated, cfg.engine.deepspeed)
+    return merge(merge(generated, offload_config(cfg)), cfg.engine.deepspeed)
 
 
 def check_precision(precision: str) -> None:
@@ -179,6 +291,19 @@ def check_precision(precision: str) -> None:
     if not supported[precision]:
         raise ConfigError(f"engine.precision={precision!r}: not supported on {accelerator.device_name()} "
                           f"(supported here: {', '.join(k for k, ok in supported.items() if ok)})")
+
+
+def check_offload(cfg: Config) -> None:
+    """ConfigError when ``engine.offload_path`` (NVMe, ZeRO-Infinity) cannot work on this machine:
+    DeepSpeed writes through its async_io op, which needs libaio to build."""
+    if cfg.engine.offload_path is None:
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise ConfigError(f"engine.offload_path={cfg.engine.offload_path!r}: offloading to NVMe needs DeepSpeed's "
+                          f"async_io op, which cannot be built here (it needs libaio: apt install libaio-dev); "
+                          f"use engine.offload without engine.offload_path (host memory)")
 
 
 def compile_backbone(module: nn.Module) -> None:
@@ -210,12 +335,10 @@ class Engine:
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
         self.cfg, self.dist = cfg, dist
         check_precision(cfg.engine.precision)
+        check_offload(cfg)
         if cfg.engine.compile:
             compile_backbone(module)
-        o = cfg.optim
-        fused = dist.device.type == "cuda"
-        self.optimizer = SkippableAdamW(param_groups, lr=0.0, betas=o.betas, eps=o.eps,
-                                        weight_decay=o.weight_decay, fused=fused or None)
+        self.optimizer = make_optimizer(param_groups, cfg, dist)
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", 1.0)
         self.ds_config = deepspeed_config(cfg, dist.world_size)
@@ -463,18 +586,25 @@ class Engine:
                 views.update({id(p): m.data.view(-1) for p, m in zip(group, masters)})
         return views
 
-    def full_fp32_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def full_fp32_state_dict(self, module: nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
         """``module``'s state dict with every parameter from the fp32 master weights, on the CPU.
 
-        A collective under ZeRO-3 (every rank must call it); every rank gets the full result.
+        A collective under ZeRO-3 (every rank must call it), one parameter at a time; every rank
+        gets the full result, or with ``main_only`` only the main rank (the others an empty dict:
+        they never hold the whole module).
         """
         params = {}
+        keep = self.dist.is_main or not main_only
         flat_masters = self._flat_fp32_masters()  # mixed precision without ZeRO
         for name, p in module.named_parameters():
             full = safe_get_full_fp32_param(p)
+            if not keep:
+                continue
             if full is None and id(p) in flat_masters:
                 full = flat_masters[id(p)].view_as(p)
             params[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        if not keep:
+            return {}
         state = {}
         for name, value in module.state_dict().items():
             state[name] = params[name] if name in params else value.detach().cpu().clone()

@@ -30,7 +30,7 @@ from pretrain.data.device_decode import DeviceDecodedView
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
-from pretrain.engine import Engine
+from pretrain.engine import Engine, build_module
 from pretrain.faults import maybe_die, maybe_signal
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
@@ -104,6 +104,10 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
 
 
 class Trainer:
+    # Under ZeRO-3 the objective is built partitioned (engine.build_module); a stage whose objective
+    # needs its whole weights while it is built (loading pre-trained ones) turns this off.
+    build_partitioned = True
+
     def __init__(self, cfg: Config, dist: DistEnv,
                  make_objective: Callable[[Config, RunContext], Objective] = build_objective) -> None:
         """``make_objective`` builds the objective (later stages pass one that loads initial weights)."""
@@ -113,7 +117,8 @@ class Trainer:
         self.plan = make_plan(cfg, dist.world_size, train_set)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist)
-        self.objective = make_objective(cfg, ctx).to(dist.device)
+        build = lambda: make_objective(cfg, ctx)  # noqa: E731
+        self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
         self.train_loader = self._train_loader(train_set)
         self.batches: DeviceBatches | None = None  # the training batches on the device, while fit() runs
@@ -415,7 +420,7 @@ class Trainer:
     def export(self) -> Path | None:
         """The backbone's fp32 master weights in timm's format (a collective; rank 0 writes)."""
         backbone = self.objective.backbone()
-        state = self.objective.backbone_state_dict(self.engine)
+        state = self.objective.backbone_state_dict(self.engine, main_only=True)  # rank 0 writes it
         path = None
         if self.dist.is_main:
             # A backbone without a classifier (self-supervised) is exported as one.

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "teacher": "pretrain.bench.teacher",
     "gpu": "pretrain.bench.gpu",
     "checksum": "pretrain.bench.checksum",
+    "memory": "pretrain.bench.memory",
 }
 
 

@@ -22,8 +22,8 @@ on load, so a resumed run continues exactly.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -31,14 +31,20 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from pretrain.dist import DistEnv
-from pretrain.engine import local_shard, refresh_gathered
+from pretrain.engine import local_shard, partitioned_shape, partitioned_numel, refresh_gathered
 
 
 class MomentumTeacher(nn.Module):
-    def __init__(self, students: dict[str, nn.Module], dist: DistEnv) -> None:
+    def __init__(self, students: dict[str, nn.Module], dist: DistEnv,
+                 builders: dict[str, Callable[[], nn.Module]]) -> None:
+        """``builders[name]()`` builds a module shaped like ``students[name]``: the teacher's copy.
+
+        A copy is built rather than deep-copied because a student built under ZeRO-3's
+        ``zero.Init`` is already partitioned: built in the same context, the copy is partitioned the
+        same way and takes the student's values partition by partition, never whole on a rank."""
         super().__init__()
         self.dist = dist
-        self.nets = nn.ModuleDict({name: copy.deepcopy(module) for name, module in students.items()})
+        self.nets = nn.ModuleDict({name: _copy_of(module, builders[name], dist) for name, module in students.items()})
         for module in self.nets.modules():
             if isinstance(module, DropPath):
                 module.drop_prob = 0.0  # the teacher never drops paths (MoBY's asymmetric drop path)
@@ -49,7 +55,7 @@ class MomentumTeacher(nn.Module):
         # Plain lists: the student's parameters must not be registered a second time.
         self._students = [s for s, _ in pairs]
         self._teachers = [t for _, t in pairs]
-        self._numels = [s.numel() for s in self._students]
+        self._numels = [partitioned_numel(s) for s in self._students]
         # Filled at the first update, from the teacher's weights as DeepSpeed holds them then: the
         # same values (cast once to the compute dtype) that it started the student's fp32 masters
         # from. ``ready`` says whether it holds a state (restored by a load, or made).
@@ -113,23 +119,29 @@ class MomentumTeacher(nn.Module):
         exchange = _FragmentExchange(self.master, states, fragments) if owned < self.master.numel() else None
         return _Views(states, masters, [t.data.view(-1) for t in self._teachers], list(per_param), exchange, None)
 
-    def full_master(self) -> list[torch.Tensor]:
-        """Every followed parameter's full fp32 teacher weights (a collective under ZeRO-3)."""
+    def full_master(self, main_only: bool = False) -> list[torch.Tensor | None]:
+        """Every followed parameter's full fp32 teacher weights (a collective under ZeRO-3, one
+        parameter at a time). ``main_only``: only the main rank keeps them (None elsewhere)."""
         shapes = [getattr(t, "ds_shape", t.shape) for t in self._teachers]
+        keep = self.dist.is_main or not main_only
         if not self._partitioned:
-            return [m.view(shape) for m, shape in zip(torch.split(self.master, self._numels), shapes)]
-        world = self.dist.world_size
-        gathered = torch.empty(world * self.master.numel(), dtype=self.master.dtype, device=self.master.device)
-        tdist.all_gather_into_tensor(gathered, self.master)
+            return [m.view(shape) if keep else None
+                    for m, shape in zip(torch.split(self.master, self._numels), shapes)]
+        world, out = self.dist.world_size, []
         sizes = [local_shard(t).numel() for t in self._teachers]
-        per_rank = [torch.split(part, sizes) for part in gathered.chunk(world)]
-        return [torch.cat([pieces[i] for pieces in per_rank])[:n].view(shape)
-                for i, (n, shape) in enumerate(zip(self._numels, shapes))]
+        for part, n, shape in zip(torch.split(self.master, sizes), self._numels, shapes):
+            whole = part.new_empty(world * part.numel())  # rank r's partition at r * size, padded at the end
+            tdist.all_gather_into_tensor(whole, part)
+            out.append(whole[:n].view(shape) if keep else None)
+        return out
 
-    def full_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, name: str, main_only: bool = False) -> dict[str, torch.Tensor]:
         """Teacher module ``name``'s state dict from the fp32 masters, on the CPU (a collective under
-        ZeRO-3; call on every rank after at least one update or load)."""
-        masters = {id(t): m for t, m in zip(self._teachers, self.full_master())}
+        ZeRO-3; call on every rank after at least one update or load). ``main_only``: the other
+        ranks get an empty dict and never hold the whole module."""
+        masters = {id(t): m for t, m in zip(self._teachers, self.full_master(main_only))}
+        if main_only and not self.dist.is_main:
+            return {}
         params = {n: masters[id(p)] for n, p in self.nets[name].named_parameters() if id(p) in masters}
         out = {}
         for key, value in self.nets[name].state_dict().items():
@@ -163,6 +175,23 @@ class MomentumTeacher(nn.Module):
     def _partitioned(self) -> bool:
         """ZeRO-3: ``master`` holds this rank's partitions, laid out as the teacher's."""
         return bool(self._teachers) and hasattr(self._teachers[0], "ds_tensor")
+
+
+def _copy_of(student: nn.Module, build: Callable[[], nn.Module], dist: DistEnv) -> nn.Module:
+    """A module built by ``build`` holding ``student``'s values (this rank's partitions under ZeRO-3)."""
+    devices = [dist.device] if dist.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the copy's own initialization leaves the run's streams alone
+        copy = build()
+    params, copied = list(student.parameters()), list(copy.parameters())
+    shapes = [tuple(partitioned_shape(p)) for p in params]
+    if shapes != [tuple(partitioned_shape(p)) for p in copied]:
+        raise ValueError(f"the teacher's builder made a module of another shape than the student's: {type(copy)}")
+    with torch.no_grad():
+        for s, t in zip(params, copied):
+            local_shard(t).copy_(local_shard(s))
+        for s, t in zip(student.buffers(), copy.buffers()):
+            t.copy_(s)
+    return copy
 
 
 def _drop_weights(module: MomentumTeacher, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -59,10 +59,11 @@ class Objective(nn.Module):
         """The timm model that is exported."""
         raise NotImplementedError
 
-    def backbone_state_dict(self, engine) -> dict[str, torch.Tensor]:
-        """The exported backbone's full fp32 weights on the CPU (a collective under ZeRO-3). Objectives
-        whose backbone is not trained by the optimizer (a momentum teacher) override this."""
-        return engine.full_fp32_state_dict(self.backbone())
+    def backbone_state_dict(self, engine, main_only: bool = False) -> dict[str, torch.Tensor]:
+        """The exported backbone's full fp32 weights on the CPU (a collective under ZeRO-3; with
+        ``main_only``, only the main rank gets them). Objectives whose backbone is not trained by
+        the optimizer (a momentum teacher) override this."""
+        return engine.full_fp32_state_dict(self.backbone(), main_only)
 
     def backbone_prefix(self) -> str:
         """The backbone's name inside this module's state dict (``backbone.`` for ``self.backbone``)."""
@@ -94,7 +95,8 @@ class Objective(nn.Module):
         patterns = [r for r in rules if r not in ("1d", "timm")]
         out = set()
         for name, param in self.named_parameters():
-            if ("1d" in rules and param.ndim <= 1) or name in listed or \
+            ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the shape aside
+            if ("1d" in rules and ndim <= 1) or name in listed or \
                     any(name.startswith(s + ".") for s in listed) or \
                     any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
                 out.add(name)

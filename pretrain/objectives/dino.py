@@ -115,10 +115,12 @@ class Objective(base.Objective):
     def __init__(self, cfg, ctx: base.RunContext) -> None:
         super().__init__(cfg, ctx)
         o = cfg.objective
-        self.student = nn.ModuleDict({"backbone": create_backbone(cfg.model, cfg.data.image_size, 0)})
-        self.student["head"] = DINOHead(self.student["backbone"].num_features, o.out_dim, o.hidden_dim,
-                                        o.bottleneck_dim, o.head_layers, o.norm_last_layer)
-        self.teacher = MomentumTeacher(dict(self.student.items()), ctx.dist)
+        backbone = create_backbone(cfg.model, cfg.data.image_size, 0)
+        builders = {"backbone": lambda: create_backbone(cfg.model, cfg.data.image_size, 0),
+                    "head": lambda: DINOHead(backbone.num_features, o.out_dim, o.hidden_dim, o.bottleneck_dim,
+                                             o.head_layers, o.norm_last_layer)}
+        self.student = nn.ModuleDict({"backbone": backbone, "head": builders["head"]()})
+        self.teacher = MomentumTeacher(dict(self.student.items()), ctx.dist, builders)
         self.register_buffer("center", torch.zeros(1, o.out_dim))
         photo = dict(jitter=o.jitter, grayscale=o.grayscale)
         self.photometric = (Photometric(**photo, blur=o.blur[0]),
@@ -231,7 +233,7 @@ class Objective(base.Objective):
             return self.teacher.nets["backbone"]
         return self.student["backbone"]
 
-    def backbone_state_dict(self, engine) -> dict[str, torch.Tensor]:
+    def backbone_state_dict(self, engine, main_only: bool = False) -> dict[str, torch.Tensor]:
         if self.cfg.objective.export == "teacher":
-            return self.teacher.full_state_dict("backbone")
-        return super().backbone_state_dict(engine)
+            return self.teacher.full_state_dict("backbone", main_only)
+        return super().backbone_state_dict(engine, main_only)

@@ -93,12 +93,14 @@ class Objective(base.Objective):
             raise ConfigError(f"objective.queue_size={o.queue_size}: must be a multiple of the global batch "
                               f"({cfg.data.batch_size} x {world} processes)")
         encoder = create_backbone(cfg.model, cfg.data.image_size, 0)
+        builders = {"encoder": lambda: create_backbone(cfg.model, cfg.data.image_size, 0),
+                    "projector": lambda: MoBYMLP(encoder.num_features, o.hidden_dim, o.proj_dim)}
         self.online = nn.ModuleDict({
             "encoder": encoder,
-            "projector": MoBYMLP(encoder.num_features, o.hidden_dim, o.proj_dim),
+            "projector": builders["projector"](),
             "predictor": MoBYMLP(o.proj_dim, o.hidden_dim, o.proj_dim)})
         self.target = MomentumTeacher({"encoder": self.online["encoder"], "projector": self.online["projector"]},
-                                      ctx.dist)
+                                      ctx.dist, builders)
         for name in ("queue1", "queue2"):
             self.register_buffer(name, F.normalize(torch.randn(o.proj_dim, o.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -161,7 +163,7 @@ class Objective(base.Objective):
     def backbone(self) -> nn.Module:
         return self.online["encoder"] if self.cfg.objective.export == "online" else self.target.nets["encoder"]
 
-    def backbone_state_dict(self, engine) -> dict[str, torch.Tensor]:
+    def backbone_state_dict(self, engine, main_only: bool = False) -> dict[str, torch.Tensor]:
         if self.cfg.objective.export == "target":
-            return self.target.full_state_dict("encoder")
-        return super().backbone_state_dict(engine)
+            return self.target.full_state_dict("encoder", main_only)
+        return super().backbone_state_dict(engine, main_only)

@@ -38,3 +38,19 @@ def test_gpu_benchmark_smoke_on_cpu():
     ratio = RATIO.search(lines[-1])
     assert ratio and lines[-1].endswith("(vitscale / bare timm images per second)"), lines[-1]
     assert float(ratio.group(1)) == pytest.approx(rows["vitscale synthetic"][0] / rows["bare timm"][0], rel=0.01)
+
+
+def test_memory_benchmark_measures_zero3_near_its_theory():
+    """ZeRO-3 on 2 processes: what the ranks hold is 16/N bytes per parameter, within the project's 10%
+    (DeepSpeed's buckets sized to the model; the small parameters it keeps whole on every rank and
+    the buckets are the rest)."""
+    out = run_module("pretrain.bench", "memory", "--model", "vit_small_patch16_224", "--kwargs", "{depth: 4}",
+                     "--zero", "3", timeout=300).stdout
+    row = re.search(r"^\s+3\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)", out, re.M)
+    assert row, out
+    theory, _, tensors, optimizer = map(float, row.groups())
+    assert theory == 8.0, out
+    assert optimizer == pytest.approx(6.0, abs=0.05), out  # fp32 masters and two moments, halved
+    ratio = RATIO.search(out.rstrip().splitlines()[-1])
+    assert ratio and 0.95 < float(ratio.group(1)) < 1.1 and float(ratio.group(1)) == pytest.approx(tensors / theory,
+                                                                                                    abs=0.002), out

@@ -90,3 +90,32 @@ def test_resolved_config_is_plain_yaml():
     cfg = load_config(None, ["data.synthetic=true", "train.steps=1"])
     dumped = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
     assert dumped["data"]["mean"] == list(cfg.data.mean)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["engine.offload=optimizer"], r"engine\.offload='optimizer': .*needs engine\.zero_stage 1, 2 or 3"),
+    (["engine.zero_stage=2", "engine.offload=all"], r"engine\.offload='all': .*needs engine\.zero_stage=3"),
+    (["engine.zero_stage=3", "engine.offload_path=/nvme"], r"engine\.offload_path='/nvme': .*set engine\.offload"),
+    (["engine.zero_stage=2", "engine.offload=optimizer", "engine.offload_path=/nvme"],
+     r"engine\.offload_path='/nvme': .*needs engine\.zero_stage=3"),
+    (["engine.zero_stage=3", "engine.offload=cpu"], r"engine\.offload='cpu': expected one of"),
+])
+def test_impossible_offload_combinations_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.synthetic=true", "train.steps=1", *overrides])
+
+
+def test_offload_becomes_deepspeeds_zero_offload_settings():
+    from pretrain.engine import deepspeed_config
+
+    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.zero_stage=3", "engine.offload=all",
+                             "engine.offload_path=/nvme"])
+    zero = deepspeed_config(cfg, world_size=2)["zero_optimization"]
+    assert zero["stage"] == 3
+    for key in ("offload_optimizer", "offload_param"):
+        assert zero[key]["device"] == "nvme" and zero[key]["nvme_path"] == "/nvme"
+    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.zero_stage=1", "engine.offload=optimizer"])
+    zero = deepspeed_config(cfg, world_size=2)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero
+    assert "offload_optimizer" not in deepspeed_config(load_config(None, ["data.synthetic=true", "train.steps=1"]),
+                                                       world_size=2)["zero_optimization"]

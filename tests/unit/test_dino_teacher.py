@@ -30,7 +30,7 @@ def student() -> nn.Module:
 
 def test_ema_state_dict_and_load():
     net = student()
-    teacher = MomentumTeacher({"net": net}, DistEnv())
+    teacher = MomentumTeacher({"net": net}, DistEnv(), {"net": student})
     expected = {k: v.clone() for k, v in net.state_dict().items()}
     for momentum in (0.5, 0.9):
         with torch.no_grad():
@@ -45,7 +45,7 @@ def test_ema_state_dict_and_load():
         assert torch.allclose(p, expected[k], atol=1e-7), k
     state = teacher.state_dict()
     assert not any(k.startswith("nets.") for k in state)  # the weights are ``master`` cast once
-    fresh = MomentumTeacher({"net": student()}, DistEnv())
+    fresh = MomentumTeacher({"net": student()}, DistEnv(), {"net": student})
     fresh.load_state_dict(state)
     assert torch.equal(fresh.master, teacher.master)
     for (k, a), b in zip(fresh.nets["net"].named_parameters(), teacher.nets["net"].parameters()):
