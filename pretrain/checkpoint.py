@@ -104,9 +104,10 @@ class Checkpoints:
         self.dist.barrier()
         return tag
 
-    def verify(self, tag: str, meta: dict) -> None:
+    def verify(self, tag: str, meta: dict) -> dict:
         """CheckpointError unless checkpoint ``tag`` is whole and was written by a run like this one
-        (``meta`` as this run would save it); reads only the meta data and file headers."""
+        (``meta`` as this run would save it); reads only the meta data and file headers. Returns the
+        checkpoint's meta data."""
         path = self.directory / tag
         meta = json.loads(json.dumps(meta))  # tuples as lists, as they were saved
         try:
@@ -128,6 +129,7 @@ class Checkpoints:
             listed = "; ".join(f"{k}: {theirs.get(k, 'absent')} vs {ours.get(k, 'absent')}" for k in differ[:5])
             raise CheckpointError(f"{path / META_NAME}: {len(differ)} parameters differ (checkpoint vs this run: "
                                   f"{listed}); use another run.dir or train.resume=false")
+        return saved
 
     def prune(self, keep: str) -> None:
         """Keep the newest ``keep_last`` checkpoints up to ``keep``; drop older ones and any newer
