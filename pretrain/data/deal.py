@@ -118,6 +118,7 @@ class Plan:
         self.total, self.seed = total, seed
         self.generations = list(generations)
         self._remaining: dict[tuple[int, int], np.ndarray] = {}
+        self._recent: dict[tuple[int, int, int], np.ndarray] = {}  # unconsumed(): neighbouring new slots share old ones
 
     @property
     def current(self) -> Generation:
@@ -189,6 +190,14 @@ class Plan:
     def unconsumed(self, epoch: int, slot: int, level: int) -> np.ndarray:
         """The positions of ``epoch`` that ``slot`` of generation ``level`` had not handed out when the
         next generation took over."""
+        key = (epoch, slot, level)
+        if key not in self._recent:
+            if len(self._recent) >= 8:
+                del self._recent[next(iter(self._recent))]
+            self._recent[key] = self._unconsumed(epoch, slot, level)
+        return self._recent[key]
+
+    def _unconsumed(self, epoch: int, slot: int, level: int) -> np.ndarray:
         mine = self.positions(epoch, slot, level)
         stop_epoch, handed = self.generations[level + 1].stopped[slot]
         if stop_epoch > epoch:
