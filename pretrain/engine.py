@@ -365,7 +365,8 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         log.info("converting %s for another number of processes (DeepSpeed universal checkpoint)", checkpoint)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
+            chatter = io.StringIO()  # its progress bars and prints
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 ds_to_universal.main(args)
             torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
             os.replace(out, target)
@@ -391,7 +392,7 @@ def merged_buffers(checkpoint: Path, module: nn.Module) -> dict[str, torch.Tenso
     names = {name for name, _ in module.named_buffers()}
     merged, parts = {}, {key: [] for key in owners}
     for index, file in enumerate(files):
-        saved = torch.load(file, map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own file
+        saved = torch.load(file, map_location="cpu", weights_only=True)["module"]
         if index == 0:
             merged = {k: v for k, v in saved.items() if k in names}
         for key in owners:

@@ -87,6 +87,26 @@ def make_plan(cfg: Config, world_size: int, train: shards.ShardSet | None) -> Pl
                 num_classes, samples)
 
 
+def check_resume(cfg: Config, world_size: int, train: shards.ShardSet | None) -> None:
+    """ConfigError, before any process starts, when run.dir's latest checkpoint cannot be taken up by
+    ``world_size`` processes: another number of readers needs per-shard sample counts to finish the
+    interrupted epoch exactly."""
+    directory = Path(cfg.run.dir) / "checkpoints"
+    try:
+        tag = (directory / "latest").read_text().strip()
+        saved = json.loads((directory / tag / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # a fresh run, or a fault the resume itself reports
+    before = (saved.get("world_size"), saved.get("data_workers"))
+    if not cfg.train.resume or before[0] is None or before == (world_size, cfg.data.workers):
+        return
+    if train is not None and train.counts is None and not cfg.data.resampled and not cfg.data.synthetic:
+        raise ConfigError(f"{directory / tag} was written by {before[0]} processes x {before[1]} data workers; "
+                          f"resuming it on {world_size} x {cfg.data.workers} needs per-shard sample counts "
+                          f"(shards written by pretrain.data.write, with index.json) to finish the interrupted "
+                          f"epoch exactly: resume on {before[0]} processes with data.workers={before[1]}")
+
+
 def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSet | None]:
     """The train and val shards; ShardError listing every missing local shard."""
     found = []
@@ -224,7 +244,8 @@ class Trainer:
                   for name, p in self.objective.named_parameters()}
         return {"objective": self.cfg.objective.name, "model": self.cfg.model.name,
                 "model_kwargs": self.cfg.model.kwargs, "image_size": self.cfg.data.image_size,
-                "parameters": shapes, "world_size": self.dist.world_size, "global_batch": self.plan.global_batch,
+                "parameters": shapes, "world_size": self.dist.world_size, "data_workers": self.cfg.data.workers,
+                "global_batch": self.plan.global_batch,
                 "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
 
     # -- the loop -----------------------------------------------------------------------------------
