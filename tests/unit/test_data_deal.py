@@ -160,3 +160,21 @@ def test_in21k_scale_every_sample_dealt_once():
     for slot in range(NEW_RANKS * WORKERS):  # and what the 768 ranks read of the rest
         seen[resumed.positions(3, slot)] += 1  # a reader's positions are distinct
     assert seen.min() == 1 and seen.max() == 1
+
+
+def test_resuming_elsewhere_without_shard_counts_is_refused_before_start(tmp_path):
+    from pretrain.config import ConfigError, load_config
+    from pretrain.data.shards import ShardSet
+    from pretrain.trainer import check_resume
+
+    checkpoint = tmp_path / "checkpoints" / "step_00000004"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000004")
+    (checkpoint / "meta.json").write_text('{"world_size": 2, "data_workers": 3}')
+    cfg = load_config(None, [f"run.dir={tmp_path}", "data.train=shards", "data.workers=3",
+                                "data.num_classes=3", "train.steps=10"])
+    uncounted, counted = ShardSet(["a.tar", "b.tar"]), ShardSet(["a.tar", "b.tar"], 10, None, [4, 6])
+    check_resume(cfg, 2, uncounted)  # the same size: the stream resumes exactly without counts
+    check_resume(cfg, 1, counted)
+    with pytest.raises(ConfigError, match="written by 2 processes x 3 data workers; resuming it on 1 x 3"):
+        check_resume(cfg, 1, uncounted)
