@@ -11,6 +11,7 @@ BENCHMARKS = {
     "views": "pretrain.bench.views",
     "teacher": "pretrain.bench.teacher",
     "gpu": "pretrain.bench.gpu",
+    "elastic": "pretrain.bench.elastic",
 }
 
 
