@@ -1,5 +1,5 @@
 """A run stopped mid-epoch on 2 processes goes on with 1 (DINO, ZeRO-3), and one stopped on 1 goes on
-with 2 (MoBY, ZeRO-2): every sample of the interrupted epoch is trained on exactly once, the weights,
+with 2 (MoBY, ZeRO-2 and ZeRO-3): every sample of the interrupted epoch is trained on exactly once, the weights,
 teacher and buffers come back re-sharded unchanged, the teacher then follows the EMA, the next epoch
 is the new size's ordinary one, and the losses follow an uninterrupted run on the new size."""
 
@@ -30,6 +30,7 @@ DINO = ["objective.name=dino", "engine.zero_stage=3", *TINY_VIT, "model.kwargs.d
         "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
 MOBY = ["objective.name=moby", "engine.zero_stage=2", *TINY_SWIN, "objective.proj_dim=16", "objective.hidden_dim=32",
         "objective.queue_size=48", "objective.momentum=0.9", "objective.export=target"]
+MOBY3 = [*MOBY, "engine.zero_stage=3", "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
 
 
 def torchrun(nproc: int, out: Path, jobs: list) -> None:
@@ -54,16 +55,17 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_resume_on_another_number_of_processes(tmp_path):
     shards = tmp_path / "shards"
     write_counted_shards(shards, COUNTS)
-    cases = {"dino": (2, 1, DINO), "moby": (1, 2, MOBY)}
+    cases = {"dino": (2, 1, DINO), "moby": (1, 2, MOBY), "moby3": (1, 2, MOBY3)}
 
     def job(kind: str, name: str, run: str, *extra: str) -> list:
         return [kind, name, [f"data.train={shards}", *COMMON, *cases[name][2], f"run.dir={tmp_path / run}", *extra]]
 
     torchrun(2, tmp_path, [job("stop", "dino", "dino-split", f"train.stop_at={STOP}"),
-                           job("whole", "moby", "moby-whole")])
+                           job("whole", "moby", "moby-whole"), job("whole", "moby3", "moby3-whole")])
     torchrun(1, tmp_path, [job("whole", "dino", "dino-whole"), job("resume", "dino", "dino-split"),
-                           job("stop", "moby", "moby-split", f"train.stop_at={STOP}")])
-    torchrun(2, tmp_path, [job("resume", "moby", "moby-split")])
+                           job("stop", "moby", "moby-split", f"train.stop_at={STOP}"),
+                           job("stop", "moby3", "moby3-split", f"train.stop_at={STOP}")])
+    torchrun(2, tmp_path, [job("resume", "moby", "moby-split"), job("resume", "moby3", "moby3-split")])
 
     every_key = {f"s{shard}-{i}" for shard, count in enumerate(COUNTS) for i in range(count)}
     steps_per_epoch = sum(COUNTS) // 8
