@@ -332,6 +332,8 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
     # DeepSpeed's universal load copies the first param group's settings into every group (ZeRO-3);
     # ours (lr scale, weight decay on or off, freezing) come from the config: keep them.
     groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    # The documented switch is the config's ``checkpoint: {load_universal: true}``, read at load time;
+    # set only for this load, since the engine is built before the run knows which checkpoint it resumes.
     ds._config.load_universal_checkpoint = True
     try:
         path, client_state = ds.load_checkpoint(str(universal.parent), tag=universal.name,
@@ -345,7 +347,8 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
     buffers = torch.load(universal / BUFFERS_FILE, map_location=engine.dist.device, weights_only=True)
     result = engine.module.load_state_dict(buffers, strict=False)
     if result.unexpected_keys:
-        raise RuntimeError(f"{universal / BUFFERS_FILE}: buffers this model does not have: {result.unexpected_keys[:5]}")
+        raise RuntimeError(f"{universal / BUFFERS_FILE}: buffers this model does not have: "
+                           f"{result.unexpected_keys[:5]}")
     return client_state
 
 

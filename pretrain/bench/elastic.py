@@ -1,8 +1,8 @@
 """python -m pretrain.bench elastic: what one rank computes for the epoch plan and an elastic resume, at
 ImageNet-21K's size by default (14.2M samples in 14,200 shards, 1,024 ranks x 10 workers -> 768 ranks).
 
-Rows, for one rank (time, then peak Python memory in a second run under tracemalloc): its readers' pieces of the epoch; which
-samples they had consumed at a mid-epoch resume position (their shuffle buffers replayed over
+Rows, for one rank (time, then peak Python memory in a second run under tracemalloc): its readers'
+pieces of the epoch; which samples they had consumed at a mid-epoch resume position (their shuffle buffers replayed over
 positions); after the resume on fewer ranks, its readers' pieces of the rest of the epoch. The baseline
 is the same resume worked out for every reader of the new run at once (what a rank would do that
 derived the whole deal); the candidate is one rank's share. Goal: under 1 s and 500 MB per rank.

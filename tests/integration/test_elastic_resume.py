@@ -20,17 +20,18 @@ pytestmark = pytest.mark.slow
 
 COUNTS = [9, 5, 7, 4, 8, 7]  # 40 samples: 5 steps of a global batch of 8 per epoch
 STEPS, STOP = 7, 2
-COMMON = ["run.threads=1", "train.progress=false", "data.workers=0", "data.image_size=32", "data.global_batch=8", "data.batch_size=4",
-          "data.shuffle_buffer=6", "data.num_classes=3", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
-          "train.log_every=1", "train.ckpt_every=0", "optim.lr=0.003", "engine.precision=fp32",
-          f"train.steps={STEPS}"]
+COMMON = ["run.threads=1", "train.progress=false", "data.workers=0", "data.image_size=32", "data.global_batch=8",
+          "data.batch_size=4", "data.shuffle_buffer=6", "data.num_classes=3", "data.mean=[0.5,0.5,0.5]",
+          "data.std=[0.5,0.5,0.5]", "train.log_every=1", "train.ckpt_every=0", "optim.lr=0.003",
+          "engine.precision=fp32", f"train.steps={STEPS}"]
 DINO = ["objective.name=dino", "engine.zero_stage=3", *TINY_VIT, "model.kwargs.dynamic_img_size=true",
         "objective.out_dim=64", "objective.hidden_dim=48", "objective.bottleneck_dim=16", "objective.local_crops=2",
         "objective.local_size=16", "objective.momentum=0.9", "objective.freeze_last_layer_epochs=0",
         "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
 MOBY = ["objective.name=moby", "engine.zero_stage=2", *TINY_SWIN, "objective.proj_dim=16", "objective.hidden_dim=32",
         "objective.queue_size=48", "objective.momentum=0.9", "objective.export=target"]
-MOBY3 = [*MOBY, "engine.zero_stage=3", "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
+MOBY3 = [*MOBY, "engine.zero_stage=3",
+         "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
 
 
 def torchrun(nproc: int, out: Path, jobs: list) -> None:
