@@ -7,8 +7,11 @@ import random
 import time
 import tracemalloc
 
+from collections import Counter
+
 import numpy as np
 import pytest
+import torch
 
 from pretrain.bench import elastic as bench
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, consumed, shuffle_rng
@@ -149,3 +152,45 @@ def test_resuming_elsewhere_without_shard_counts_is_refused_before_start(tmp_pat
     check_resume(cfg, 1, counted)
     with pytest.raises(ConfigError, match="written by 2 processes x 3 data workers; resuming it on 1 x 3"):
         check_resume(cfg, 1, uncounted)
+
+
+class KeyOnlyView:
+    decodes_itself = True  # nothing is decoded: only the keys matter here
+
+    def __call__(self, image):
+        return {"image": torch.zeros(1)}
+
+
+def test_loader_finishes_the_epoch_of_two_ranks_with_one_rank_and_two_workers(tmp_path):
+    """The stream itself (shards, shuffle buffers, DataLoader workers): 2 ranks x 1 worker read 2 batches
+    each; 1 rank x 2 workers read the rest of the epoch, every sample once, then an ordinary epoch."""
+    from itertools import islice
+
+    from pretrain.data.shards import resolve
+    from pretrain.data.stream import Loader, ShardDataset
+    from tests.unit.data_samples import write_counted_shards
+
+    counts = [9, 5, 7, 4, 8, 7]
+    write_counted_shards(tmp_path, counts)
+    source = resolve(str(tmp_path), "train")
+
+    def loader(rank: int, world: int, workers: int) -> Loader:
+        dataset = ShardDataset(source.urls, KeyOnlyView(), 4, rank=rank, world_size=world, seed=3, train=True,
+                               shuffle_buffer=6, counts=source.counts)
+        return Loader(dataset, workers)
+
+    before, states = [], []
+    for rank in range(2):
+        old = loader(rank, 2, 0)
+        before += [k for batch in islice(old, 2) for k in batch["__keys__"]]
+        states.append(old.state_dict())
+    new = loader(0, 1, 2)
+    new.resume_elsewhere(states)
+    batches = [batch["__keys__"] for batch in islice(new, 6 + 10)]
+    rest = [k for batch in batches[:6] for k in batch]  # 24 left: 12 per worker, 3 batches each
+    epoch = Counter(before + rest)
+    assert len(before) == 16 and set(epoch) == {f"s{s}-{i}" for s, n in enumerate(counts) for i in range(n)}
+    assert max(epoch.values()) == 1
+    fresh = loader(0, 1, 2)
+    fresh.positions = {0: (1, 0), 1: (1, 0)}  # an ordinary run of 1 rank x 2 workers at epoch 1
+    assert batches[6:] == [batch["__keys__"] for batch in islice(fresh, 10)]
