@@ -186,7 +186,8 @@ class Trainer:
     def state_dict(self) -> dict:
         """A collective: the data position of every rank goes into every rank's copy, so that a run
         on any number of processes can take it up (DeepSpeed keeps rank 0's copy below ZeRO-3)."""
-        data = (self.batches or self.train_loader).state_dict()
+        data = dict((self.batches or self.train_loader).state_dict())
+        plan = data.pop("plan", None)  # the same on every rank: kept once
         ranks = [data]
         if self.dist.world_size > 1:
             ranks = [None] * self.dist.world_size
@@ -194,7 +195,7 @@ class Trainer:
         return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
                             "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size,
                             "global_batch": self.plan.global_batch},
-                "data": {"ranks": ranks}}
+                "data": {"ranks": ranks, "plan": plan}}
 
     def load_state_dict(self, state: dict) -> None:
         trainer, data = state["trainer"], state["data"]
@@ -208,7 +209,7 @@ class Trainer:
                                       f"which kept one rank's data position: resume it on {saved_world} processes")
             self.train_loader.load_state_dict(data)
             return
-        ranks = data["ranks"]
+        ranks = [{**state, "plan": data.get("plan")} for state in data["ranks"]]
         if len(ranks) == self.dist.world_size and ranks[0]["workers"] == self.train_loader.workers:
             self.train_loader.load_state_dict(ranks[self.dist.rank])
             return

@@ -330,6 +330,7 @@ class Loader:
         self.positions: dict[int, tuple[int, int]] = {}
         self.skipped: Counter = Counter()
         self.plan: Plan | None = None  # after an elastic resume: who reads the rest of the interrupted epochs
+        self._plan_state: dict | None = None  # self.plan.to_dict(), made once (state_dict runs every batch)
 
     def __iter__(self) -> Iterator[dict]:
         roles = max(self.workers, 1)
@@ -364,7 +365,7 @@ class Loader:
         return {"consumed": self.consumed, "workers": self.workers, "seen": self.seen,
                 "positions": {int(k): list(v) for k, v in self.positions.items()},
                 "skipped": dict(self.skipped), "buffer": getattr(self.dataset, "shuffle_buffer", 0),
-                "plan": self.plan.to_dict() if self.plan is not None else None}
+                "plan": self._plan_state}
 
     def load_state_dict(self, state: dict) -> None:
         if state["workers"] != self.workers:
@@ -374,7 +375,10 @@ class Loader:
         self.seen = state.get("seen", 0)
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = Counter(state.get("skipped", {}))
-        self.plan = Plan.from_dict(state["plan"]) if state.get("plan") else None
+        self._set_plan(Plan.from_dict(state["plan"]) if state.get("plan") else None)
+
+    def _set_plan(self, plan: Plan | None) -> None:
+        self.plan, self._plan_state = plan, plan.to_dict() if plan is not None else None
 
     def resume_elsewhere(self, states: list[dict]) -> None:
         """Continue a stream that ``len(states)`` ranks (their :meth:`state_dict`, in rank order) read
@@ -390,8 +394,10 @@ class Loader:
         stopped = np.array([[*state["positions"].get(role, state["positions"].get(str(role), (first, 0)))]
                             for state in states for role in range(old_roles)], dtype=np.int64).reshape(-1, 2)
         roles = max(self.workers, 1)
-        if dataset.resampled:  # shards drawn with replacement: no epoch to finish; go on from the newest
-            self.plan, start = None, int(stopped[:, 0].max())
+        if not isinstance(dataset, ShardDataset) or dataset.resampled:
+            # synthetic batches, or shards drawn with replacement: no epoch to finish; go on from the newest
+            self._set_plan(None)
+            start = int(stopped[:, 0].max())
         else:
             if dataset.counts is None:
                 raise ValueError(f"the shards have no per-shard sample counts (an index.json written by "
@@ -401,7 +407,7 @@ class Loader:
             if old_plan is None:
                 old_plan = Plan(sum(dataset.counts), dataset.seed,
                                 [Generation(len(states), old_roles, states[0].get("buffer", dataset.shuffle_buffer))])
-            self.plan = old_plan.resumed(stopped, dataset.world_size, roles, dataset.shuffle_buffer)
+            self._set_plan(old_plan.resumed(stopped, dataset.world_size, roles, dataset.shuffle_buffer))
             start = self.plan.start_epoch()
         self.positions = {role: (start, 0) for role in range(roles)}
         self.consumed = 0
