@@ -46,7 +46,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     from pretrain.data.builtin import prepare
     from pretrain.engine import check_offload, check_precision
-    from pretrain.trainer import make_plan, resolve_sources
+    from pretrain.trainer import check_resume, make_plan, resolve_sources
 
     cfg = for_world_size(cfg, world_size)
     if not timm.is_model(cfg.model.name):
@@ -57,6 +57,7 @@ def preflight(cfg: Config, world_size: int) -> None:
         prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
     make_plan(cfg, world_size, train_set)
+    check_resume(cfg, world_size, train_set)
 
 
 def train(cfg: Config) -> str:

@@ -152,6 +152,10 @@ class Checkpoints:
                                f"{self.directory / 'latest'} still names the last complete checkpoint, "
                                f"{self.latest() or 'none'}")
 
+    def meta(self, tag: str) -> dict:
+        """The meta data checkpoint ``tag`` was saved with (read after :meth:`resumable` verified it)."""
+        return json.loads((self.directory / tag / META_NAME).read_text())
+
     def resumable(self, meta: dict, fallback: str | None = None) -> str | None:
         """The checkpoint to resume from, verified (a collective): the one ``latest`` names, or None
         for a fresh run. Only when that one is refused (or ``latest`` is unreadable or absent) and
@@ -181,10 +185,11 @@ class Checkpoints:
         self.dist.barrier()
         return fallback
 
-    def verify(self, tag: str, meta: dict) -> None:
+    def verify(self, tag: str, meta: dict) -> dict:
         """CheckpointError unless checkpoint ``tag`` was written by a run like this one (``meta`` as
         this run would save it) and every file is as it was written (size and sha256 against
-        ``meta.json``); nothing is loaded. A collective: the ranks share the hashing."""
+        ``meta.json``); nothing is loaded. A collective: the ranks share the hashing. Returns the
+        checkpoint's meta data."""
         path = self.directory / tag
         meta = json.loads(json.dumps(meta))  # tuples as lists, as they were saved
         try:
@@ -205,6 +210,7 @@ class Checkpoints:
         problem = verify_files(path, saved, self.dist)
         if problem:
             raise CheckpointError(f"{problem}; {self._alternatives(tag)}")
+        return saved
 
     def _alternatives(self, refused: str | None) -> str:
         """What a user can do about a refused checkpoint, naming the other complete ones."""

@@ -8,11 +8,17 @@ weights-only (:func:`weights_only_loading`): a file that would run code on load 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import pickle
+import re
+import shutil
+from argparse import Namespace
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import deepspeed
@@ -527,10 +533,16 @@ class Engine:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
         return list(self._written)
 
-    def load(self, directory: str, tag: str) -> dict:
-        """Load checkpoint ``tag`` weights-only; CheckpointError naming a file that would run code."""
+    def load(self, directory: str, tag: str, saved_world_size: int | None = None) -> dict:
+        """Load checkpoint ``tag`` weights-only (CheckpointError naming a file that would run code);
+        written by ``saved_world_size`` processes (None: by as many as now).
+
+        With ZeRO at another world size, DeepSpeed's universal checkpoint re-shards the weights and
+        the optimizer (see :func:`load_resharded`); its conversion reads weights-only too."""
         try:
             with weights_only_loading():
+                if saved_world_size not in (None, self.dist.world_size) and self.cfg.engine.zero_stage > 0:
+                    return load_resharded(self, Path(directory) / tag)
                 path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
         except pickle.UnpicklingError as e:  # a torch.load outside the checkpoint engine
             raise refused_file_error(os.path.join(directory, tag), e) from None
@@ -609,3 +621,98 @@ class Engine:
         for name, value in module.state_dict().items():
             state[name] = params[name] if name in params else value.detach().cpu().clone()
         return state
+
+
+# -- resuming at another world size ---------------------------------------------------------------------
+UNIVERSAL_DIR = "universal"  # inside a checkpoint: its DeepSpeed universal conversion
+BUFFERS_FILE = "buffers.pt"  # inside the conversion: the module's buffers, whole
+
+
+def load_resharded(engine: Engine, checkpoint: Path) -> dict:
+    """Load a ZeRO checkpoint written by another number of processes; returns its client state.
+
+    Weights and optimizer state go through DeepSpeed's universal checkpoint (``ds_to_universal``,
+    then ``load_checkpoint`` with ``checkpoint.load_universal``), converted once into
+    ``CHECKPOINT/universal``. That path loads no module buffers, so the buffers (a momentum
+    teacher's master, DINO's centre, MoBY's queues) come from ``buffers.pt``, written whole by the
+    conversion (:func:`merged_buffers`) and loaded by the module, which takes its own share.
+    """
+    universal = convert_to_universal(checkpoint, engine.module, engine.dist)
+    ds = engine.engine
+    # DeepSpeed's universal load copies the first param group's settings into every group (ZeRO-3);
+    # ours (lr scale, weight decay on or off, freezing) come from the config: keep them.
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    # The documented switch is the config's ``checkpoint: {load_universal: true}``, read at load time;
+    # set only for this load, since the engine is built before the run knows which checkpoint it resumes.
+    ds._config.load_universal_checkpoint = True
+    try:
+        path, client_state = ds.load_checkpoint(str(universal.parent), tag=universal.name,
+                                                load_lr_scheduler_states=False)
+    finally:
+        ds._config.load_universal_checkpoint = False
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    for group, saved in zip(engine.optimizer.param_groups, groups):
+        group.update(saved)
+    buffers = torch.load(universal / BUFFERS_FILE, map_location=engine.dist.device, weights_only=True)
+    result = engine.module.load_state_dict(buffers, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"{universal / BUFFERS_FILE}: buffers this model does not have: "
+                           f"{result.unexpected_keys[:5]}")
+    return client_state
+
+
+def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> Path:
+    """``CHECKPOINT/universal``, converted by rank 0 if it is not there yet (a collective).
+
+    Written under a temporary name and renamed when complete, so an interrupted conversion is
+    redone, never half-read."""
+    target = checkpoint / UNIVERSAL_DIR
+    if dist.is_main and not target.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        scratch = checkpoint / f".{UNIVERSAL_DIR}.tmp{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        out = scratch / UNIVERSAL_DIR
+        args = Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        log.info("converting %s for another number of processes (DeepSpeed universal checkpoint)", checkpoint)
+        try:
+            chatter = io.StringIO()  # its progress bars and prints
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                ds_to_universal.main(args)
+            torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
+            os.replace(out, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    dist.barrier()
+    return target
+
+
+def _rank_of(path: Path) -> int:
+    found = re.search(r"zero_pp_rank_(\d+)_", path.name)
+    return int(found.group(1)) if found else 0
+
+
+def merged_buffers(checkpoint: Path, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s buffers as saved in ``checkpoint``, whole: rank 0's copy, except buffers that
+    each rank saved its own part of (a ZeRO-3 momentum teacher's master), which the module that owns
+    them merges (``merge_partitions(name, parts)``, parts in rank order)."""
+    files = sorted(checkpoint.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"), key=_rank_of) or \
+        [checkpoint / "mp_rank_00_model_states.pt"]
+    owners = {f"{prefix}.{name}" if prefix else name: (m, name)
+              for prefix, m in module.named_modules() for name in getattr(m, "partitioned_buffers", ())}
+    names = {name for name, _ in module.named_buffers()}
+    merged, parts = {}, {key: [] for key in owners}
+    for index, file in enumerate(files):
+        saved = torch.load(file, map_location="cpu", weights_only=True)["module"]
+        if index == 0:
+            merged = {k: v for k, v in saved.items() if k in names}
+        for key in owners:
+            if key in saved:
+                parts[key].append(saved[key])
+        del saved
+    for key, (owner, name) in owners.items():
+        if parts[key]:
+            merged[key] = owner.merge_partitions(name, parts[key])
+    return merged

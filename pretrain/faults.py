@@ -1,5 +1,6 @@
-"""Test-only fault injection: a rank kills itself with SIGKILL at a named point of a run, or sends
-itself a signal (``VITSCALE_TEST_SIGNAL``, below) at the start of a step.
+"""Test-only hooks: fault injection (a rank kills itself with SIGKILL at a named point of a run, or sends
+itself a signal, ``VITSCALE_TEST_SIGNAL`` below, at the start of a step), and a record of the sample
+keys each rank trained on.
 
 ``VITSCALE_TEST_KILL`` holds ``POINT:RANK:STEP`` entries separated by commas, e.g.
 ``step:1:5`` (rank 1 dies as it starts step 5) or ``save-before-latest:0:4`` (rank 0 dies while
@@ -9,12 +10,14 @@ The points are listed in :data:`POINTS`. Unset, a hook costs one environment loo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 
 ENV = "VITSCALE_TEST_KILL"
 SIGNAL_ENV = "VITSCALE_TEST_SIGNAL"
+KEYS_ENV = "VITSCALE_TEST_KEYS"  # a directory: each rank appends its batches' sample keys to keys-RANK.jsonl
 POINTS = ("step",  # the start of a training step
           "save-before-write",  # in a save, before this rank writes any file
           "save-after-write",  # in a save, after this rank wrote its files, before the others are known done
@@ -48,3 +51,11 @@ def maybe_signal(rank: int, step: int) -> None:
         if (int(at_rank), int(at_step)) == (rank, step):
             print(f"[{SIGNAL_ENV}] rank {rank} sends itself SIG{name} at step {step}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.Signals[f"SIG{name}"])
+
+
+def record_keys(rank: int, keys) -> None:
+    """Append one consumed batch's sample keys to ``$VITSCALE_TEST_KEYS/keys-RANK.jsonl`` (when set)."""
+    directory = os.environ.get(KEYS_ENV)
+    if directory:
+        with open(os.path.join(directory, f"keys-{rank}.jsonl"), "a") as f:
+            f.write(json.dumps(list(keys)) + "\n")

@@ -20,10 +20,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
-from pretrain.checkpoint import Checkpoints, atomic_write, export_backbone
+from pretrain.checkpoint import CheckpointError, Checkpoints, atomic_write, export_backbone
 from pretrain.config import Config, ConfigError, save_config
 from pretrain.data import shards
 from pretrain.data.device_decode import DeviceDecodedView
@@ -86,6 +87,26 @@ def make_plan(cfg: Config, world_size: int, train: shards.ShardSet | None) -> Pl
                 num_classes, samples)
 
 
+def check_resume(cfg: Config, world_size: int, train: shards.ShardSet | None) -> None:
+    """ConfigError, before any process starts, when run.dir's latest checkpoint cannot be taken up by
+    ``world_size`` processes: another number of readers needs per-shard sample counts to finish the
+    interrupted epoch exactly."""
+    directory = Path(cfg.run.dir) / "checkpoints"
+    try:
+        tag = (directory / "latest").read_text().strip()
+        saved = json.loads((directory / tag / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # a fresh run, or a fault the resume itself reports
+    before = (saved.get("world_size"), saved.get("data_workers"))
+    if not cfg.train.resume or before[0] is None or before == (world_size, cfg.data.workers):
+        return
+    if train is not None and train.counts is None and not cfg.data.resampled and not cfg.data.synthetic:
+        raise ConfigError(f"{directory / tag} was written by {before[0]} processes x {before[1]} data workers; "
+                          f"resuming it on {world_size} x {cfg.data.workers} needs per-shard sample counts "
+                          f"(shards written by pretrain.data.write, with index.json) to finish the interrupted "
+                          f"epoch exactly: resume on {before[0]} processes with data.workers={before[1]}")
+
+
 def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSet | None]:
     """The train and val shards; ShardError listing every missing local shard."""
     found = []
@@ -131,6 +152,7 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.interrupted = False  # stopped on request before the end of this invocation
         self.window = _Window(dist.device)  # the loss and metrics since the last log line
+        self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
         # Fault injection for the tests: steps whose loss is made NaN (e.g. "3,4").
         self.inject_nan = {int(s) for s in os.environ.get("VITSCALE_TEST_NAN_STEPS", "").split(",") if s}
@@ -168,24 +190,44 @@ class Trainer:
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly; a collective (the partial logging window
-        is averaged over the ranks, so the first log line after a resume is the uninterrupted run's)."""
+        """Everything a resumed run needs to continue exactly; a collective: the partial logging window
+        is averaged over the ranks (the first log line after a resume is the uninterrupted run's), and
+        the data position of every rank goes into every rank's copy, so that a run on any number of
+        processes can take it up (DeepSpeed keeps rank 0's copy below ZeRO-3)."""
+        data = dict((self.batches or self.train_loader).state_dict())
+        plan = data.pop("plan", None)  # the same on every rank: kept once
+        ranks = [data]
+        if self.dist.world_size > 1:
+            ranks = [None] * self.dist.world_size
+            tdist.all_gather_object(ranks, data)
         return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
                             "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size,
-                            "log_window": self.window.state_dict(self.dist)},
-                "data": (self.batches or self.train_loader).state_dict()}
+                            "global_batch": self.plan.global_batch, "log_window": self.window.state_dict(self.dist)},
+                "data": {"ranks": ranks, "plan": plan}}
 
     def load_state_dict(self, state: dict) -> None:
-        trainer = state["trainer"]
-        if trainer["world_size"] != self.dist.world_size:
-            raise RuntimeError(f"the checkpoint was written by {trainer['world_size']} processes, this run has "
-                               f"{self.dist.world_size}: the data stream cannot continue exactly")
+        trainer, data = state["trainer"], state["data"]
+        saved_world = trainer["world_size"]
         self.step = trainer["step"]
         self.nonfinite_steps = trainer["nonfinite_steps"]
         self.overflow_steps = trainer.get("overflow_steps", 0)
         if "log_window" in trainer:
             self.window.load_state_dict(trainer["log_window"])
-        self.train_loader.load_state_dict(state["data"])
+        if "ranks" not in data:  # written before every rank's position was kept
+            if saved_world != self.dist.world_size:
+                raise CheckpointError(f"the checkpoint was written by {saved_world} processes by an older vitscale, "
+                                      f"which kept one rank's data position: resume it on {saved_world} processes")
+            self.train_loader.load_state_dict(data)
+            return
+        ranks = [{**state, "plan": data.get("plan")} for state in data["ranks"]]
+        if len(ranks) == self.dist.world_size and ranks[0]["workers"] == self.train_loader.workers:
+            self.train_loader.load_state_dict(ranks[self.dist.rank])
+            return
+        try:
+            self.train_loader.resume_elsewhere(ranks)
+        except ValueError as e:
+            raise CheckpointError(f"resuming on {self.dist.world_size} processes x {self.train_loader.workers} "
+                                  f"data workers: {e}") from None
 
     def request_stop(self) -> None:
         """Save and stop at the next step boundary (safe to call from a signal handler)."""
@@ -202,7 +244,9 @@ class Trainer:
         # Verified (meta data, every file's checksum) before anything is loaded.
         tag = self.checkpoints.resumable(self.checkpoint_meta(), fallback=self.cfg.train.resume_from)
         if tag is not None:
-            self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag))
+            saved = self.checkpoints.meta(tag)
+            self.resized = resize_note(saved, self.dist.world_size, self.plan)
+            self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag, saved.get("world_size")))
         return tag
 
     def save(self) -> str:
@@ -214,7 +258,9 @@ class Trainer:
                   for name, p in self.objective.named_parameters()}
         return {"objective": self.cfg.objective.name, "model": self.cfg.model.name,
                 "model_kwargs": self.cfg.model.kwargs, "image_size": self.cfg.data.image_size,
-                "parameters": shapes}
+                "parameters": shapes, "world_size": self.dist.world_size, "data_workers": self.cfg.data.workers,
+                "global_batch": self.plan.global_batch,
+                "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
 
     # -- the loop -----------------------------------------------------------------------------------
     def _seed_micro_step(self, step: int, micro: int) -> None:
@@ -239,10 +285,13 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            self._write_summary({"resumed_from": resumed, "state": "running", "step": self.step})
+            self._write_summary({"resumed_from": resumed, "state": "running", "step": self.step,
+                                 **self._resize_summary()})
         metrics = Metrics(self.run_dir, dist, self.step, plan.total_steps, cfg.train.progress)
         if resumed:
             metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
+        if self.resized:
+            metrics.write(self.resized["message"])
         last_saved = self.step if resumed else -1
         # Copied (and decoded) to the device ahead of the step that needs them.
         batches = self.batches = DeviceBatches(self.train_loader, dist.device)
@@ -316,7 +365,8 @@ class Trainer:
             metrics.close()
         skipped = dist.sum_counts(batches.skipped)  # a collective: before the rank-0 branch
         if dist.is_main:
-            self._write_summary({"resumed_from": resumed, "state": self.state, "step": self.step, "final": final,
+            self._write_summary({"resumed_from": resumed, "state": self.state, **self._resize_summary(),
+                                 "step": self.step, "final": final,
                                  "nonfinite_steps": self.nonfinite_steps, "fp16_overflow_steps": self.overflow_steps,
                                  "skipped_samples": skipped})
         return final
@@ -431,9 +481,32 @@ class Trainer:
         self.dist.barrier()
         return path
 
+    def _resize_summary(self) -> dict:
+        return {"resized": {k: v for k, v in self.resized.items() if k != "message"}} if self.resized else {}
+
     def _write_summary(self, extra: dict) -> None:
         summary = {**self.plan.__dict__, **extra}
         atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
+
+
+def resize_note(saved: dict, world_size: int, plan: Plan) -> dict | None:
+    """What changes when a checkpoint's run (its meta data: ``saved``) continues on ``world_size``
+    processes: None if nothing; else the numbers before and after and a message for the log."""
+    before = saved.get("world_size")
+    if before in (None, world_size):
+        return None
+    changes = {"world_size": [before, world_size]}
+    for key in ("global_batch", "peak_lr", "total_steps"):
+        if key in saved and saved[key] != getattr(plan, key):
+            changes[key] = [saved[key], getattr(plan, key)]
+    message = f"resuming a run written by {before} processes on {world_size}"
+    if "global_batch" in changes:
+        message += (f"; the global batch changes from {changes['global_batch'][0]} to {plan.global_batch} "
+                    f"(data.batch_size is per process; set data.global_batch to keep it)")
+        message += "".join(f", {k} {a:g} -> {b:g}" for k, (a, b) in changes.items() if k in ("peak_lr", "total_steps"))
+    else:
+        message += f"; the global batch stays {plan.global_batch}"
+    return {**changes, "message": message}
 
 
 class _Window:

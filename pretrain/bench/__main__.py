@@ -13,6 +13,7 @@ BENCHMARKS = {
     "gpu": "pretrain.bench.gpu",
     "checksum": "pretrain.bench.checksum",
     "memory": "pretrain.bench.memory",
+    "elastic": "pretrain.bench.elastic",
 }
 
 

@@ -11,6 +11,10 @@ How an epoch is split over the ``ranks x workers`` readers ("slots"):
 - without counts, whole shards go round-robin to the slots; with fewer shards than slots, every slot
   reads every shard and keeps every ``slots``-th sample.
 
+A run resumed on another number of ranks or workers continues its interrupted epoch with exactly
+the samples the old readers had not handed out, dealt over the new readers, then reads ordinary
+epochs (:mod:`pretrain.data.deal`).
+
 Training streams are endless (epoch after epoch), so every rank yields as many batches as the
 trainer asks for and none waits at an epoch's end; with counts, ranks also stay in step (their
 epochs differ by at most one sample). Validation streams are finite and see each sample once.
@@ -34,9 +38,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
 from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, ShardStalled, iter_tar_samples
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
+from pretrain.faults import record_keys
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +83,18 @@ def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage
     return image, label
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+_seed = seed_of
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples ``[start, stop)`` (in tar order) of one shard; ``stop=None``: to its end."""
+    """Samples ``[start, stop)`` (in tar order) of one shard; ``stop=None``: to its end; with
+    ``keep``, only those sample numbers of the range."""
 
     url: str
     start: int = 0
     stop: int | None = None
+    keep: frozenset | None = None
 
 
 def contiguous_share(urls: list[str], counts: list[int], slots: int, slot: int) -> list[Piece]:
@@ -100,6 +107,18 @@ def contiguous_share(urls: list[str], counts: list[int], slots: int, slot: int) 
         if lo < hi:
             pieces.append(Piece(url, lo - offset, hi - offset))
         offset += count
+    return pieces
+
+
+def pieces_at(urls: list[str], counts: list[int], positions: np.ndarray) -> list[Piece]:
+    """The samples at sorted ``positions`` of the shards (in this order) laid end to end."""
+    ends = np.cumsum(counts)
+    shard_of = np.searchsorted(ends, positions, side="right")
+    pieces = []
+    for shard in np.unique(shard_of):
+        local = positions[shard_of == shard] - (ends[shard] - counts[shard])
+        lo, hi = int(local[0]), int(local[-1]) + 1
+        pieces.append(Piece(urls[shard], lo, hi, None if hi - lo == len(local) else frozenset(local.tolist())))
     return pieces
 
 
@@ -130,6 +149,7 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.roles: list[int] = [0]
         self.start: dict[int, tuple[int, int]] = {}
+        self.plan: Plan | None = None  # set by an elastic resume: the rest of the interrupted epochs
         self.counters: Counter = Counter()  # skipped samples by reason, since the last batch
         self.seen = 0  # raw samples prepared since the last batch
 
@@ -153,6 +173,9 @@ class ShardDataset(IterableDataset):
         urls = [self.urls[i] for i in order]
         if self.counts is not None:
             counts = [self.counts[i] for i in order]
+            if self.deal(epoch):
+                yield from self._read(pieces_at(urls, counts, self.plan.positions(epoch, slot)), self.counters)
+                return
             yield from self._read(contiguous_share(urls, counts, slots, slot), self.counters)
         elif len(urls) >= slots:  # whole shards per slot: each worker reads only its own
             yield from self._read([Piece(u) for u in urls[slot::slots]], self.counters)
@@ -171,7 +194,7 @@ class ShardDataset(IterableDataset):
                 with closing(iter_tar_samples(piece.url, timeout=self.shard_timeout)) as samples:
                     for i, sample in enumerate(samples):
                         read = i + 1
-                        if i >= piece.start:
+                        if i >= piece.start and (piece.keep is None or i in piece.keep):
                             yield sample
                         if piece.stop is not None and read >= piece.stop:
                             break
@@ -193,19 +216,11 @@ class ShardDataset(IterableDataset):
                 log.warning("%s: no samples", piece.url)
 
     def shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buffer: list[dict] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+        return buffer_shuffle(samples, self.shuffle_buffer, rng)
+
+    def deal(self, epoch: int) -> int:
+        """0 for an ordinary epoch; else the plan's generation dealing out an interrupted epoch's rest."""
+        return self.plan.deal_of(epoch) if self.plan is not None and not self.resampled else 0
 
     # -- iteration ---------------------------------------------------------------------------------
 
@@ -218,7 +233,8 @@ class ShardDataset(IterableDataset):
         self.seen = 0
         batch: list[dict] = []
         while True:
-            rng = random.Random(_seed(self.seed, epoch, self.rank, role))
+            deal = self.deal(epoch)
+            rng = shuffle_rng(self.seed, epoch, self.rank, role, deal)
             read = 0
             for index, raw in enumerate(self.shuffled(self.raw_samples(epoch, role, workers), rng)):
                 read += 1
@@ -231,7 +247,7 @@ class ShardDataset(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self._collate(batch, role, (epoch, index + 1))
                     batch = []
-            if self.train and read == 0:  # an endless stream with nothing in it would spin forever
+            if self.train and read == 0 and not deal:  # an endless stream with nothing in it would spin forever
                 raise ShardError(f"rank {self.rank}, data worker {role}: no samples in epoch {epoch} from its share "
                                  f"of {len(self.urls)} shards ({dict(self.counters) or 'no problems counted'}); "
                                  f"are there fewer samples than ranks x data.workers, or are the shards empty?")
@@ -313,13 +329,17 @@ class Loader:
         self.seen = 0
         self.positions: dict[int, tuple[int, int]] = {}
         self.skipped: Counter = Counter()
+        self.plan: Plan | None = None  # after an elastic resume: who reads the rest of the interrupted epochs
+        self._plan_state: dict | None = None  # self.plan.to_dict(), made once (state_dict runs every batch)
 
     def __iter__(self) -> Iterator[dict]:
         roles = max(self.workers, 1)
         # The DataLoader serves its workers round-robin from worker 0; rotate roles so that the
         # next batch comes from the role an uninterrupted run would have used.
         self.dataset.roles = [(w + self.consumed) % roles for w in range(roles)]
-        self.dataset.start = dict(self.positions)
+        first = self.plan.start_epoch() if self.plan is not None else 0
+        self.dataset.start = {role: self.positions.get(role, (first, 0)) for role in range(roles)}
+        self.dataset.plan = self.plan
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                             pin_memory=self.pin_memory, persistent_workers=False)
         for batch in loader:
@@ -327,6 +347,7 @@ class Loader:
             self.skipped.update(batch.pop("__skipped__"))
             self.seen += batch.pop("__seen__")
             self.consumed += 1
+            record_keys(getattr(self.dataset, "rank", 0), batch.get("__keys__", ()))
             self._check_skip_rate()
             yield batch
 
@@ -343,7 +364,8 @@ class Loader:
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "workers": self.workers, "seen": self.seen,
                 "positions": {int(k): list(v) for k, v in self.positions.items()},
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "buffer": getattr(self.dataset, "shuffle_buffer", 0),
+                "plan": self._plan_state}
 
     def load_state_dict(self, state: dict) -> None:
         if state["workers"] != self.workers:
@@ -353,3 +375,43 @@ class Loader:
         self.seen = state.get("seen", 0)
         self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
         self.skipped = Counter(state.get("skipped", {}))
+        self._set_plan(Plan.from_dict(state["plan"]) if state.get("plan") else None)
+
+    def _set_plan(self, plan: Plan | None) -> None:
+        self.plan, self._plan_state = plan, plan.to_dict() if plan is not None else None
+
+    def resume_elsewhere(self, states: list[dict]) -> None:
+        """Continue a stream that ``len(states)`` ranks (their :meth:`state_dict`, in rank order) read
+        with another number of ranks or workers: the rest of the epochs they were in is dealt over
+        this run's readers, each sample once (:class:`~pretrain.data.deal.Plan`); then ordinary epochs.
+
+        ValueError when that cannot be worked out: shards without per-shard counts.
+        """
+        dataset = self.dataset
+        old_roles = max(states[0]["workers"], 1)
+        old_plan = Plan.from_dict(states[0]["plan"]) if states[0].get("plan") else None
+        first = old_plan.start_epoch() if old_plan is not None else 0
+        stopped = np.array([[*state["positions"].get(role, state["positions"].get(str(role), (first, 0)))]
+                            for state in states for role in range(old_roles)], dtype=np.int64).reshape(-1, 2)
+        roles = max(self.workers, 1)
+        if not isinstance(dataset, ShardDataset) or dataset.resampled:
+            # synthetic batches, or shards drawn with replacement: no epoch to finish; go on from the newest
+            self._set_plan(None)
+            start = int(stopped[:, 0].max())
+        else:
+            if dataset.counts is None:
+                raise ValueError(f"the shards have no per-shard sample counts (an index.json written by "
+                                 f"pretrain.data.write), so the rest of the interrupted epoch cannot be dealt "
+                                 f"exactly over {dataset.world_size} ranks x {roles} workers; resume it on "
+                                 f"{len(states)} ranks x {old_roles} workers")
+            if old_plan is None:
+                old_plan = Plan(sum(dataset.counts), dataset.seed,
+                                [Generation(len(states), old_roles, states[0].get("buffer", dataset.shuffle_buffer))])
+            self._set_plan(old_plan.resumed(stopped, dataset.world_size, roles, dataset.shuffle_buffer))
+            start = self.plan.start_epoch()
+        self.positions = {role: (start, 0) for role in range(roles)}
+        self.consumed = 0
+        # Counters are per rank: rank 0 carries the old ranks' totals, so that the run's sums stay right.
+        main = getattr(dataset, "rank", 0) == 0
+        self.seen = sum(state.get("seen", 0) for state in states) if main else 0
+        self.skipped = sum((Counter(state.get("skipped", {})) for state in states), Counter()) if main else Counter()

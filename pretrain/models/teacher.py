@@ -154,8 +154,36 @@ class MomentumTeacher(nn.Module):
         return out
 
     # -- checkpoints ----------------------------------------------------------------------------------
+    partitioned_buffers = ("master",)  # under ZeRO-3 each rank saves its own part (see merge_partitions)
+
+    def merge_partitions(self, name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The whole ``master`` from the ``master`` each rank saved, in rank order: ZeRO-3 partitions
+        (each rank's padded share of every followed parameter, in turn), or whole copies."""
+        assert name == "master"
+        world, total = len(parts), sum(self._numels)
+        if parts[0].numel() in (0, total):  # not started yet, or replicated (ZeRO-0/1/2)
+            return parts[0]
+        sizes = [-(-n // world) for n in self._numels]
+        if any(p.numel() != sum(sizes) for p in parts):
+            raise RuntimeError(f"teacher partitions of {[p.numel() for p in parts]} elements do not split "
+                               f"{total} followed weights over {world} ranks")
+        per_rank = [torch.split(p, sizes) for p in parts]
+        return torch.cat([torch.cat([pieces[i] for pieces in per_rank])[:n] for i, n in enumerate(self._numels)])
+
+    def _own_partition(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-3 partition of a whole ``master`` (zero-padded like DeepSpeed's)."""
+        rank, out = self.dist.rank, []
+        for t, piece in zip(self._teachers, torch.split(whole, self._numels)):
+            size = local_shard(t).numel()
+            mine = piece[rank * size:(rank + 1) * size]
+            out.append(torch.cat([mine, mine.new_zeros(size - len(mine))]))
+        return torch.cat(out) if out else whole
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "master")
+        if saved is not None and self._partitioned and self.dist.world_size > 1 and \
+                saved.numel() == sum(self._numels) != sum(local_shard(t).numel() for t in self._teachers):
+            saved = state_dict[prefix + "master"] = self._own_partition(saved)  # whole, re-sharded on resume
         if saved is not None and saved.shape != self.master.shape:
             self.master = torch.empty_like(saved, device=self.master.device)  # a ZeRO-3 partition
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

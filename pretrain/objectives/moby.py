@@ -155,6 +155,19 @@ class Objective(base.Objective):
         self.queue2[:, ptr:ptr + n] = keys[1].T.to(self.queue2.dtype)
         self.queue_ptr.fill_((ptr + n) % self.queue1.shape[1])
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # The queues hold every rank's keys, so they need no re-sharding on a resume with another
+        # number of processes; but when the global batch changed, the write position may no longer
+        # be a multiple of it. Rolling the queues puts the oldest keys first (the loss is the same:
+        # the negatives are a set) and the write position at 0.
+        per_step = self.cfg.data.batch_size * self.ctx.dist.world_size
+        ptr = int(self.queue_ptr)
+        if ptr % per_step:
+            for queue in (self.queue1, self.queue2):
+                queue.copy_(torch.roll(queue, -ptr, dims=1))
+            self.queue_ptr.zero_()
+
     def after_step(self, step: int, engine) -> None:
         self.target.update(self.momentum(step), engine)
         self.watch.check(step, low={"embedding_std": self.cfg.objective.collapse_std,

@@ -13,6 +13,8 @@ RATIO = re.compile(r"^ratio (\d+\.\d+) \(", re.M)
     ("step", ["--model", "vit_tiny_patch16_224", "--image-size", "32", "--steps", "3", "--warmup", "2",
               "--repeats", "1", "--threads", "1"]),
     ("views", ["--images", "4", "--rounds", "1", "--local-crops", "2"]),
+    ("elastic", ["--samples", "20000", "--shards", "200", "--ranks", "16", "--new-ranks", "12", "--workers", "2",
+                 "--shuffle-buffer", "50"]),
 ])
 def test_benchmark_prints_a_table_and_a_positive_ratio(name, args):
     out = run_module("pretrain.bench", name, *args, timeout=300).stdout
