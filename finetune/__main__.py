@@ -8,7 +8,6 @@ several with ``python -m launch local --nproc N -- finetune STAGE CONFIG ...``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.data.shards import ShardError
 
-STAGE_MODULES = {"full": "finetune.full", "linear": "finetune.linear", "knn": "finetune.knn"}
+from finetune.reference import STAGE_MODULES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,12 +78,13 @@ def run(stage: str, cfg):
     """Run ``stage`` in this process (one rank of a distributed run, or alone)."""
     import torch
 
+    from finetune.reference import run_with_reference
     from pretrain.dist import init_distributed, leave_process_group
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dist = init_distributed()
-    result = importlib.import_module(STAGE_MODULES[stage]).run(cfg, dist)
+    result = run_with_reference(stage, cfg, dist)
     leave_process_group()
     return result
 

@@ -9,6 +9,7 @@ evaluated beside them. The trainer subclass only keeps the best validation check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -91,7 +92,10 @@ class FinetuneTrainer(Trainer):
         return result
 
 
-def run(cfg: FullConfig, dist: DistEnv) -> dict:
+def run(cfg: FullConfig, dist: DistEnv, random_init: bool = False) -> dict:
+    """``random_init``: the same recipe and model without the pre-trained weights."""
+    if random_init:
+        cfg = dataclasses.replace(cfg, pretrained=None)
     trainer = FinetuneTrainer(cfg, dist)
     trainer.stop_on_signal()
     result = trainer.fit()
