@@ -8,7 +8,6 @@ several with ``python -m launch local --nproc N -- finetune STAGE CONFIG ...``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -21,7 +20,7 @@ from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE
 
-STAGE_MODULES = {"full": "finetune.full", "linear": "finetune.linear", "knn": "finetune.knn"}
+from finetune.reference import STAGE_MODULES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,12 +79,13 @@ def run(stage: str, cfg):
     """Run ``stage`` in this process (one rank of a distributed run, or alone); what its ``run`` returns."""
     import torch
 
+    from finetune.reference import run_with_reference
     from pretrain.dist import init_distributed, leave_process_group
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dist = init_distributed()
-    result = importlib.import_module(STAGE_MODULES[stage]).run(cfg, dist)
+    result = run_with_reference(stage, cfg, dist)
     leave_process_group()
     return result
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
             preflight(args.stage, cfg, 1)
-        if run(args.stage, cfg) == "stopped":  # full fine-tuning saved and stopped on a signal
+        if run(args.stage, cfg).get("state") == "stopped":  # full fine-tuning saved and stopped on a signal
             return STOPPED_EXIT_CODE
     except (ConfigError, ShardError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,6 +49,7 @@ class FinetuneSection:
 @dataclass
 class FullConfig(Config):
     pretrained: str | None = None  # export, run dir, DeepSpeed checkpoint or weights file; None: random init
+    reference: bool = False  # also run from random init, fit raw pixels, and print both beside the result
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
     def validate(self) -> None:
@@ -121,6 +122,7 @@ class ProbeConfig:
 
     pretrained: str | None = None
     checkpoint_key: str | None = None
+    reference: bool = False  # also probe the same model at random init and raw pixels, printed beside it
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # used when the weights do not name their model
     data: DataConfig = field(default_factory=DataConfig)

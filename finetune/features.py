@@ -88,10 +88,13 @@ class FeatureExtractor(nn.Module):
         return {name: torch.cat(p, dim=1).float() for name, p in zip(self.variant_names, parts)}
 
 
-def fingerprint(cfg: ProbeConfig, model_name: str, variants: list[str]) -> str:
+def fingerprint(cfg: ProbeConfig, model_name: str, variants: list[str], random_init: bool = False) -> str:
     """What the cached features depend on; a change in any of it computes them again."""
-    source = Path(cfg.pretrained).expanduser().resolve()
-    stamp = [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(_weight_files(source))]
+    if random_init:
+        stamp = f"random init, seed {cfg.run.seed}"
+    else:
+        source = Path(cfg.pretrained).expanduser().resolve()
+        stamp = [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(_weight_files(source))]
     d, f = cfg.data, cfg.features
     described = {"weights": stamp, "key": cfg.checkpoint_key, "model": model_name, "variants": variants,
                  "image_size": d.image_size, "crop_pct": f.crop_pct, "interpolation": f.interpolation,
@@ -175,10 +178,12 @@ def resolve_splits(cfg: ProbeConfig) -> dict[str, shards.ShardSet]:
     return {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
 
 
-def cached_features(cfg: ProbeConfig, dist: DistEnv, splits: tuple[str, ...] = ("train", "val")
+def cached_features(cfg: ProbeConfig, dist: DistEnv, splits: tuple[str, ...] = ("train", "val"),
+                    random_init: bool = False
                     ) -> tuple[dict[str, Features], FeatureExtractor, dict[str, shards.ShardSet], int]:
     """({split: this rank's features}, the extractor, the splits' shards, number of classes),
-    computing what is not cached."""
+    computing what is not cached. ``random_init``: the model ``pretrained`` describes, with its
+    initial weights for ``run.seed`` instead of the stored ones (the reference a probe is read against)."""
     from finetune import weights
     from pretrain.models.backbone import create_backbone
 
@@ -187,13 +192,19 @@ def cached_features(cfg: ProbeConfig, dist: DistEnv, splits: tuple[str, ...] = (
     num_classes = cfg.data.num_classes or len(shard_sets["train"].classes or [])
     if not num_classes:
         raise ValueError("data.num_classes is required when the shards have no index naming the classes")
+    if random_init:
+        torch.manual_seed(cfg.run.seed)  # the same weights on every rank
     model = create_backbone(model_cfg, cfg.data.image_size, num_classes)
-    pretrained = weights.load_into(model, cfg.pretrained, cfg.checkpoint_key, head="new")
-    if dist.is_main:
-        log.info("features from %s (%s), model %s", pretrained.source, pretrained.layout, model_cfg.name)
+    if random_init:
+        if dist.is_main:
+            log.info("features of %s at random init (seed %d)", model_cfg.name, cfg.run.seed)
+    else:
+        pretrained = weights.load_into(model, cfg.pretrained, cfg.checkpoint_key, head="new")
+        if dist.is_main:
+            log.info("features from %s (%s), model %s", pretrained.source, pretrained.layout, model_cfg.name)
     extractor = FeatureExtractor(model, cfg.features).to(dist.device)
     cache = FeatureCache(cfg.features.cache or Path(cfg.run.dir) / "features", dist,
-                         fingerprint(cfg, model_cfg.name, extractor.variant_names))
+                         fingerprint(cfg, model_cfg.name, extractor.variant_names, random_init))
     dtype = getattr(torch, cfg.features.dtype)
     out = {}
     for split in splits:

@@ -9,6 +9,7 @@ evaluated beside them. The trainer subclass only keeps the best validation check
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -97,8 +98,12 @@ class FinetuneTrainer(Trainer):
         return result
 
 
-def run(cfg: FullConfig, dist: DistEnv) -> str:
-    """Fine-tune; how the run ended (Trainer.state: ``stopped`` makes the process exit STOPPED_EXIT_CODE)."""
+def run(cfg: FullConfig, dist: DistEnv, random_init: bool = False) -> dict:
+    """Fine-tune; the final validation metrics, and under ``state`` how the run ended (Trainer.state:
+    ``stopped`` makes the process exit STOPPED_EXIT_CODE). ``random_init``: the same recipe and model
+    without the pre-trained weights."""
+    if random_init:
+        cfg = dataclasses.replace(cfg, pretrained=None)
     trainer = FinetuneTrainer(cfg, dist)
     trainer.stop_on_signal()
     result = trainer.fit()
@@ -106,4 +111,4 @@ def run(cfg: FullConfig, dist: DistEnv) -> str:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         print(f"fine-tuned: {shown}\n  run dir: {cfg.run.dir}\n  best: {trainer.best_dir} "
               f"(val/top1 {trainer.best_top1:.4f})\n  export: {Path(cfg.run.dir) / 'export'}")
-    return trainer.state
+    return {**result, "state": trainer.state}

@@ -94,11 +94,11 @@ def accuracy(ranked: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"top1": 100.0 * hits[:, 0].sum().item() / n, "top5": 100.0 * hits.any(dim=1).sum().item() / n}
 
 
-def run(cfg: KnnConfig, dist: DistEnv) -> dict:
+def run(cfg: KnnConfig, dist: DistEnv, random_init: bool = False) -> dict:
     from finetune.features import cached_features
     from finetune.linear import write_report
 
-    features, extractor, _, num_classes = cached_features(cfg, dist)
+    features, extractor, _, num_classes = cached_features(cfg, dist, random_init=random_init)
     test_labels = gather_rows(features["val"].labels.to(dist.device), dist).cpu()
     heads = {}
     for variant in extractor.variant_names:

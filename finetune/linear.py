@@ -195,12 +195,13 @@ def write_report(report: dict, run_dir: str | Path, stage: str) -> Path:
     return path
 
 
-def run(cfg: LinearConfig, dist: DistEnv) -> dict:
+def run(cfg: LinearConfig, dist: DistEnv, random_init: bool = False) -> dict:
     from finetune.features import cached_features
 
     s = cfg.linear
     if s.augment:  # only the validation features are cached; training crops are new every step
-        features, extractor, shard_sets, num_classes = cached_features(cfg, dist, splits=("val",))
+        features, extractor, shard_sets, num_classes = cached_features(cfg, dist, splits=("val",),
+                                                                       random_init=random_init)
         samples = shard_sets["train"].samples or cfg.data.train_samples
         if not samples:
             raise ConfigError("linear.augment needs the number of training samples: shards with an index, "
@@ -211,7 +212,7 @@ def run(cfg: LinearConfig, dist: DistEnv) -> dict:
                         cfg.run.seed)
         result = report(grid, features["val"], s, dist, total)
     else:
-        features, _, _, num_classes = cached_features(cfg, dist)
+        features, _, _, num_classes = cached_features(cfg, dist, random_init=random_init)
         result = train_heads(features["train"], features["val"], num_classes, s, dist, cfg.run.seed)
     result["pretrained"] = cfg.pretrained
     if dist.is_main:

@@ -98,15 +98,17 @@ def probe_demo(cfg: Config) -> None:
     import torch
 
     from pretrain.models.backbone import create_backbone
-    from pretrain.probe import load_export, probe_accuracy
+    from pretrain.probe import load_export, probe_accuracy, raw_pixel_accuracy
 
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     size, mean, std = cfg.data.image_size, cfg.data.mean, cfg.data.std
     trained = probe_accuracy(load_export(Path(cfg.run.dir) / "export"), cfg.data.train, size, mean, std)
     torch.manual_seed(cfg.run.seed)  # the initial weights of the run
     initial = probe_accuracy(create_backbone(cfg.model, size, 0), cfg.data.train, size, mean, std)
+    pixels = raw_pixel_accuracy(cfg.data.train, size)
     print(f"linear probe on frozen features (logistic regression, digits validation split):\n"
-          f"  {cfg.objective.name} pre-trained  {trained:.1%}\n  random init      {initial:.1%}")
+          f"  {cfg.objective.name} pre-trained  {trained:.1%}\n  random init      {initial:.1%}\n"
+          f"  raw pixels       {pixels:.1%} (the same logistic regression on the {size}x{size} images, no backbone)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,8 @@ def test_demo_runs_from_an_empty_home_and_directory(tmp_path):
     probe = re.search(r"pre-trained\s+([\d.]+)%\s+random init\s+([\d.]+)%", result.stdout)
     assert probe, result.stdout[-2000:]
     pretrained, initial = map(float, probe.groups())
+    pixels = re.search(r"random init\s+[\d.]+%\s+raw pixels\s+([\d.]+)%", result.stdout)
+    assert pixels and float(pixels.group(1)) > 90, result.stdout[-2000:]  # the digits' raw-pixel reference
     # DINO's learning check (the issue's "clearly above random init"): points of accuracy on the
     # digits' validation split; the demo's recipe gives about 65% against 50%.
     assert pretrained > initial + 10, result.stdout[-2000:]
