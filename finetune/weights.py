@@ -134,6 +134,9 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     ZeRO-0 model states load with weights_only; for ZeRO-1-3 partitions DeepSpeed's own reader unpickles,
     so only consolidate checkpoints that vitscale (or DeepSpeed) wrote.
     """
+    from pretrain.engine import import_deepspeed
+
+    import_deepspeed()  # quietly, on DeepSpeed's CPU accelerator without a GPU
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = directory / (tag or (directory / "latest").read_text().strip())

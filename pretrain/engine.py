@@ -11,15 +11,36 @@ import logging
 import os
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.nn as nn
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
 
 log = logging.getLogger(__name__)
+
+
+class _WithoutAcceleratorChoice(logging.Filter):
+    """Drops DeepSpeed's own lines about which accelerator it picked ("Setting accelerator to CPU
+    ... unable to detect it"): ``init_distributed`` says which device and backend the run uses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "get_accelerator"
+
+
+def import_deepspeed():
+    """DeepSpeed, imported on first use, so that commands which do not train (``--help``,
+    ``--print-config``, config errors) never load it. Without a GPU it is told to use its CPU
+    accelerator, as ``init_distributed`` does (gloo), instead of guessing aloud."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The filter sits on DeepSpeed's logger before DeepSpeed configures it (it keeps filters).
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _WithoutAcceleratorChoice) for f in deepspeed_log.filters):
+        deepspeed_log.addFilter(_WithoutAcceleratorChoice())
+    import deepspeed
+
+    return deepspeed
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 def check_precision(precision: str) -> None:
     """ConfigError unless this machine's accelerator can train in ``precision``."""
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -155,7 +177,7 @@ class Engine:
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", 1.0)
         self.ds_config = deepspeed_config(cfg, dist.world_size)
-        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
+        self.engine, *_ = import_deepspeed().initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
                                                dist_init_required=False)
         self.module = self.engine.module
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
@@ -244,6 +266,7 @@ class Engine:
         """
         rank = self.dist.rank
         flat_masters = self._flat_fp32_masters()
+        safe_get_local_fp32_param = import_deepspeed().utils.safe_get_local_fp32_param
         out = []
         for p in params:
             if hasattr(p, "ds_id"):
@@ -290,6 +313,7 @@ class Engine:
         """
         params = {}
         flat_masters = self._flat_fp32_masters()  # mixed precision without ZeRO
+        safe_get_full_fp32_param = import_deepspeed().utils.safe_get_full_fp32_param
         for name, p in module.named_parameters():
             full = safe_get_full_fp32_param(p)
             if full is None and id(p) in flat_masters:
