@@ -76,8 +76,10 @@ def test_linear_probe_matches_logistic_regression(digits_features):
     only = Features({variant: train.variants[variant]}, train.labels)
     report = train_heads(only, Features({variant: val.variants[variant]}, val.labels), 10, section, DistEnv())
     assert expected > 30  # a real signal to match (chance is 10)
+    # Two solvers of one convex problem (mini-batch SGD here, L-BFGS there) part only on samples near
+    # the decision boundary: 2 points is 7 of the 359; a broken head misses by tens.
     for name, result in report["heads"].items():
-        assert abs(result["top1"] - expected) <= 1.0, (name, result, expected)
+        assert abs(result["top1"] - expected) <= 2.0, (name, result, expected)
     assert report["best"] in report["heads"] and report["val_samples"] == len(val)
 
 
