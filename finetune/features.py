@@ -175,7 +175,9 @@ def _dim(extractor: FeatureExtractor, name: str) -> int:
 
 
 def resolve_splits(cfg: ProbeConfig) -> dict[str, shards.ShardSet]:
-    return {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
+    found = {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
+    shards.check_train_and_val(found["train"], found["val"], cfg.data.train, cfg.data.val)
+    return found
 
 
 def cached_features(cfg: ProbeConfig, dist: DistEnv, splits: tuple[str, ...] = ("train", "val"),

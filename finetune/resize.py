@@ -36,10 +36,26 @@ def adapt(state: dict[str, torch.Tensor], model: nn.Module,
         state = dict(state)
         if relpos_interpolation == "bicubic":
             state = _bicubic_relpos_tables(state, model)  # then timm's filter finds them fitting and keeps them
-        return swin_filter(state, model)
+        return _adapt_swin(state, model)
     if isinstance(model, VisionTransformer):
         return _adapt_vit(state, model)
     return dict(state)
+
+
+# timm before 1.0.31 tells the official layout from its own by the absence of "head.fc.weight", so
+# it renamed the stages of a headless timm state dict (a DINO or MoBY backbone); newer timm looks for
+# the official layout's first-stage downsample, as here. A stand-in classifier key keeps older timm
+# from renaming a timm-layout dict; it is dropped again.
+_TIMM_LAYOUT_MARKER = "head.fc.weight"
+
+
+def _adapt_swin(state: dict[str, torch.Tensor], model: SwinTransformer) -> dict[str, torch.Tensor]:
+    official = "layers.0.downsample.reduction.weight" in state
+    if official or _TIMM_LAYOUT_MARKER in state:
+        return swin_filter(dict(state), model)
+    out = swin_filter({**state, _TIMM_LAYOUT_MARKER: torch.empty(0)}, model)
+    del out[_TIMM_LAYOUT_MARKER]
+    return out
 
 
 def _adapt_vit(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:

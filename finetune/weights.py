@@ -136,6 +136,9 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     file is read weights-only (DeepSpeed's own reader included), with only the few DeepSpeed classes
     its states hold allowed: a file that would unpickle anything else is refused, naming it.
     """
+    from pretrain.engine import import_deepspeed
+
+    import_deepspeed()  # quietly, on DeepSpeed's CPU accelerator without a GPU
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from pretrain.engine import weights_only_loading

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from pretrain import CONFIGS
 from pretrain.config import ConfigError, apply_overrides, build, dump_config, load_config, read_recipe
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "launch"
+PROFILES_DIR = CONFIGS / "launch"
 STAGE_PACKAGES = ("pretrain", "finetune")
 
 

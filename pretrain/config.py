@@ -21,6 +21,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pretrain import recipe_path
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -267,8 +269,9 @@ def _plain(value: Any) -> Any:
 
 
 def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
-    """A recipe file as a plain dict, with its ``base`` chain merged underneath it."""
-    path = Path(path).expanduser().resolve()
+    """A recipe file as a plain dict, with its ``base`` chain merged underneath it. A missing
+    ``configs/...`` path names a recipe shipped with vitscale."""
+    path = recipe_path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to this file")
     try:

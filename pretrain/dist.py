@@ -5,6 +5,7 @@ Nothing here is global: callers hold a :class:`DistEnv` and pass it on.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
 
         tdist.init_process_group(backend, rank=rank, world_size=world_size,
                                  timeout=datetime.timedelta(seconds=timeout_s))
+        if rank == 0:
+            where = "GPUs (CUDA)" if device.type == "cuda" else "the CPU (no GPU found; DeepSpeed's CPU accelerator)"
+            log.info("%d process%s on %s, %s backend", world_size, "es" * (world_size > 1), where, backend)
     return DistEnv(rank, world_size, local_rank, device)
 
 

@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import deepspeed
 import torch
 import torch.nn as nn
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch.overrides import TorchFunctionMode
 
 from pretrain.checkpoint import CheckpointError
@@ -33,6 +30,29 @@ from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
 
 log = logging.getLogger(__name__)
+
+
+class _WithoutAcceleratorChoice(logging.Filter):
+    """Drops DeepSpeed's own lines about which accelerator it picked ("Setting accelerator to CPU
+    ... unable to detect it"): ``init_distributed`` says which device and backend the run uses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "get_accelerator"
+
+
+def import_deepspeed():
+    """DeepSpeed, imported on first use, so that commands which do not train (``--help``,
+    ``--print-config``, config errors) never load it. Without a GPU it is told to use its CPU
+    accelerator, as ``init_distributed`` does (gloo), instead of guessing aloud."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # The filter sits on DeepSpeed's logger before DeepSpeed configures it (it keeps filters).
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _WithoutAcceleratorChoice) for f in deepspeed_log.filters):
+        deepspeed_log.addFilter(_WithoutAcceleratorChoice())
+    import deepspeed
+
+    return deepspeed
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ def build_module(make: Callable[[], nn.Module], cfg: Config, dist: DistEnv) -> n
         return make()
     # DeepSpeed's communication layer on the process group that is already up (its config reads the
     # world size from it); deepspeed.initialize does the same later.
+    deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dist.world_size), dtype=torch.float32), \
             _InPlaceOnWholeParameters():
@@ -127,8 +148,11 @@ class _InPlaceOnWholeParameters(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         in_place = name == "__setitem__" or (name.endswith("_") and not name.startswith("_")
                                              and name not in self.NOT_DATA)
-        if not (in_place and isinstance(target, nn.Parameter)
-                and getattr(target, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE):
+        if not (in_place and isinstance(target, nn.Parameter) and hasattr(target, "ds_status")):
+            return func(*args, **kwargs)
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if target.ds_status != ZeroParamStatus.NOT_AVAILABLE:
             return func(*args, **kwargs)
         target.all_gather()
         try:
@@ -175,6 +199,7 @@ def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torc
     if cfg.engine.offload == "none":
         return SkippableAdamW(param_groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                               fused=(dist.device.type == "cuda") or None)
+    import_deepspeed()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     class SkippableCPUAdam(SkipAndFreeze, DeepSpeedCPUAdam):
@@ -190,6 +215,7 @@ def offload_config(cfg: Config) -> dict:
     if e.offload == "none":
         return {}
     target = {"device": "nvme", "nvme_path": e.offload_path} if e.offload_path else {"device": "cpu"}
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     # Page-locked host buffers speed up the copies to and from an accelerator; a CPU has none to make.
@@ -290,6 +316,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
 
 def check_precision(precision: str) -> None:
     """ConfigError unless this machine's accelerator can train in ``precision``."""
+    import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
@@ -304,6 +331,7 @@ def check_offload(cfg: Config) -> None:
     DeepSpeed writes through its async_io op, which needs libaio to build."""
     if cfg.engine.offload_path is None:
         return
+    import_deepspeed()
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
@@ -353,8 +381,8 @@ class Engine:
         # 0.744x torch's. That step is skipped like any other.
         self.optimizer.skip = True
         try:
-            self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=self.ds_config,
-                                                   dist_init_required=False)
+            self.engine, *_ = import_deepspeed().initialize(model=module, optimizer=self.optimizer,
+                                                            config=self.ds_config, dist_init_required=False)
         finally:
             self.optimizer.skip = False
         self.module = self.engine.module
@@ -471,7 +499,7 @@ class Engine:
             if coef < 1 and grad is not None:
                 grad.mul_(coef)
                 if hasattr(p, "ds_id"):  # ZeRO-3 hands out an fp32 copy of a lower-precision partition
-                    safe_set_local_grad(p, grad)
+                    import_deepspeed().utils.safe_set_local_grad(p, grad)
         return float(norms.pow(2).sum().sqrt())
 
     def _local_grads(self, params: list[nn.Parameter]) -> tuple[list[torch.Tensor | None], bool]:
@@ -484,6 +512,7 @@ class Engine:
         to the rank's part of the flat fp32 master weights (its ``_hp_mapping``; None when another
         rank owns all of it). Otherwise (no ZeRO: a torch optimizer, or DeepSpeed's fp16/bf16
         optimizers that copy ``param.grad`` at their step): ``param.grad``, whole on every rank."""
+        safe_get_local_grad = import_deepspeed().utils.safe_get_local_grad
         grads, replicated = [], True
         for p in params:
             if hasattr(p, "ds_id"):
@@ -559,6 +588,7 @@ class Engine:
         """
         rank = self.dist.rank
         flat_masters = self._flat_fp32_masters()
+        safe_get_local_fp32_param = import_deepspeed().utils.safe_get_local_fp32_param
         out = []
         for p in params:
             if hasattr(p, "ds_id"):
@@ -608,6 +638,7 @@ class Engine:
         params = {}
         keep = self.dist.is_main or not main_only
         flat_masters = self._flat_fp32_masters()  # mixed precision without ZeRO
+        safe_get_full_fp32_param = import_deepspeed().utils.safe_get_full_fp32_param
         for name, p in module.named_parameters():
             full = safe_get_full_fp32_param(p)
             if not keep:

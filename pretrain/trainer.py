@@ -121,6 +121,7 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
             raise shards.ShardError(f"data.{split}: {len(missing)} of {len(shard_set.urls)} shards are missing "
                                     f"or unreadable:\n  {listed}")
         found.append(shard_set)
+    shards.check_train_and_val(found[0], found[1], cfg.data.train, cfg.data.val)
     return found[0], found[1]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import select
 import signal
@@ -24,6 +25,8 @@ import braceexpand
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vitscale-shards/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+log = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
@@ -43,7 +46,8 @@ def is_local(url: str) -> bool:
 
 
 def resolve(source: str | list[str], split: str) -> ShardSet:
-    """The shards a source names; for a writer directory, those of ``split`` (``train`` or ``val``)."""
+    """The shards a source names; for a writer directory, those of ``split`` (``train`` or ``val``),
+    or of its only split (a validation folder written on its own)."""
     if isinstance(source, str) and is_local(source) and Path(source).expanduser().is_dir():
         return read_index(Path(source).expanduser(), split)
     items = [source] if isinstance(source, str) else list(source)
@@ -64,14 +68,35 @@ def read_index(directory: Path, split: str) -> ShardSet:
         raise ShardError(f"{path}: unreadable index: {e}") from None
     if index.get("format") != INDEX_FORMAT:
         raise ShardError(f"{path}: format {index.get('format')!r} is not {INDEX_FORMAT!r}")
-    entry = index.get("splits", {}).get(split)
-    if not entry or not entry["shards"]:
+    written = {name: entry for name, entry in index.get("splits", {}).items() if entry.get("shards")}
+    if split not in written and len(written) == 1:
+        (only,) = written
+        log.info("%s has one split, %r: reading it as the %s set", directory, only, split)
+        split = only
+    entry = written.get(split)
+    if not entry:
         raise ShardError(f"{path}: no {split!r} split (has: {sorted(index.get('splits', {}))})")
     shards = entry["shards"]
     return ShardSet(urls=[str(directory / s["name"]) for s in shards],
                     samples=sum(s["samples"] for s in shards),
                     classes=index.get("classes"),
                     counts=[s["samples"] for s in shards])
+
+
+def check_train_and_val(train: ShardSet | None, val: ShardSet | None, train_source, val_source) -> None:
+    """ShardError unless both indexes number the classes alike (a val set written apart from its
+    train set gets its class numbers from its own folders), and unless a writer directory with one
+    split serves as both (its only split would be read as val too)."""
+    if train is None or val is None:
+        return
+    if train.classes is not None and val.classes is not None and train.classes != val.classes:
+        differ = sorted(set(train.classes) ^ set(val.classes))
+        detail = f"classes only in one of them: {differ[:5]}" if differ else "the same classes in another order"
+        raise ShardError(f"data.val={val_source!r} numbers its {len(val.classes)} classes differently from "
+                         f"data.train={train_source!r} ({len(train.classes)} classes; {detail})")
+    if val.classes is not None and set(train.urls) == set(val.urls):
+        raise ShardError(f"data.val={val_source!r} reads the very shards of data.train: write a val split "
+                         f"(--val-fraction, or --split val from a separate folder)")
 
 
 def write_index(directory: Path, classes: list[str], splits: dict[str, list[dict]], extra: dict = None) -> None:

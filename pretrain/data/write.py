@@ -234,12 +234,15 @@ def _done(out: Path, name: str) -> dict | None:
 def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_shard: int | None = 1000,
                  shard_bytes: int | None = None, val_fraction: float = 0.0, seed: int = 0,
                  max_side: int | None = None, workers: int = 0, problems: list[dict] | None = None,
-                 progress: bool = False, pool=None) -> dict:
+                 progress: bool = False, pool=None, split: str = "train") -> dict:
     """Shuffle ``items`` with ``seed``, hold out ``val_fraction``, write both splits, the index and
     the report. Finished shards of an earlier run with the same inputs and options are kept.
+    ``split`` names what is not held out: ``val`` writes a separate validation set (ImageNet's val/).
 
     Returns ``{"splits": {split: [{name, samples}, ...]}, "skipped": [...], "written": n, "kept": n}``.
     """
+    if split not in ("train", "val") or (split == "val" and val_fraction):
+        raise WriteError(f"split={split!r}: must be 'train', or 'val' without a held-out fraction")
     items = list(items)
     random.Random(seed).shuffle(items)
     n_val = int(round(len(items) * val_fraction))
@@ -247,6 +250,8 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
     options = {"per_shard": per_shard, "shard_bytes": shard_bytes, "val_fraction": val_fraction, "seed": seed,
                "max_side": max_side, "classes": classes}
+    if split != "train":  # only then, so that earlier writes keep their fingerprint and resume
+        options["split"] = split
     plan_path = out / PROGRESS_DIR / "plan.json"
     fingerprint = _fingerprint(items, options)
     if plan_path.exists() and json.loads(plan_path.read_text())["fingerprint"] != fingerprint:
@@ -255,10 +260,12 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
     _atomic_write(plan_path, json.dumps({"fingerprint": fingerprint, "options": options}).encode())
 
     jobs, split_names = [], {}
-    for split, part in (("train", items[n_val:]), ("val", items[:n_val])):
+    parts = [(split, items[n_val:])] + ([("val", items[:n_val])] if split == "train" else [])
+    for name, part in parts:
         shards = plan_shards(part, per_shard, shard_bytes)
-        split_names[split] = [f"{split}-{i:06d}.tar" for i in range(len(shards))]
-        jobs += [ShardJob(str(out), name, shard, classes, max_side) for name, shard in zip(split_names[split], shards)]
+        split_names[name] = [f"{name}-{i:06d}.tar" for i in range(len(shards))]
+        jobs += [ShardJob(str(out), shard_name, shard, classes, max_side)
+                 for shard_name, shard in zip(split_names[name], shards)]
     records = {}
     for job in jobs:
         record = _done(out, job.name)
@@ -345,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes listing and writing in parallel (default: all cores)")
     parser.add_argument("--max-side", type=_positive_int, help="re-encode images whose longer side exceeds this")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="share of images held out as val (default 0)")
+    parser.add_argument("--split", choices=["train", "val"], default="train",
+                        help="the split the images become (default train); --split val writes a separate "
+                             "validation folder, such as ImageNet's val/, into its own directory")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -352,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.src} is not a directory")
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    if args.split == "val" and args.val_fraction:
+        parser.error("--split val writes every image as val: leave out --val-fraction")
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be at least 1")
     per_shard = None if args.shard_bytes else (args.per_shard or 1000)
@@ -362,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(items)} images in {len(classes)} classes", file=sys.stderr)
         result = write_shards(items, classes, args.out, per_shard=per_shard, shard_bytes=args.shard_bytes,
                               val_fraction=args.val_fraction, seed=args.seed, max_side=args.max_side,
-                              problems=problems, progress=not args.no_progress, pool=pool)
+                              problems=problems, progress=not args.no_progress, pool=pool, split=args.split)
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

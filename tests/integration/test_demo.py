@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from packaging.version import Version
+
 from tests.conftest import REPO, python_env
 
 
@@ -17,11 +19,25 @@ def readme_commands() -> list[str]:
 
 
 def test_ci_runs_exactly_the_readme_test_command():
+    """Twice, each in a fresh environment: the newest dependencies, then the lowest pyproject allows."""
     demo, tests = readme_commands()[:2]
     ci_lines = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
-    assert tests in ci_lines
-    assert "rm -rf .venv" in ci_lines[ci_lines.index(tests) - 1]  # a fresh virtual environment each time
+    runs = [i for i, line in enumerate(ci_lines) if line == tests]
+    assert len(runs) == 2
+    assert all("rm -rf .venv" in ci_lines[i - 1] for i in runs)  # a fresh virtual environment each time
+    constrained = [i for i, line in enumerate(ci_lines) if "PIP_CONSTRAINT" in line and "constraints-lowest.txt" in line]
+    assert constrained and runs[0] < constrained[0] < runs[1]
     assert demo.endswith(".venv/bin/python -m pretrain")
+
+
+def test_the_lowest_set_is_what_pyproject_allows():
+    """The constraints CI tests pin exactly the lower bounds pyproject.toml declares."""
+    pins = dict(line.split("==") for line in (REPO / ".ci/constraints-lowest.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    declared = re.findall(r'"([a-z-]+)>=([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    bounds = {name: Version(version) for name, version in declared if name in pins}
+    assert set(pins) == {"torch", "torchvision", "timm", "deepspeed"}
+    assert bounds == {name: Version(version) for name, version in pins.items()}
 
 
 def test_demo_runs_from_an_empty_home_and_directory(tmp_path):

@@ -101,8 +101,8 @@ def test_export_loads_into_timm_and_matches_deepspeeds_consolidation(runs):
     meta = json.loads((run_dir / "export" / "backbone.json").read_text())
     weights = run_dir / "export" / meta["weights"]
     # num_classes in the overlay: otherwise timm takes the file for one with the hub's 1000-class head
-    # and keeps a random head.
-    overlay = dict(file=str(weights), num_classes=meta["kwargs"]["num_classes"])
+    # and keeps a random head; custom_load=False, or timm 1.0.15 reads it as the hub's .npz.
+    overlay = dict(file=str(weights), num_classes=meta["kwargs"]["num_classes"], custom_load=False)
     model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"]).eval()
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000010")
     from_checkpoint = {k.removeprefix("model."): v for k, v in consolidated.items()}

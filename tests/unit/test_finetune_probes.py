@@ -76,8 +76,10 @@ def test_linear_probe_matches_logistic_regression(digits_features):
     only = Features({variant: train.variants[variant]}, train.labels)
     report = train_heads(only, Features({variant: val.variants[variant]}, val.labels), 10, section, DistEnv())
     assert expected > 30  # a real signal to match (chance is 10)
+    # Two solvers of one convex problem (mini-batch SGD here, L-BFGS there) part only on samples near
+    # the decision boundary: 2 points is 7 of the 359; a broken head misses by tens.
     for name, result in report["heads"].items():
-        assert abs(result["top1"] - expected) <= 1.0, (name, result, expected)
+        assert abs(result["top1"] - expected) <= 2.0, (name, result, expected)
     assert report["best"] in report["heads"] and report["val_samples"] == len(val)
 
 
@@ -106,26 +108,43 @@ def test_augmented_crops_train_the_grid(digits_dir, extractor, digits_features):
     assert result["best_top1"] > 15, result  # chance is 10 (about 1.6 points of noise on 359 samples)
 
 
-def dino_knn(train_x, train_y, test_x, k, temperature, num_classes):
-    """Nearest neighbours by scikit-learn, then DINO's weighting of their votes (float64 numpy)."""
-    neighbours = NearestNeighbors(n_neighbors=k, metric="cosine").fit(train_x)
+def dino_knn(train_x, train_y, test_x, k, temperature, num_classes, rounding=1e-5):
+    """Nearest neighbours by scikit-learn, then DINO's weighting of their votes (float64 numpy).
+
+    Returns (votes, slack): the class votes, and per row how far a float32 computation may move
+    the votes of two classes apart: a relative ``rounding`` of the winning vote, plus the weights
+    of the neighbours whose similarity is within ``rounding`` of the k-th (float32 may rank them
+    either side of the cut)."""
+    neighbours = NearestNeighbors(n_neighbors=k + 5, metric="cosine").fit(train_x)
     distances, index = neighbours.kneighbors(test_x)
-    weights = np.exp((1.0 - distances) / temperature)
+    sims = 1.0 - distances
+    weights = np.exp(sims / temperature)
     votes = np.zeros((len(test_x), num_classes))
     for row in range(len(test_x)):
-        np.add.at(votes[row], train_y[index[row]], weights[row])
-    return votes.argmax(axis=1)
+        np.add.at(votes[row], train_y[index[row, :k]], weights[row, :k])
+    at_the_cut = np.abs(sims - sims[:, k - 1:k]) <= rounding
+    slack = rounding * votes.max(axis=1) + 2 * (weights * at_the_cut).sum(axis=1)
+    return votes, slack
 
 
 def test_knn_matches_nearest_neighbors_with_dino_weighting(digits_features):
     train, val = digits_features
     variant = "cls2_avg"
     ranked = classify(train, val, variant, 10, [10, 20, 100], 0.07, DistEnv(), chunk=100)
+    labels = val.labels.numpy()
     for k in (10, 20, 100):
-        expected = dino_knn(train.variants[variant].double().numpy(), train.labels.numpy(),
-                            val.variants[variant].double().numpy(), k, 0.07, 10)
-        assert np.array_equal(ranked[k][:, 0].numpy(), expected), k
-        assert accuracy(ranked[k], val.labels)["top1"] == pytest.approx(100.0 * (expected == val.labels.numpy()).mean())
+        votes, slack = dino_knn(train.variants[variant].double().numpy(), train.labels.numpy(),
+                                val.variants[variant].double().numpy(), k, 0.07, 10)
+        chosen, best = ranked[k][:, 0].numpy(), votes.argmax(axis=1)
+        # float32 against float64: a different winner only where the two votes are equal up to rounding.
+        rows = np.arange(len(votes))
+        shortfall = votes[rows, best] - votes[rows, chosen]
+        flipped = np.flatnonzero(chosen != best)
+        assert (shortfall[flipped] <= slack[flipped]).all(), (k, flipped, shortfall[flipped], slack[flipped])
+        assert len(flipped) <= 2, (k, flipped)  # near-ties are rare; more means a real disagreement
+        top1 = accuracy(ranked[k], val.labels)["top1"]
+        assert top1 == pytest.approx(100.0 * (chosen == labels).mean())
+        assert abs(top1 - 100.0 * (best == labels).mean()) <= 100.0 * len(flipped) / len(labels) + 1e-9
     assert accuracy(ranked[20], val.labels)["top1"] > 30
 
 

@@ -9,6 +9,7 @@ import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 from finetune import weights
+from finetune.resize import adapt
 
 VIT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 10}
 SWIN = {"patch_size": 2, "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "num_classes": 10}
@@ -61,7 +62,8 @@ def test_swin_matches_checkpoint_filter_fn_on_a_raw_checkpoint(tmp_path):
     torch.save({"model": state}, tmp_path / "swin.pth")
     large = timm.create_model("swin_tiny_patch4_window7_224", img_size=48, window_size=6, **SWIN).eval()
     reference = copy.deepcopy(large)
-    reference.load_state_dict(checkpoint_filter_fn({"model": state}, reference))
+    # The state dict itself: timm before 1.0.31 looks for the timm layout's classifier before it unwraps "model".
+    reference.load_state_dict(checkpoint_filter_fn(state, reference))
     weights.load_into(large, tmp_path / "swin.pth", head="keep")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(large.state_dict()[key], value, msg=key)
@@ -87,3 +89,14 @@ def test_swin_bicubic_relpos_tables_as_the_official_code(tmp_path):
         torch.testing.assert_close(bicubic.state_dict()[name], official, msg=name)
         assert (geometric.state_dict()[name] - official).abs().max() > 1e-3, name
     assert torch.isfinite(bicubic(torch.randn(2, 3, 48, 48))).all()
+
+
+def test_a_headless_swin_keeps_its_layout():
+    """A Swin backbone without classifier (DINO, MoBY) in timm's layout: resized, stages not renamed."""
+    torch.manual_seed(0)
+    headless = {**SWIN, "num_classes": 0}
+    small = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=4, **headless)
+    large = timm.create_model("swin_tiny_patch4_window7_224", img_size=48, window_size=6, **headless)
+    adapted = adapt(small.state_dict(), large)
+    assert "head.fc.weight" not in adapted and "layers.1.downsample.reduction.weight" in adapted
+    large.load_state_dict(adapted)  # strict: every key where the model has it
