@@ -354,6 +354,17 @@ def compile_backbone(module: nn.Module) -> None:
     target.compile(dynamic=False)
 
 
+def keep_buffer_dtypes(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Floating buffers back in the dtype (and with the values) they had before ``deepspeed.initialize``.
+    DeepSpeed before 0.19 casts them to bf16/fp16 with the parameters, 0.19 leaves them alone; the
+    older cast would round a momentum teacher's fp32 masters (and batch-norm statistics) to bf16."""
+    for name, buffer in module.named_buffers():
+        original = before.get(name)
+        if original is not None and buffer.dtype != original.dtype:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, original.to(buffer.device))
+
+
 def cast_attention_masks(module: nn.Module, dtype: torch.dtype) -> None:
     """Swin's shifted-window masks (float ``attn_mask`` buffers) in the parameters' dtype. DeepSpeed
     (0.18 on) casts parameters to bf16/fp16 but leaves buffers in fp32, so the relative-position bias
@@ -380,12 +391,14 @@ class Engine:
         # zero gradients at start-up: Adam's step count would be one ahead and its first real update
         # 0.744x torch's. That step is skipped like any other.
         self.optimizer.skip = True
+        buffers = {name: b for name, b in module.named_buffers() if b.is_floating_point()}
         try:
             self.engine, *_ = import_deepspeed().initialize(model=module, optimizer=self.optimizer,
                                                             config=self.ds_config, dist_init_required=False)
         finally:
             self.optimizer.skip = False
         self.module = self.engine.module
+        keep_buffer_dtypes(self.module, buffers)
         if cfg.engine.precision != "fp32":
             cast_attention_masks(self.module, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
         self._unclipped_norm: float | None = None
