@@ -34,7 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, ShardStalled, iter_tar_samples
+from pretrain.data.shards import (BAD_HEADER, EMPTY, IMAGE_EXTENSIONS, NOT_A_TAR, ShardError, ShardStalled,
+                                  iter_tar_samples)
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
 
@@ -176,7 +177,9 @@ class ShardDataset(IterableDataset):
                         if piece.stop is not None and read >= piece.stop:
                             break
             except tarfile.ReadError as e:
-                reason = {"empty file": "empty_shard", "not a tar file": "unreadable_shard"}.get(str(e), "truncated_shard")
+                reason = {EMPTY: "empty_shard", NOT_A_TAR: "unreadable_shard"}.get(str(e), "truncated_shard")
+                if str(e).startswith(BAD_HEADER):
+                    reason = "corrupt_shard"
                 counters[reason] += 1
                 log.warning("%s: %s (%d samples read)", piece.url, e, read)
                 continue

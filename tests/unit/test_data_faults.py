@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import tarfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
+from pretrain.data import check
 from pretrain.data.stream import Loader, ShardDataset, SkipRateError
 from tests.unit.data_samples import write_counted_shards
 
@@ -47,6 +50,29 @@ def test_shards_deleted_or_cut_short_during_an_epoch_are_skipped_and_counted(tmp
     assert 0 < len(from_cut) < 6 and from_cut == [f"s2-{i}" for i in range(len(from_cut))]  # kept up to the cut
     assert dict(loader.skipped) == {"unreadable_shard": 1, "truncated_shard": 1}
     assert urls[1] in caplog.text and urls[2] in caplog.text
+
+
+def corrupt_header_checksum(url: str, member: int) -> None:
+    """Write non-digits into the checksum field of the tar header of the ``member``-th file."""
+    with tarfile.open(url) as tar:
+        offset = tar.getmembers()[member].offset
+    data = bytearray(Path(url).read_bytes())
+    data[offset + 148:offset + 150] = b"\xff\xfe"
+    Path(url).write_bytes(bytes(data))
+
+
+def test_a_corrupt_tar_header_is_a_corrupt_shard_skipped_counted_and_named(tmp_path, caplog, capsys):
+    urls = write_counted_shards(tmp_path, [4, 4])
+    corrupt_header_checksum(urls[1], 4)  # the third sample's image (two files a sample)
+    loader = Loader(stream(urls), 0)
+    with caplog.at_level(logging.WARNING):
+        read = keys(loader)
+    # Kept up to the bad header (s1-1, whose files precede it, is held until a next key proves it whole).
+    assert read == [f"s0-{i}" for i in range(4)] + ["s1-0"]
+    assert dict(loader.skipped) == {"corrupt_shard": 1}
+    assert f"{urls[1]}: bad tar header at byte" in caplog.text
+    assert check.main([str(tmp_path)]) == 1
+    assert re.search(rf"{re.escape(urls[1])}: unreadable after 1 samples: ReadError: bad tar header", capsys.readouterr().out)
 
 
 def test_shards_lost_mid_run_stop_training_above_the_skip_rate(tmp_path):
