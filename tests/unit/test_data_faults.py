@@ -86,6 +86,33 @@ def test_shards_lost_mid_run_stop_training_above_the_skip_rate(tmp_path):
         list(islice(batches, 50))
 
 
+def test_a_lost_shard_counts_as_its_samples_and_trips_the_skip_rate_naming_it(tmp_path):
+    counts = [40] * 8
+    urls = write_counted_shards(tmp_path, counts)
+    Path(urls[5]).unlink()  # an eighth of the epoch
+    loader = Loader(stream(urls, train=True, counts=counts), 0, max_skip_rate=0.05)
+    with pytest.raises(SkipRateError) as stopped:
+        list(islice(loader, 200))
+    message = str(stopped.value)
+    assert "unreadable_shard 40" in message and f"broken shards: {urls[5]}" in message, message
+    assert "data.max_skip_rate=0.05" in message
+    # Below the rate it is counted as the 40 samples it held, once per epoch, and training goes on.
+    loader = Loader(stream(urls, train=True, counts=counts), 0, max_skip_rate=0.5)  # early on, 40 of 100
+    assert len(list(islice(loader, 150))) == 150  # 300 samples: an epoch (280 readable) and a bit
+    assert set(loader.skipped) == {"unreadable_shard"} and loader.skipped["unreadable_shard"] in (40, 80)
+
+
+@pytest.mark.parametrize("cut", [0, 100], ids=["at-a-block-boundary", "mid-block"])
+def test_a_shard_cut_short_counts_the_samples_it_lost(tmp_path, cut):
+    urls = write_counted_shards(tmp_path, [10, 10])
+    whole = Path(urls[0]).read_bytes()
+    Path(urls[0]).write_bytes(whole[:len(whole) // 2 + cut])  # a tar cut at a block boundary reads as whole
+    loader = Loader(stream(urls, counts=[10, 10]), 0)
+    read = keys(loader)
+    from_cut = sum(k.startswith("s0-") for k in read)
+    assert 0 < from_cut < 10 and dict(loader.skipped) == {"truncated_shard": 10 - from_cut}
+
+
 def running(token: str) -> list[int]:
     """Pids of processes whose command line holds ``token``."""
     pids = []
