@@ -40,18 +40,25 @@ def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be checked before any process starts: data present, arithmetic sound."""
     import timm
 
+    from pretrain.checkpoint import check_run_dir
     from pretrain.data.builtin import prepare
-    from pretrain.engine import check_precision
+    from pretrain.dist import DistEnv
+    from pretrain.engine import check_deepspeed_batch, check_precision
+    from pretrain.objectives.base import RunContext, check_model_inputs
     from pretrain.trainer import make_plan, resolve_sources
 
     cfg = for_world_size(cfg, world_size)
+    check_run_dir(cfg.run.dir)
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
     check_precision(cfg.engine.precision)
+    check_deepspeed_batch(cfg, world_size)
     if cfg.data.prepare != "none":
         prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
-    make_plan(cfg, world_size, train_set)
+    plan = make_plan(cfg, world_size, train_set)
+    check_model_inputs(cfg, RunContext(plan.num_classes, plan.total_steps, plan.steps_per_epoch,
+                                       DistEnv(world_size=world_size)))
 
 
 def train(cfg: Config) -> dict:
