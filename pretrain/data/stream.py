@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
+import signal
 import tarfile
+import threading
+import time
 import warnings
 from collections import Counter
 from contextlib import closing
@@ -322,6 +326,32 @@ class SyntheticDataset(IterableDataset):
                    "__seen__": len(self.batch["label"])}
 
 
+SAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def shield_worker(worker_id: int = 0) -> None:
+    """A data worker's ``worker_init_fn``: the save signals are its rank's to act on, not its own.
+
+    ``scancel``, a preemption or a terminal's Ctrl-C signal every process of a job or a process
+    group, workers included; a worker that died of it would crash its rank in the DataLoader before
+    the rank could save. So workers ignore them (so do the ``pipe:`` commands they start: an ignored
+    signal stays ignored across exec), and end when their parent is gone, however it died. The
+    DataLoader's own shutdown does not need signals (its terminate() is a last resort for a hung
+    worker, which now ends with its rank instead). A mask would not do: torch starts a thread in
+    each worker before this runs, and a process-wide signal goes to any thread that does not block it.
+    """
+    for signum in SAVE_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # The parent at start: the rank, or a fork server (the "forkserver" start method) that ends with it.
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _end_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)  # nothing will read this worker's batches
+
+
 class Loader:
     """A DataLoader over a stream dataset that remembers what the trainer consumed.
 
@@ -352,7 +382,8 @@ class Loader:
         self.dataset.roles = [(w + self.consumed) % roles for w in range(roles)]
         self.dataset.start = dict(self.positions)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            worker_init_fn=shield_worker if self.workers else None)
         for batch in loader:
             self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
             self.skipped.update(batch.pop("__skipped__"))

@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
 import time
 from itertools import islice
@@ -153,3 +156,54 @@ def test_stalled_short_and_failing_pipe_shards_are_skipped_without_leaking_their
 def test_the_shard_timeout_is_checked():
     with pytest.raises(ConfigError, match="data.shard_timeout"):
         load_config(None, ["data.synthetic=true", "train.steps=1", "data.shard_timeout=0"])
+
+
+def test_data_workers_leave_save_signals_to_their_rank(tmp_path):
+    """scancel, a preemption or Ctrl-C signal every process, data workers included: they must not die
+    of it (their rank decides whether to save), and the stream goes on."""
+    import psutil
+
+    urls = write_counted_shards(tmp_path, [30, 30])
+    batches = iter(Loader(stream(urls, train=True, counts=[30, 30]), 2))
+    next(batches)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    wait_for(lambda: all(_ignores(w.pid, signal.SIGTERM) for w in workers), "the workers' signal handlers")
+    for worker in workers:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(worker.pid, signum)
+    assert len(list(islice(batches, 100))) == 100  # more than an epoch: every worker produced again
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_data_workers_end_when_their_rank_is_killed(tmp_path):
+    import psutil
+
+    urls = write_counted_shards(tmp_path, [30, 30])
+    script = (f"import sys, time\nfrom tests.unit.test_data_faults import Loader, stream\n"
+              f"batches = iter(Loader(stream({urls!r}, train=True, counts=[30, 30]), 2))\nnext(batches)\n"
+              f"print('ready', flush=True)\ntime.sleep(600)\n")
+    rank = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        workers = psutil.Process(rank.pid).children()
+        assert len(workers) == 2
+        rank.kill()
+        rank.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"data workers {[p.pid for p in alive]} outlived their rank"
+    finally:
+        rank.kill()
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    ignored = int(Path(f"/proc/{pid}/status").read_text().split("SigIgn:")[1].split()[0], 16)
+    return bool(ignored >> (signum - 1) & 1)
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
