@@ -17,6 +17,7 @@ from pretrain import DEMO_RECIPE
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.data.shards import ShardError
+from pretrain.rundir import RunDirBusy
 from pretrain.trainer import NonFiniteLossError
 
 DEMO_PROCESSES = 2
@@ -40,11 +41,11 @@ def preflight(cfg: Config, world_size: int) -> None:
     """Everything that can be checked before any process starts: data present, arithmetic sound."""
     import timm
 
-    from pretrain.checkpoint import check_run_dir
     from pretrain.data.builtin import prepare
     from pretrain.dist import DistEnv
     from pretrain.engine import check_deepspeed_batch, check_precision
     from pretrain.objectives.base import RunContext, check_model_inputs
+    from pretrain.rundir import check_run_dir
     from pretrain.trainer import make_plan, resolve_sources
 
     cfg = for_world_size(cfg, world_size)
@@ -63,32 +64,40 @@ def preflight(cfg: Config, world_size: int) -> None:
 
 def train(cfg: Config) -> dict:
     """Train in this process (one rank of a distributed run, or alone)."""
+    import contextlib
+
     import torch
 
-    from pretrain.dist import init_distributed, leave_process_group
+    from pretrain.dist import init_distributed, leave_process_group, topology_from_environment
+    from pretrain.rundir import hold
     from pretrain.trainer import Trainer
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    dist = init_distributed()
-    cfg = for_world_size(cfg, dist.world_size)
-    trainer = Trainer(cfg, dist)
-    trainer.stop_on_signal()
-    result = trainer.fit()
-    if dist.is_main:
-        print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
-              f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
-    leave_process_group()
+    # One run per run dir: held here by a single process or rank 0 of a job (srun, torchrun); a no-op
+    # under `python -m launch local`, which holds it for its ranks.
+    with hold(cfg.run.dir) if topology_from_environment()[0] == 0 else contextlib.nullcontext():
+        dist = init_distributed()
+        cfg = for_world_size(cfg, dist.world_size)
+        trainer = Trainer(cfg, dist)
+        trainer.stop_on_signal()
+        result = trainer.fit()
+        if dist.is_main:
+            print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
+                  f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
+        leave_process_group()
     return result
 
 
 def run_demo() -> int:
     from pretrain.dist import spawn_local
+    from pretrain.rundir import hold
 
     cfg = load_config(DEMO_RECIPE)
     preflight(cfg, DEMO_PROCESSES)
     print(f"vitscale demo: {DEMO_RECIPE.name} on {DEMO_PROCESSES} processes, run dir {cfg.run.dir}", flush=True)
-    code = spawn_local(DEMO_PROCESSES, "pretrain", [str(DEMO_RECIPE)])
+    with hold(cfg.run.dir):
+        code = spawn_local(DEMO_PROCESSES, "pretrain", [str(DEMO_RECIPE)])
     if code == 0:
         probe_demo(cfg)
     return code
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if not distributed:
             preflight(cfg, 1)
         train(cfg)
-    except (ConfigError, ShardError) as e:
+    except (ConfigError, ShardError, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointError) as e:

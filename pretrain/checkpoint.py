@@ -51,19 +51,6 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def check_run_dir(run_dir: str | Path) -> None:
-    """ConfigError unless ``run_dir`` is, or can be created as, a writable directory (nothing is created)."""
-    from pretrain.config import ConfigError
-
-    path = Path(run_dir).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
-        raise ConfigError(f"run.dir={str(run_dir)!r}: {what}, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run.dir={str(run_dir)!r}: {existing} is not writable")
-
-
 class Checkpoints:
     def __init__(self, run_dir: str | Path, keep_last: int, dist: DistEnv) -> None:
         self.directory = Path(run_dir) / "checkpoints"
