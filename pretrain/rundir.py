@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from pretrain.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 HELD_ENV = "VITSCALE_RUN_DIR_HELD"  # set by a launcher holding the lock for its ranks
@@ -55,6 +58,11 @@ def hold(run_dir: str | Path) -> Iterator[None]:
         except BlockingIOError:
             raise RunDirBusy(f"{path} is in use by another run ({_holder(fd)}); wait for it to end, stop it, "
                              f"or choose another run.dir") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards the directory
+            log.warning("%s: cannot lock it (%s); nothing stops a second run from using it meanwhile",
+                        path / LOCK_NAME, e.strerror)
+            yield
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
