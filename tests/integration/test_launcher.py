@@ -53,17 +53,20 @@ def test_ranks_and_their_data_workers_end_when_the_launcher_is_killed(tmp_path, 
     launcher = start(run_dir, digits_dir)
     try:
         wait_training(launcher, run_dir)
-        family = processes_under(launcher.pid)
-        assert len(family) == 4, family  # 2 ranks, a data worker each
+        ranks, family = psutil.Process(launcher.pid).children(), processes_under(launcher.pid)
+        assert len(ranks) == 2 and len(family) >= 4, family  # 2 ranks, a data worker each
         launcher.kill()
         launcher.wait()
         gone, alive = psutil.wait_procs(family, timeout=10)
         assert not alive, f"outlived their launcher: {[(p.pid, p.cmdline()[-3:]) for p in alive]}"
     finally:
         launcher.kill()
-        for p in psutil.process_iter():  # nothing of this run may be left whatever failed above
-            if str(run_dir) in " ".join(p.cmdline() if p.is_running() else []):
-                p.kill()
+        for p in psutil.process_iter(["cmdline"]):  # nothing of this run may be left whatever failed above
+            if str(run_dir) in " ".join(p.info["cmdline"] or []):
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
 
 
 def test_a_second_run_is_refused_and_sigusr1_to_the_launcher_saves(tmp_path, digits_dir):
@@ -75,7 +78,7 @@ def test_a_second_run_is_refused_and_sigusr1_to_the_launcher_saves(tmp_path, dig
                             f"data.train={digits_dir}", *JOB, check=False)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"{run_dir} is in use by another run (pid {launcher.pid} on {socket.gethostname()}" in second.stderr
-        assert not processes_under(launcher.pid)[4:], "the second run started processes"
+        assert len(psutil.Process(launcher.pid).children()) == 2, "the second run started processes"
 
         stopped_at = logged_step(run_dir)
         launcher.send_signal(signal.SIGUSR1)
