@@ -21,7 +21,8 @@ A job that reaches its time limit or is preempted saves, requeues itself and res
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch", description="Run a stage on some processes.")
     where = parser.add_subparsers(dest="where", required=True)
-    local = where.add_parser("local", help="N processes on this machine (torch.distributed's launcher)")
+    local = where.add_parser("local", help="N processes on this machine; SIGUSR1/SIGTERM/SIGINT are forwarded to them "
+                                                "as a save request, they end with the launcher")
     local.add_argument("--nproc", type=int, default=1, help="number of processes (default 1)")
     local.add_argument("stage", nargs=argparse.REMAINDER,
                        help="[pretrain] CONFIG [key=value ...] or finetune {full,linear,knn} CONFIG [key=value ...]; "

@@ -1,4 +1,5 @@
-"""N processes on this machine: check everything first, then start them with torch's launcher."""
+"""N processes on this machine: check everything first, hold the run dir, then start the ranks
+(pretrain.dist.spawn_local: save signals forwarded, ranks end with the launcher)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,27 @@ import sys
 from pretrain.config import ConfigError
 from pretrain.data.shards import ShardError
 from pretrain.dist import spawn_local
+from pretrain.rundir import RunDirBusy, hold
 
 
-def check_pretrain(args: list[str], nproc: int) -> None:
+def check_pretrain(args: list[str], nproc: int) -> str:
     from pretrain.__main__ import preflight
     from pretrain.config import load_config
 
-    preflight(load_config(args[0], args[1:]), nproc)
+    cfg = load_config(args[0], args[1:])
+    preflight(cfg, nproc)
+    return cfg.run.dir
 
 
-def check_finetune(args: list[str], nproc: int) -> None:
-    from finetune.__main__ import check
+def check_finetune(args: list[str], nproc: int) -> str:
+    from finetune.__main__ import check, load
 
     check(args, nproc)
+    return load(args[0], args[1], args[2:]).run.dir
 
 
-# Each stage's checks, run here before any process starts (stages are imported lazily).
+# Each stage's checks, run here before any process starts (stages are imported lazily); they
+# return the run dir.
 STAGES = {"pretrain": check_pretrain, "finetune": check_finetune}
 
 
@@ -39,8 +45,9 @@ def run(nproc: int, stage_args: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        STAGES[stage](args, nproc)  # a bad config fails here, before any process starts
-    except (ConfigError, ShardError) as e:
+        run_dir = STAGES[stage](args, nproc)  # a bad config fails here, before any process starts
+        with hold(run_dir):  # for the ranks' whole life: a second run on this run dir is refused
+            return spawn_local(nproc, stage, args)
+    except (ConfigError, ShardError, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return spawn_local(nproc, stage, args)

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from pretrain import CONFIGS
-from pretrain.config import ConfigError, apply_overrides, build, dump_config, load_config, read_recipe
+from pretrain.config import ConfigError, apply_overrides, build, dump_config, load_config, load_yaml, read_recipe
 
 PROFILES_DIR = CONFIGS / "launch"
 STAGE_PACKAGES = ("pretrain", "finetune")
@@ -99,10 +99,12 @@ def load_profile(name: str) -> dict:
     if not path.suffix:
         path = PROFILES_DIR / f"{name}.yaml"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
         known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
         raise ConfigError(f"cannot read launch profile {path}: {e.strerror} (profiles here: {known})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     names = {f.name for f in dataclasses.fields(SlurmOptions)}

@@ -18,6 +18,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE
+from pretrain.rundir import RunDirBusy
 from pretrain.trainer import NonFiniteLossError
 
 DEMO_PROCESSES = 2
@@ -45,49 +46,64 @@ def preflight(cfg: Config, world_size: int) -> None:
     import timm
 
     from pretrain.data.builtin import prepare
-    from pretrain.engine import check_offload, check_precision
+    from pretrain.dist import DistEnv
+    from pretrain.engine import check_deepspeed_batch, check_offload, check_precision
+    from pretrain.objectives.base import RunContext, check_model_inputs
+    from pretrain.rundir import check_run_dir
     from pretrain.trainer import check_resume, make_plan, resolve_sources
 
     cfg = for_world_size(cfg, world_size)
+    check_run_dir(cfg.run.dir)
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
     check_precision(cfg.engine.precision)
     check_offload(cfg)
+    check_deepspeed_batch(cfg, world_size)
     if cfg.data.prepare != "none":
         prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
-    make_plan(cfg, world_size, train_set)
+    plan = make_plan(cfg, world_size, train_set)
     check_resume(cfg, world_size, train_set)
+    check_model_inputs(cfg, RunContext(plan.num_classes, plan.total_steps, plan.steps_per_epoch,
+                                       DistEnv(world_size=world_size)))
 
 
 def train(cfg: Config) -> str:
     """Train in this process (one rank of a distributed run, or alone); how it ended (Trainer.state)."""
+    import contextlib
+
     import torch
 
-    from pretrain.dist import init_distributed, leave_process_group
+    from pretrain.dist import init_distributed, leave_process_group, topology_from_environment
+    from pretrain.rundir import hold
     from pretrain.trainer import Trainer
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    dist = init_distributed()
-    cfg = for_world_size(cfg, dist.world_size)
-    trainer = Trainer(cfg, dist)
-    trainer.stop_on_signal()
-    trainer.fit()
-    if dist.is_main:
-        print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
-              f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
-    leave_process_group()
+    # One run per run dir: held here by a single process or rank 0 of a job (srun, torchrun); a no-op
+    # under `python -m launch local`, which holds it for its ranks.
+    with hold(cfg.run.dir) if topology_from_environment()[0] == 0 else contextlib.nullcontext():
+        dist = init_distributed()
+        cfg = for_world_size(cfg, dist.world_size)
+        trainer = Trainer(cfg, dist)
+        trainer.stop_on_signal()
+        trainer.fit()
+        if dist.is_main:
+            print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
+                  f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
+        leave_process_group()
     return trainer.state
 
 
 def run_demo() -> int:
     from pretrain.dist import spawn_local
+    from pretrain.rundir import hold
 
     cfg = load_config(DEMO_RECIPE)
     preflight(cfg, DEMO_PROCESSES)
     print(f"vitscale demo: {DEMO_RECIPE.name} on {DEMO_PROCESSES} processes, run dir {cfg.run.dir}", flush=True)
-    code = spawn_local(DEMO_PROCESSES, "pretrain", [str(DEMO_RECIPE)])
+    with hold(cfg.run.dir):
+        code = spawn_local(DEMO_PROCESSES, "pretrain", [str(DEMO_RECIPE)])
     if code == 0:
         probe_demo(cfg)
     return code
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             preflight(cfg, 1)
         if train(cfg) == "stopped":
             return STOPPED_EXIT_CODE
-    except (ConfigError, ShardError) as e:
+    except (ConfigError, ShardError, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointError) as e:

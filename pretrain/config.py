@@ -31,6 +31,41 @@ class ConfigError(ValueError):
     """A configuration problem, always naming the key or file it is about."""
 
 
+class _NotFinite(ConfigError):
+    """A number that is nan or infinite: said as such, not as a type mismatch of a union."""
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __str__(self) -> str:
+        return f"line {self.problem_mark.line + 1}: {self.problem} (YAML would keep the last one silently)"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that names a key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the safe loader says what is wrong with it
+                    continue
+                if duplicate:
+                    raise DuplicateKeyError("while reading a mapping", node.start_mark,
+                                            f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    """YAML as the safe loader reads it, with duplicate keys refused (DuplicateKeyError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -275,11 +310,16 @@ def read_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to this file")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          f"save the recipe as UTF-8") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -311,7 +351,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = load_yaml(text) if text else ""
+        except DuplicateKeyError as e:
+            raise ConfigError(f"override {item!r}: {e.problem}") from None
         except yaml.YAMLError:
             value = text
         node = raw
@@ -395,6 +437,8 @@ def _check(value: Any, hint: Any, key: str) -> Any:
         for option in args:
             try:
                 return _check(value, option, key)
+            except _NotFinite:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"{key}={value!r}: expected {_describe(hint)}")
@@ -422,7 +466,7 @@ def _check(value: Any, hint: Any, key: str) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"{key}={value!r}: must be a finite number")
+                raise _NotFinite(f"{key}={value!r}: must be finite (not nan or infinite)")
             return number
     elif hint is str:
         if isinstance(value, str):

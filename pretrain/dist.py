@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +95,7 @@ def topology_from_environment() -> tuple[int, int, int]:
 
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Join (or, alone, create) the process group: NCCL on GPUs, gloo on CPU."""
+    end_with_launcher()
     rank, world_size, local_rank = topology_from_environment()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -124,33 +129,126 @@ def leave_process_group() -> None:
         tdist.destroy_process_group()
 
 
+LAUNCHER_ENV = "VITSCALE_LAUNCHER_PID"  # set for the ranks of `python -m launch local`
+STOP_GRACE_S = 10.0  # how long stopped ranks get before SIGKILL
+SAVE_NOW = signal.SIGUSR1  # what the stages take as "save at the next step boundary and stop"
+
+
 def spawn_local(nproc: int, module: str, args: list[str]) -> int:
-    """Run ``python -m module args`` in ``nproc`` local processes through torch.distributed's launcher.
+    """Run ``python -m module args`` in ``nproc`` local processes (ranks) and wait for them.
 
-    Returns the exit code: non-zero as soon as any process fails (the others are stopped), and
-    STOPPED_EXIT_CODE when the ranks that ended first all saved and stopped on a signal.
+    Each rank runs in its own session, so a terminal's Ctrl-C reaches only this launcher, which
+    forwards SIGUSR1, SIGTERM and SIGINT to every rank as the save-now signal (SIGUSR1); a second
+    SIGTERM or SIGINT stops the ranks at once. Ranks end when this launcher dies, however it dies
+    (see :func:`end_with_launcher`). When a rank fails, the others get a few seconds to end on their
+    own (every rank may be failing on the same thing), then are stopped. Returns the ranks' common
+    exit code (STOPPED_EXIT_CODE when they saved and stopped on a signal), or 1 when one failed
+    alone (named on stderr).
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    launcher_args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", module, *args])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), **{LAUNCHER_ENV: str(os.getpid())})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    ranks: list[subprocess.Popen] = []
+    signals = _Forwarder(ranks)
     try:
-        run(launcher_args)
-    except ChildFailedError as e:  # torchrun stopped the other ranks and printed its report above
-        if stopped_together({f.exitcode for f in e.failures.values()}):
-            print(f"stopped: the ranks saved and stopped before the end of the run (exit code "
-                  f"{STOPPED_EXIT_CODE}); rerun the same command to resume", file=sys.stderr)
-            return STOPPED_EXIT_CODE
-        rank, failure = e.get_first_failure()
-        print(f"error: {describe_failure(rank, failure.pid, failure.exitcode)}; the other ranks were stopped",
-              file=sys.stderr)
-        return 1
-    except Exception as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 0
+        for rank in range(nproc):
+            ranks.append(subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True,
+                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
+        return _wait(ranks, signals)
+    finally:
+        signals.restore()
+        _stop(ranks)
+
+
+def _wait(ranks: list[subprocess.Popen], signals: "_Forwarder") -> int:
+    first, failed_at = None, 0.0  # the rank that failed first: killed by a signal rather than its peers
+    while not signals.hard_stop:
+        codes = [p.poll() for p in ranks]
+        if first is None and any(codes):
+            first = min((rank for rank, code in enumerate(codes) if code), key=lambda r: (codes[r] > 0, r))
+            failed_at = time.monotonic()
+        if all(code is not None for code in codes):
+            if stopped_together(set(codes)):
+                print(f"stopped: the ranks saved and stopped before the end of the run (exit code "
+                      f"{STOPPED_EXIT_CODE}); rerun the same command to resume", file=sys.stderr)
+                return STOPPED_EXIT_CODE
+            if len(set(codes)) == 1 and codes[0] >= 0:
+                return codes[0]  # every rank ended the same way on its own (done, or the same error)
+            break
+        if first is not None and time.monotonic() - failed_at > STOP_GRACE_S / 2:
+            break
+        time.sleep(0.1)
+    _stop(ranks)
+    if first is not None:
+        print(f"error: {describe_failure(first, ranks[first].pid, ranks[first].returncode)}; the other ranks "
+              f"were stopped", file=sys.stderr)
+    return 1
+
+
+def _stop(ranks: list[subprocess.Popen]) -> None:
+    """SIGTERM to ranks still running, SIGKILL to those alive after STOP_GRACE_S."""
+    for p in ranks:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in ranks:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class _Forwarder:
+    """The launcher's handlers: the first SIGUSR1/SIGTERM/SIGINT asks every rank to save and stop;
+    a second SIGTERM or SIGINT stops them at once."""
+
+    def __init__(self, ranks: list[subprocess.Popen]) -> None:
+        self.ranks = ranks
+        self.hard_stop = False
+        self.asked = False
+        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum != signal.SIGUSR1 and self.asked:
+            self.hard_stop = True
+            return
+        self.asked = self.asked or signum != signal.SIGUSR1
+        print(f"launcher: {signal.Signals(signum).name}: asking the ranks to save and stop"
+              + (" (send it again to stop them at once)" if signum != signal.SIGUSR1 else ""), file=sys.stderr,
+              flush=True)
+        for p in self.ranks:
+            if p.poll() is None:
+                p.send_signal(SAVE_NOW)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def end_with_launcher() -> None:
+    """In a rank of `python -m launch local`: die with the launcher (SIGKILL), so that no rank
+    outlives it and writes a run dir another run may take over. On Linux through the kernel
+    (prctl PR_SET_PDEATHSIG), elsewhere by a thread that watches the parent."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return
+    armed = False
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if not armed:
+        threading.Thread(target=_watch_launcher, args=(int(launcher),), name="launcher-watch", daemon=True).start()
+    if os.getppid() != int(launcher):  # it died before this was armed
+        os._exit(1)
+
+
+def _watch_launcher(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stopped_together(exit_codes: set[int]) -> bool:
@@ -166,8 +264,6 @@ def stopped_together(exit_codes: set[int]) -> bool:
 def describe_failure(rank: int, pid: int, exitcode: int) -> str:
     """One line naming a lost rank and how it ended (a negative exit code is the signal that killed it)."""
     if exitcode < 0:
-        import signal
-
         try:
             how = f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:

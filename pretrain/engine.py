@@ -314,6 +314,25 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return merge(merge(generated, offload_config(cfg)), cfg.engine.deepspeed)
 
 
+BATCH_KEYS = {"train_batch_size": "the global batch: data.batch_size x train.grad_accum x processes",
+              "train_micro_batch_size_per_gpu": "data.batch_size",
+              "gradient_accumulation_steps": "train.grad_accum"}
+
+
+def check_deepspeed_batch(cfg: Config, world_size: int) -> None:
+    """ConfigError when ``engine.deepspeed`` sets a batch size that contradicts the run's own: the
+    data stream, the schedules and the checkpoints follow the config's arithmetic, not DeepSpeed's."""
+    generated = deepspeed_config(cfg, world_size)
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    ours = {"train_batch_size": micro * accum * world_size, "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": accum}
+    for key, meaning in BATCH_KEYS.items():
+        if key in cfg.engine.deepspeed and generated[key] != ours[key]:
+            raise ConfigError(f"engine.deepspeed.{key}={cfg.engine.deepspeed[key]!r}: this run's is {ours[key]} "
+                              f"({meaning}, on {world_size} processes); set data.batch_size, data.global_batch "
+                              f"or train.grad_accum instead")
+
+
 def check_precision(precision: str) -> None:
     """ConfigError unless this machine's accelerator can train in ``precision``."""
     import_deepspeed()

@@ -176,6 +176,8 @@ def open_shard(url: str, timeout: float | None = None) -> IO[bytes]:
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
+# tar_members' messages that say what is wrong with a shard (its readers file them under a reason)
+EMPTY, NOT_A_TAR, BAD_HEADER = "empty file", "not a tar file", "bad tar header"
 
 
 def iter_tar_samples(url: str, stream: IO[bytes] | None = None, timeout: float | None = None) -> Iterator[dict]:
@@ -219,17 +221,20 @@ def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
         header = stream.read(_BLOCK)
         if not header:
             if offset == 0:
-                raise tarfile.ReadError("empty file")
+                raise tarfile.ReadError(EMPTY)
             return  # ends without end-of-archive blocks: tolerated, as tarfile does
         if len(header) < _BLOCK:
             raise tarfile.ReadError("unexpected end of data")
         if header.count(0) == _BLOCK:
             return  # end of archive
-        stored = header[148:156].rstrip(b" \0")
+        try:  # a header's numbers are octal text: anything else is a corrupt header, not a crash
+            stored = int(header[148:156].rstrip(b" \0") or b"-1", 8)
+            size = _number(header[124:136])
+        except ValueError:
+            stored = size = -1
         unsigned = sum(header[:148]) + 256 + sum(header[156:])
-        if not stored or int(stored, 8) != unsigned:
-            raise tarfile.ReadError(f"bad tar header at byte {offset}" if offset else "not a tar file")
-        size = _number(header[124:136])
+        if stored != unsigned or size < 0:
+            raise tarfile.ReadError(f"{BAD_HEADER} at byte {offset}" if offset else NOT_A_TAR)
         data = stream.read(size)
         padding = -size % _BLOCK
         if len(data) < size or len(stream.read(padding)) < padding:

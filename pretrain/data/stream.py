@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
+import signal
 import tarfile
+import threading
+import time
 import warnings
 from collections import Counter
 from contextlib import closing
@@ -39,12 +43,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
-from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, ShardStalled, iter_tar_samples
+from pretrain.data.shards import (BAD_HEADER, EMPTY, IMAGE_EXTENSIONS, NOT_A_TAR, ShardError, ShardStalled,
+                                  iter_tar_samples)
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
 from pretrain.faults import record_keys
 
 log = logging.getLogger(__name__)
+
+MAX_BROKEN_NAMED = 5  # broken shards a skip-rate error names
 
 
 class BadSample(Exception):
@@ -57,6 +64,10 @@ class BadSample(Exception):
 
 class SkipRateError(ShardError):
     """Too many samples were skipped: the data is broken, and training on the rest would mislead."""
+
+
+# Reasons that file a whole (rest of a) shard: counted as the samples it took away, not as read ones.
+SHARD_REASONS = frozenset({"empty_shard", "unreadable_shard", "truncated_shard", "corrupt_shard", "stalled_shard"})
 
 
 def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage, int]:
@@ -138,6 +149,7 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"{len(counts)} shard counts for {len(urls)} shards")
         self.urls = list(urls)
         self.counts = list(counts) if counts is not None else None
+        self.count_of = dict(zip(self.urls, self.counts)) if counts is not None else {}
         self.view = view
         self.lazy_decode = bool(getattr(view, "decodes_itself", False))
         self.batch_size = batch_size
@@ -151,6 +163,7 @@ class ShardDataset(IterableDataset):
         self.start: dict[int, tuple[int, int]] = {}
         self.plan: Plan | None = None  # set by an elastic resume: the rest of the interrupted epochs
         self.counters: Counter = Counter()  # skipped samples by reason, since the last batch
+        self.broken: list[str] = []  # shards that broke, since the last batch
         self.seen = 0  # raw samples prepared since the last batch
 
     # -- which raw samples a (rank, role) reads ---------------------------------------------------
@@ -187,9 +200,11 @@ class ShardDataset(IterableDataset):
 
     def _read(self, pieces: list[Piece], counters: Counter) -> Iterator[dict]:
         """Samples of ``pieces``; a broken, vanished or stalled shard is counted, logged, and left
-        for the next one (the samples read before the problem are kept)."""
+        for the next one (the samples read before the problem are kept). It is counted as the
+        samples of the piece it took away when the index gives the shard's count, else as one."""
         for piece in pieces:
             read = 0
+            reason = None
             try:
                 with closing(iter_tar_samples(piece.url, timeout=self.shard_timeout)) as samples:
                     for i, sample in enumerate(samples):
@@ -199,21 +214,38 @@ class ShardDataset(IterableDataset):
                         if piece.stop is not None and read >= piece.stop:
                             break
             except tarfile.ReadError as e:
-                reason = {"empty file": "empty_shard", "not a tar file": "unreadable_shard"}.get(str(e), "truncated_shard")
-                counters[reason] += 1
+                reason = {EMPTY: "empty_shard", NOT_A_TAR: "unreadable_shard"}.get(str(e), "truncated_shard")
+                if str(e).startswith(BAD_HEADER):
+                    reason = "corrupt_shard"
                 log.warning("%s: %s (%d samples read)", piece.url, e, read)
-                continue
             except ShardStalled as e:
-                counters["stalled_shard"] += 1
+                reason = "stalled_shard"
                 log.warning("skipping the rest of shard %s: %s (%d samples read)", piece.url, e, read)
-                continue
             except (OSError, tarfile.TarError) as e:
-                counters["unreadable_shard"] += 1
+                reason = "unreadable_shard"
                 log.warning("skipping the rest of shard %s: %s", piece.url, e)
-                continue
-            if read == 0:
-                counters["empty_shard"] += 1
+            expected = self._expected(piece)
+            if reason is None and read == 0:
+                reason = "empty_shard"
                 log.warning("%s: no samples", piece.url)
+            elif reason is None and expected is not None and read < expected:  # cut at a block boundary
+                reason = "truncated_shard"
+                log.warning("%s: ends after %d samples, the index says %d", piece.url, read, expected)
+            if reason is not None:
+                counters[reason] += self._lost(piece, read)
+                if counters is self.counters:
+                    self.broken.append(piece.url)
+
+    def _expected(self, piece: Piece) -> int | None:
+        """Where ``piece`` ends in its shard, in samples, if known."""
+        return piece.stop if piece.stop is not None else self.count_of.get(piece.url)
+
+    def _lost(self, piece: Piece, read: int) -> int:
+        """Samples of ``piece`` that a shard breaking after ``read`` samples took away (1 if unknown)."""
+        stop = self._expected(piece)
+        if stop is None:
+            return 1
+        return max(1, stop - max(read, piece.start))
 
     def shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         return buffer_shuffle(samples, self.shuffle_buffer, rng)
@@ -230,6 +262,7 @@ class ShardDataset(IterableDataset):
         role = self.roles[worker] if len(self.roles) == workers else worker
         epoch, skip = self.start.get(role, (0, 0))
         self.counters = Counter()
+        self.broken = []
         self.seen = 0
         batch: list[dict] = []
         while True:
@@ -283,8 +316,9 @@ class ShardDataset(IterableDataset):
         keys = [item.pop("__key__") for item in items]
         batch = collate(items, keys)  # default_collate, leaving JPEGs for the device to decode
         batch.update(__keys__=keys, __role__=role, __position__=position,
-                     __skipped__=dict(self.counters), __seen__=self.seen)
+                     __skipped__=dict(self.counters), __broken__=list(self.broken), __seen__=self.seen)
         self.counters.clear()
+        self.broken.clear()
         self.seen = 0
         return batch
 
@@ -304,8 +338,34 @@ class SyntheticDataset(IterableDataset):
         info = get_worker_info()
         role = info.id if info else 0
         while True:
-            yield {**self.batch, "__role__": role, "__position__": (0, 0), "__skipped__": {},
+            yield {**self.batch, "__role__": role, "__position__": (0, 0), "__skipped__": {}, "__broken__": [],
                    "__seen__": len(self.batch["label"])}
+
+
+SAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def shield_worker(worker_id: int = 0) -> None:
+    """A data worker's ``worker_init_fn``: the save signals are its rank's to act on, not its own.
+
+    ``scancel``, a preemption or a terminal's Ctrl-C signal every process of a job or a process
+    group, workers included; a worker that died of it would crash its rank in the DataLoader before
+    the rank could save. So workers ignore them (so do the ``pipe:`` commands they start: an ignored
+    signal stays ignored across exec), and end when their parent is gone, however it died. The
+    DataLoader's own shutdown does not need signals (its terminate() is a last resort for a hung
+    worker, which now ends with its rank instead). A mask would not do: torch starts a thread in
+    each worker before this runs, and a process-wide signal goes to any thread that does not block it.
+    """
+    for signum in SAVE_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # The parent at start: the rank, or a fork server (the "forkserver" start method) that ends with it.
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _end_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)  # nothing will read this worker's batches
 
 
 class Loader:
@@ -314,8 +374,8 @@ class Loader:
     ``state_dict()`` holds, per worker role, the (epoch, raw sample) after the last consumed batch;
     a loader restored from it continues with exactly the batches an uninterrupted one would yield.
     With ``max_skip_rate``, iteration stops with :class:`SkipRateError` once at least
-    ``min_samples`` samples were read and more than that share of them was skipped (a broken
-    shard counts as one skipped sample).
+    ``min_samples`` samples were read or lost and more than that share of them was skipped (a
+    broken shard counts as the samples it took away, as far as the index knows them, else as one).
     """
 
     def __init__(self, dataset: IterableDataset, workers: int, pin_memory: bool = False,
@@ -331,6 +391,7 @@ class Loader:
         self.skipped: Counter = Counter()
         self.plan: Plan | None = None  # after an elastic resume: who reads the rest of the interrupted epochs
         self._plan_state: dict | None = None  # self.plan.to_dict(), made once (state_dict runs every batch)
+        self.broken: list[str] = []  # the shards that broke, newest last (a few, for the message)
 
     def __iter__(self) -> Iterator[dict]:
         roles = max(self.workers, 1)
@@ -341,10 +402,12 @@ class Loader:
         self.dataset.start = {role: self.positions.get(role, (first, 0)) for role in range(roles)}
         self.dataset.plan = self.plan
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                            pin_memory=self.pin_memory, persistent_workers=False)
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            worker_init_fn=shield_worker if self.workers else None)
         for batch in loader:
             self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
             self.skipped.update(batch.pop("__skipped__"))
+            self.broken = (self.broken + batch.pop("__broken__"))[-MAX_BROKEN_NAMED:]
             self.seen += batch.pop("__seen__")
             self.consumed += 1
             record_keys(getattr(self.dataset, "rank", 0), batch.get("__keys__", ()))
@@ -352,14 +415,17 @@ class Loader:
             yield batch
 
     def _check_skip_rate(self) -> None:
-        if self.max_skip_rate is None or self.seen < self.min_samples:
+        # Samples a broken shard took away were never read: they count on both sides of the rate.
+        total = self.seen + sum(v for k, v in self.skipped.items() if k in SHARD_REASONS)
+        if self.max_skip_rate is None or total < self.min_samples:
             return
         skipped = sum(self.skipped.values())
-        if skipped > self.max_skip_rate * self.seen:
+        if skipped > self.max_skip_rate * total:
             reasons = ", ".join(f"{k} {v}" for k, v in self.skipped.most_common())
-            raise SkipRateError(f"{skipped} of {self.seen} samples read on this rank were skipped ({reasons}): "
-                                f"more than data.max_skip_rate={self.max_skip_rate}. Find the broken shards with "
-                                f"`python -m pretrain.data.check`, or raise data.max_skip_rate")
+            broken = f"; broken shards: {', '.join(self.broken)}" if self.broken else ""
+            raise SkipRateError(f"{skipped} of {total} samples on this rank were skipped or lost with their shard "
+                                f"({reasons}){broken}: more than data.max_skip_rate={self.max_skip_rate}. Find the "
+                                f"broken shards with `python -m pretrain.data.check`, or raise data.max_skip_rate")
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "workers": self.workers, "seen": self.seen,

@@ -147,7 +147,8 @@ def image_record(data: bytes, max_side: int | None = None) -> tuple[str, bytes, 
         too_big = max_side is not None and max(size) > max_side
         if ext and not too_big:
             if image.format == "JPEG":
-                image.draft(image.mode, (size[0] // 8, size[1] // 8))  # a 1/8-scale decode still reads every byte
+                # A 1/8-scale decode still reads every byte; at least 1 px a side (draft divides by it).
+                image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
             image.load()  # a truncated or corrupt file fails here, not in a training run
             return ext, data, size
         target = size

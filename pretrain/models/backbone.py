@@ -26,7 +26,8 @@ def create_backbone(cfg: ModelConfig, image_size: int, num_classes: int) -> nn.M
     try:
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"model.name={cfg.name!r} with {kwargs}: timm cannot build it: {e}") from None
+        raise ConfigError(f"model.name={cfg.name!r}, model.kwargs={cfg.kwargs}: timm cannot build it "
+                          f"(with img_size={image_size}, num_classes={num_classes}): {e}") from None
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -138,7 +138,13 @@ def test_tiny_models_learn_the_digits(runs, name, model, zero):
 @pytest.mark.parametrize("override, key", [("data.batch_size=-8", "data.batch_size"),
                                            ("train.stepz=10", "train.stepz"),
                                            ("engine.zero_stage=5", "engine.zero_stage"),
-                                           ("optim.lr=fast", "optim.lr")])
+                                           ("optim.lr=fast", "optim.lr"),
+                                           ("optim.lr=nan", "optim.lr='nan': must be finite"),
+                                           ("data.image_size=33", "data.image_size=33: not a multiple of the patch"),
+                                           ("model.kwargs={embed_dim: 30, num_heads: 4}", "model.kwargs"),
+                                           ("engine.deepspeed={train_batch_size: 7}",
+                                            "engine.deepspeed.train_batch_size=7"),
+                                           ("run.dir=/dev/null", "run.dir='/dev/null': is a file")])
 def test_bad_config_fails_before_any_process_or_file(tmp_path, digits_dir, override, key):
     run_dir = tmp_path / "never"
     result = run_module("launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}", f"data.train={digits_dir}",

@@ -188,19 +188,20 @@ def test_sweep_runs_one_array_task_per_point(digits_dir, tmp_path):
 
 
 def task_pids(job_id: str) -> dict[int, int]:
-    """Slurm rank -> pid of the job's Python tasks on this node."""
+    """Slurm rank -> pid of the job's Python tasks on this node (not their forked data workers)."""
     out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout
-    ranks = {}
+    tasks = {}
     for pid in (int(line.split()[0]) for line in out.splitlines()[1:] if line.split()[0].isdigit()):
         try:
             env = dict(item.split("=", 1) for item in
                        Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
         except OSError:
             continue
         if b"submitit.core._submit" in cmdline and "SLURM_PROCID" in env:
-            ranks[int(env["SLURM_PROCID"])] = pid
-    return ranks
+            tasks[pid] = (int(env["SLURM_PROCID"]), parent)
+    return {rank: pid for pid, (rank, parent) in tasks.items() if parent not in tasks}
 
 
 def test_killed_rank_ends_the_job_and_a_rerun_resumes(digits_dir, tmp_path):
@@ -251,3 +252,31 @@ def test_a_stopped_stage_fails_its_job_and_the_chain_stops_there(digits_dir, tmp
     assert [e["event"] for e in events(probe_dir)] == ["submitted"]
     status = launch("status", str(run_dir))
     assert "run: stopped at step 4 of 20" in status and "last event: stopped" in status, status
+
+
+def test_scancel_saves_with_data_workers_that_ignore_sigterm(digits_dir, tmp_path):
+    """A plain scancel (SIGTERM to every process of the job, data workers included) makes the ranks
+    save and stop, as it does without workers; a SIGTERM to the workers alone changes nothing."""
+    import psutil
+
+    run_dir = tmp_path / "cancelled"
+    (job_id,) = submit(*TWO_TASKS, "--", *stage(digits_dir, run_dir, "train.steps=3000", "data.workers=1"))
+    wait_until(lambda: logged_step(run_dir) >= 3, JOB_TIMEOUT_S, "training past step 3")
+    ranks = wait_until(lambda: len(task_pids(job_id)) == 2 and task_pids(job_id), 10, "both ranks' pids")
+    workers = [child for pid in ranks.values() for child in psutil.Process(pid).children()]
+    assert len(workers) == 2, workers  # one data worker per rank
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    after = logged_step(run_dir)
+    wait_until(lambda: logged_step(run_dir) >= after + 5, 60, "training to go on after SIGTERM to the workers")
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+    cancelled_at = logged_step(run_dir)
+    subprocess.run(["scancel", job_id], check=True)
+    assert wait_ended(job_id, timeout=60) == "CANCELLED"
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert cancelled_at <= step < 3000
+    text = logs(run_dir)
+    assert f"stopped on request at step {step}" in text, text[-5000:]
+    assert "DataLoader" not in text, text[-5000:]
+    assert [e["event"] for e in events(run_dir)][-1] == "stopped"

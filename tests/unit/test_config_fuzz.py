@@ -140,3 +140,83 @@ def test_random_launch_profiles_give_options_or_a_config_error(tmp_path_factory,
         assert str(path) in str(e) or any(spelling in str(e) for spelling in named), str(e)
     else:
         assert options.world_size >= 1
+
+
+# -- What is checked before any process starts (pretrain's preflight): the model against the image
+# size and its kwargs (built on the meta device), engine.deepspeed's batch keys, run.dir. --------
+
+TINY_KWARGS = st.fixed_dictionaries(
+    {"patch_size": st.integers(1, 8), "embed_dim": st.sampled_from([8, 12, 16]), "depth": st.integers(1, 2),
+     "num_heads": st.integers(1, 3)},
+    optional={"dynamic_img_size": st.booleans(), "mlp_ratio": st.sampled_from([1.0, "x", None]),
+              "no_such_kwarg": st.integers(0, 2)})
+DEEPSPEED_BATCH = st.dictionaries(st.sampled_from(["train_batch_size", "train_micro_batch_size_per_gpu",
+                                                   "gradient_accumulation_steps"]), st.integers(1, 64), max_size=2)
+
+
+FUZZ_FEWER = settings(FUZZ, max_examples=80)  # each example builds a model (on the meta device)
+
+
+@FUZZ_FEWER
+@given(image_size=st.integers(1, 64), kwargs=TINY_KWARGS, deepspeed=DEEPSPEED_BATCH,
+       run_dir=st.sampled_from(["fresh", "a-file", "under-a-file", "existing"]))
+def test_preflight_refuses_what_the_ranks_would_fail_on_naming_the_key(tmp_path_factory, image_size, kwargs,
+                                                                      deepspeed, run_dir):
+    import torch
+
+    from pretrain.__main__ import preflight
+    from pretrain.models.backbone import create_backbone
+
+    base = tmp_path_factory.mktemp("preflight")
+    (base / "a-file").write_text("x")
+    (base / "existing").mkdir()
+    run = {"fresh": base / "new", "a-file": base / "a-file", "under-a-file": base / "a-file" / "run",
+           "existing": base / "existing"}[run_dir]
+    overrides = ["train.steps=4", "data.synthetic=true", "data.num_classes=3", "data.batch_size=4",
+                 "model.name=vit_tiny_patch16_224", f"model.kwargs={kwargs}", f"data.image_size={image_size}",
+                 f"engine.deepspeed={deepspeed}", f"run.dir={run}", "engine.precision=fp32", "model.drop_path=0"]
+    before = sorted(p.name for p in base.rglob("*"))
+    try:
+        preflight(load_config(None, overrides), 2)
+    except ConfigError as e:
+        assert any(key in str(e) for key in ("model.kwargs", "data.image_size", "engine.deepspeed.", "run.dir=")), e
+    else:  # what passed the checks trains: a real forward at the image size works, the batch agrees
+        assert run_dir in ("fresh", "existing") and not set(deepspeed.items()) - {
+            ("train_batch_size", 8), ("train_micro_batch_size_per_gpu", 4), ("gradient_accumulation_steps", 1)}
+        cfg = load_config(None, overrides)
+        out = create_backbone(cfg.model, image_size, 3)(torch.rand(1, 3, image_size, image_size))
+        assert out.shape == (1, 3)
+    assert sorted(p.name for p in base.rglob("*")) == before, "the checks wrote a file"
+
+
+recipe_keys = st.sampled_from(["run", "model", "data", "train", "optim", "steps", "lr", "dir", "name"])
+recipe_values = st.one_of(st.integers(0, 9), st.sampled_from(["x", "[1, 2]", "{a: 1}", "null"]))
+
+
+@FUZZ_FEWER
+@given(st.dictionaries(recipe_keys, recipe_values, min_size=1, max_size=6), st.integers(0, 5),
+       st.binary(min_size=1, max_size=3))
+def test_recipes_with_a_repeated_key_or_not_utf8_fail_naming_the_file(tmp_path_factory, mapping, nesting, junk):
+    """A key twice in one mapping (at any depth) is refused, not silently the last one; so is a recipe
+    that is not UTF-8 text. Both name the file."""
+    path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
+    indent = "  " * min(nesting, 3)
+    head = "".join(f"{'  ' * d}s{d}:\n" for d in range(min(nesting, 3)))
+    pairs = list(mapping.items())
+    key, value = pairs[0]
+    body = "".join(f"{indent}{k}: {v}\n" for k, v in [*pairs, (key, value)])  # the first key again
+    path.write_text(head + body)
+    with pytest.raises(ConfigError, match=rf"^{path}: line \d+: duplicate key '{key}'"):
+        load_config(path)
+    raw = (head + body).encode()
+    path.write_bytes(raw[:len(raw) // 2] + b"\xff" + junk + raw[len(raw) // 2:])  # 0xff is never UTF-8
+    with pytest.raises(ConfigError, match=rf"^{path}: not UTF-8 text"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=.nan", "optim.lr=.inf", "train.clip_grad=-.inf",
+                                      "optim.weight_decay_end=nan"])
+def test_a_non_finite_number_is_called_that_not_a_type_mismatch(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}=.*: must be finite"):
+        load_config(None, ["train.steps=4", "data.synthetic=true", override])

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -13,6 +18,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
+from pretrain.data import check
 from pretrain.data.stream import Loader, ShardDataset, SkipRateError
 from tests.unit.data_samples import write_counted_shards
 
@@ -49,6 +55,29 @@ def test_shards_deleted_or_cut_short_during_an_epoch_are_skipped_and_counted(tmp
     assert urls[1] in caplog.text and urls[2] in caplog.text
 
 
+def corrupt_header_checksum(url: str, member: int) -> None:
+    """Write non-digits into the checksum field of the tar header of the ``member``-th file."""
+    with tarfile.open(url) as tar:
+        offset = tar.getmembers()[member].offset
+    data = bytearray(Path(url).read_bytes())
+    data[offset + 148:offset + 150] = b"\xff\xfe"
+    Path(url).write_bytes(bytes(data))
+
+
+def test_a_corrupt_tar_header_is_a_corrupt_shard_skipped_counted_and_named(tmp_path, caplog, capsys):
+    urls = write_counted_shards(tmp_path, [4, 4])
+    corrupt_header_checksum(urls[1], 4)  # the third sample's image (two files a sample)
+    loader = Loader(stream(urls), 0)
+    with caplog.at_level(logging.WARNING):
+        read = keys(loader)
+    # Kept up to the bad header (s1-1, whose files precede it, is held until a next key proves it whole).
+    assert read == [f"s0-{i}" for i in range(4)] + ["s1-0"]
+    assert dict(loader.skipped) == {"corrupt_shard": 1}
+    assert f"{urls[1]}: bad tar header at byte" in caplog.text
+    assert check.main([str(tmp_path)]) == 1
+    assert re.search(rf"{re.escape(urls[1])}: unreadable after 1 samples: ReadError: bad tar header", capsys.readouterr().out)
+
+
 def test_shards_lost_mid_run_stop_training_above_the_skip_rate(tmp_path):
     urls = write_counted_shards(tmp_path, [6, 6, 6])
     batches = iter(Loader(stream(urls, train=True), 0, max_skip_rate=0.2, min_samples=10))
@@ -58,6 +87,33 @@ def test_shards_lost_mid_run_stop_training_above_the_skip_rate(tmp_path):
     # Each epoch now reads 6 samples and 2 lost shards: 2 skips per 6 samples, above 0.2.
     with pytest.raises(SkipRateError, match=r"unreadable_shard .* data\.max_skip_rate=0\.2"):
         list(islice(batches, 50))
+
+
+def test_a_lost_shard_counts_as_its_samples_and_trips_the_skip_rate_naming_it(tmp_path):
+    counts = [40] * 8
+    urls = write_counted_shards(tmp_path, counts)
+    Path(urls[5]).unlink()  # an eighth of the epoch
+    loader = Loader(stream(urls, train=True, counts=counts), 0, max_skip_rate=0.05)
+    with pytest.raises(SkipRateError) as stopped:
+        list(islice(loader, 200))
+    message = str(stopped.value)
+    assert "unreadable_shard 40" in message and f"broken shards: {urls[5]}" in message, message
+    assert "data.max_skip_rate=0.05" in message
+    # Below the rate it is counted as the 40 samples it held, once per epoch, and training goes on.
+    loader = Loader(stream(urls, train=True, counts=counts), 0, max_skip_rate=0.5)  # early on, 40 of 100
+    assert len(list(islice(loader, 150))) == 150  # 300 samples: an epoch (280 readable) and a bit
+    assert set(loader.skipped) == {"unreadable_shard"} and loader.skipped["unreadable_shard"] in (40, 80)
+
+
+@pytest.mark.parametrize("cut", [0, 100], ids=["at-a-block-boundary", "mid-block"])
+def test_a_shard_cut_short_counts_the_samples_it_lost(tmp_path, cut):
+    urls = write_counted_shards(tmp_path, [10, 10])
+    whole = Path(urls[0]).read_bytes()
+    Path(urls[0]).write_bytes(whole[:len(whole) // 2 + cut])  # a tar cut at a block boundary reads as whole
+    loader = Loader(stream(urls, counts=[10, 10]), 0)
+    read = keys(loader)
+    from_cut = sum(k.startswith("s0-") for k in read)
+    assert 0 < from_cut < 10 and dict(loader.skipped) == {"truncated_shard": 10 - from_cut}
 
 
 def running(token: str) -> list[int]:
@@ -100,3 +156,54 @@ def test_stalled_short_and_failing_pipe_shards_are_skipped_without_leaking_their
 def test_the_shard_timeout_is_checked():
     with pytest.raises(ConfigError, match="data.shard_timeout"):
         load_config(None, ["data.synthetic=true", "train.steps=1", "data.shard_timeout=0"])
+
+
+def test_data_workers_leave_save_signals_to_their_rank(tmp_path):
+    """scancel, a preemption or Ctrl-C signal every process, data workers included: they must not die
+    of it (their rank decides whether to save), and the stream goes on."""
+    import psutil
+
+    urls = write_counted_shards(tmp_path, [30, 30])
+    batches = iter(Loader(stream(urls, train=True, counts=[30, 30]), 2))
+    next(batches)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    wait_for(lambda: all(_ignores(w.pid, signal.SIGTERM) for w in workers), "the workers' signal handlers")
+    for worker in workers:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+            os.kill(worker.pid, signum)
+    assert len(list(islice(batches, 100))) == 100  # more than an epoch: every worker produced again
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_data_workers_end_when_their_rank_is_killed(tmp_path):
+    import psutil
+
+    urls = write_counted_shards(tmp_path, [30, 30])
+    script = (f"import sys, time\nfrom tests.unit.test_data_faults import Loader, stream\n"
+              f"batches = iter(Loader(stream({urls!r}, train=True, counts=[30, 30]), 2))\nnext(batches)\n"
+              f"print('ready', flush=True)\ntime.sleep(600)\n")
+    rank = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        workers = psutil.Process(rank.pid).children()
+        assert len(workers) == 2
+        rank.kill()
+        rank.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"data workers {[p.pid for p in alive]} outlived their rank"
+    finally:
+        rank.kill()
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    ignored = int(Path(f"/proc/{pid}/status").read_text().split("SigIgn:")[1].split()[0], 16)
+    return bool(ignored >> (signum - 1) & 1)
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

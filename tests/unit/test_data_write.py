@@ -212,3 +212,18 @@ def test_the_lean_tar_reader_reads_what_tarfile_reads(fmt):
         list(tar_members(io.BytesIO(whole[:2500])))
     with pytest.raises(tarfile.ReadError, match="not a tar file"):
         list(tar_members(io.BytesIO(b"<html>" + bytes(600))))
+
+
+@pytest.mark.parametrize("side", [1, 5, 7])
+def test_writer_keeps_jpegs_and_pngs_smaller_than_8_px(tmp_path, side):
+    from tests.unit.data_samples import tiny_jpeg
+
+    src = tmp_path / "src"
+    (src / "tiny").mkdir(parents=True)
+    (src / "tiny" / "a.jpg").write_bytes(tiny_jpeg(0, size=side))
+    (src / "tiny" / "b.png").write_bytes(image_bytes(np.full((side, side + 1, 3), 7, np.uint8), "PNG"))
+    out = tmp_path / "out"
+    assert write.main([str(src), str(out), "--workers", "1", "--no-progress"]) == 0
+    assert json.loads((out / "report.json").read_text())["skipped"] == []
+    per_shard, per_class = read_everything(out, "train")
+    assert per_class == {0: 2}
