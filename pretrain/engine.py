@@ -731,6 +731,7 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
     Written under a temporary name and renamed when complete, so an interrupted conversion is
     redone, never half-read."""
     target = checkpoint / UNIVERSAL_DIR
+    failure = None
     if dist.is_main and not target.is_dir():
         from deepspeed.checkpoint import ds_to_universal
 
@@ -742,14 +743,42 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
         log.info("converting %s for another number of processes (DeepSpeed universal checkpoint)", checkpoint)
         try:
             chatter = io.StringIO()  # its progress bars and prints
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), naming_refused_files():
                 ds_to_universal.main(args)
-            torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
+                torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
             os.replace(out, target)
+        except CheckpointError as e:
+            failure = e
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    dist.barrier()
+    # Every rank learns whether rank 0 converted it (a barrier that cannot leave the others waiting).
+    failed = dist.all_reduce(torch.tensor(float(failure is not None), device=dist.device), "max").item()
+    if failure is not None:
+        raise failure
+    if failed:
+        raise CheckpointError(f"{checkpoint}: rank 0 refused it while converting it for another number of "
+                              f"processes (its error names the file)")
     return target
+
+
+@contextmanager
+def naming_refused_files():
+    """Inside, a file that weights-only loading refuses raises the CheckpointError naming it, also
+    where DeepSpeed calls ``torch.load`` itself rather than through its checkpoint engine (the
+    universal conversion)."""
+    load = torch.load
+
+    def load_naming_refused_file(f, *args, **kwargs):
+        try:
+            return load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise refused_file_error(str(f), e) from None
+
+    torch.load = load_naming_refused_file
+    try:
+        yield
+    finally:
+        torch.load = load
 
 
 def _rank_of(path: Path) -> int:

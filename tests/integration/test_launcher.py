@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from pretrain.dist import STOPPED_EXIT_CODE
 from pretrain.rundir import hold
 from tests.conftest import QUIET, REPO, TINY_VIT, python_env, run_module
 
@@ -85,7 +86,7 @@ def test_a_second_run_is_refused_and_sigusr1_to_the_launcher_saves(tmp_path, dig
         out, _ = launcher.communicate(timeout=120)
     finally:
         launcher.kill()
-    assert launcher.returncode == 0, out[-5000:]
+    assert launcher.returncode == STOPPED_EXIT_CODE, out[-5000:]  # saved and stopped before train.steps
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     step = int(latest.removeprefix("step_"))
     assert stopped_at <= step < 5000 and f"stopped on request at step {step}" in out, out[-5000:]
