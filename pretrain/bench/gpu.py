@@ -41,10 +41,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.bench.data import imagenet_like_jpegs, write_shards
 from pretrain.bench.step import PLAIN_SUPERVISED, bench_overrides, trainer_rate
-from pretrain.config import ConfigError, load_config
+from pretrain.config import load_config
 from pretrain.data.transforms import normalize
 from pretrain.dist import init_distributed, leave_process_group
-from pretrain.models.backbone import create_backbone
+from pretrain.models.backbone import create_backbone, on_meta_device
 from pretrain.trainer import Trainer
 
 # Dense bf16 tensor-core peaks, TFLOP/s, by a fragment of torch.cuda.get_device_name (first match).
@@ -275,11 +275,7 @@ def training_flops_per_image(row: Row, args, overrides: list[str], batch: int) -
     over the trained crops plus 1x over a teacher's, counted on the meta device (no memory, no
     time). Attention is counted as its matmuls (the unfused path), whichever kernel runs it."""
     student_crops, teacher_crops = crops_of(row, args, batch)
-    try:
-        with torch.device("meta"):
-            model = bare_backbone(row, args, overrides)
-    except ConfigError:  # timm 1.0.15 reads its drop-path rates with .item() while building; build on the CPU
-        model = bare_backbone(row, args, overrides).to("meta")
+    model = on_meta_device(lambda: bare_backbone(row, args, overrides))
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False

@@ -123,8 +123,10 @@ def lean_buckets(args) -> str:
     import timm
     import yaml
 
-    with torch.device("meta"):
-        model = timm.create_model(args.model, img_size=args.image_size, **yaml.safe_load(args.kwargs))
+    from pretrain.models.backbone import on_meta_device
+
+    model = on_meta_device(lambda: timm.create_model(args.model, img_size=args.image_size,
+                                                     **yaml.safe_load(args.kwargs)))
     size = 2 * max(p.numel() for p in model.parameters())
     return json.dumps({"zero_optimization": {
         "reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size,

@@ -6,11 +6,16 @@ They keep timm's contract (``forward_features``, ``forward_head``, ``no_weight_d
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import timm
+import torch
 import torch.nn as nn
 from timm.layers import set_fused_attn
 
 from pretrain.config import ConfigError, ModelConfig
+
+T = TypeVar("T", bound=nn.Module)
 
 
 def backbone_kwargs(cfg: ModelConfig, image_size: int, num_classes: int) -> dict:
@@ -31,3 +36,16 @@ def create_backbone(cfg: ModelConfig, image_size: int, num_classes: int) -> nn.M
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def on_meta_device(make: Callable[[], T]) -> T:
+    """``make()`` built on the meta device (no memory, no arithmetic). timm before 1.0.16 reads its
+    drop-path rates with ``.item()`` while building, which the meta device refuses: there the module
+    is built on the CPU and moved."""
+    try:
+        with torch.device("meta"):
+            return make()
+    except (RuntimeError, ConfigError) as e:
+        if "meta tensors" not in str(e):
+            raise
+        return make().to("meta")

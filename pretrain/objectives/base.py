@@ -119,17 +119,11 @@ def check_model_inputs(cfg: Config, ctx: RunContext) -> None:
 
     from pretrain.config import ConfigError
     from pretrain.data.stream import decode
+    from pretrain.models.backbone import on_meta_device
 
     model = f"model.name={cfg.model.name!r}, model.kwargs={cfg.model.kwargs}"
     try:
-        try:
-            with torch.device("meta"):
-                objective = build_objective(cfg, ctx)
-        except (RuntimeError, ConfigError) as e:
-            if "meta tensors" not in str(e):
-                raise
-            # timm before 1.0.16 reads its drop-path rates with .item() while building: on the CPU then
-            objective = build_objective(cfg, ctx).to("meta")
+        objective = on_meta_device(lambda: build_objective(cfg, ctx))
     except ConfigError:
         raise
     except Exception as e:  # timm's own checks: TypeError, AssertionError, ValueError, ...
