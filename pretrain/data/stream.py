@@ -22,6 +22,7 @@ epochs differ by at most one sample). Validation streams are finite and see each
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
@@ -31,6 +32,7 @@ import tarfile
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass
@@ -368,6 +370,38 @@ def _end_with_parent(parent: int) -> None:
     os._exit(1)  # nothing will read this worker's batches
 
 
+# DataLoader iterators with worker processes that this process started, for the exit hook below.
+_open_iterators: "weakref.WeakSet" = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _end_workers_at_exit(batches: Iterator) -> None:
+    """Make sure the workers behind a DataLoader iterator cannot keep this process from exiting.
+
+    The workers ignore SIGTERM (:func:`shield_worker`), and multiprocessing's own exit hook
+    terminates its daemonic children with SIGTERM and then joins them: a process that exits with a
+    loader still open (a generator kept alive by a reference cycle, an exception) would wait for its
+    workers forever, and they for it. This hook, registered after multiprocessing's and so run before
+    it, shuts such loaders down as the DataLoader does and kills a worker that does not end:
+    nothing will read its batches, and it holds nothing that needs a clean end.
+    """
+    global _exit_hook_registered
+    if getattr(batches, "_workers", None):
+        _open_iterators.add(batches)
+    if not _exit_hook_registered:
+        atexit.register(_end_open_workers)
+        _exit_hook_registered = True
+
+
+def _end_open_workers() -> None:
+    for batches in list(_open_iterators):
+        batches._shutdown_workers()  # tells torch not to report the workers' end as a failure
+        for worker in batches._workers:
+            if worker.exitcode is None:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.join()
+
+
 class Loader:
     """A DataLoader over a stream dataset that remembers what the trainer consumed.
 
@@ -404,7 +438,9 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
                             worker_init_fn=shield_worker if self.workers else None)
-        for batch in loader:
+        batches = iter(loader)
+        _end_workers_at_exit(batches)
+        for batch in batches:
             self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
             self.skipped.update(batch.pop("__skipped__"))
             self.broken = (self.broken + batch.pop("__broken__"))[-MAX_BROKEN_NAMED:]

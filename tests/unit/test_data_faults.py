@@ -197,6 +197,23 @@ def test_data_workers_end_when_their_rank_is_killed(tmp_path):
         rank.kill()
 
 
+def test_a_rank_that_exits_with_its_loader_open_is_not_held_by_its_workers(tmp_path):
+    """The workers ignore SIGTERM, which is all multiprocessing's exit hook sends before it joins
+    them: a loader still open at exit (a suspended generator in a reference cycle) once hung pytest
+    at its exit, after the last test had passed."""
+    urls = write_counted_shards(tmp_path, [30, 30])
+    script = (f"from tests.unit.test_data_faults import Loader, stream\n"
+              f"batches = iter(Loader(stream({urls!r}, train=True, counts=[30, 30]), 2))\n"
+              f"next(batches)\nprint('exiting', flush=True)\n")
+    try:
+        ended = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                               text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit: its data workers held it")
+    assert ended.returncode == 0 and ended.stdout == "exiting\n", ended.stderr
+    assert "Traceback" not in ended.stderr, ended.stderr
+
+
 def _ignores(pid: int, signum: int) -> bool:
     ignored = int(Path(f"/proc/{pid}/status").read_text().split("SigIgn:")[1].split()[0], 16)
     return bool(ignored >> (signum - 1) & 1)
