@@ -63,13 +63,6 @@ class DistEnv:
         tdist.all_gather_object(gathered, obj)
         return gathered
 
-    def broadcast_object(self, obj, src: int = 0):
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        tdist.broadcast_object_list(box, src=src)
-        return box[0]
-
 
 # The exit code of a stage that saved and stopped on a signal (SIGUSR1, or Slurm's via the launcher)
 # before train.steps: EX_TEMPFAIL, "try again later". Rerunning the same command resumes it; a chain
