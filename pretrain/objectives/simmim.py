@@ -11,8 +11,8 @@ input on the masked pixels only, divided by the number of masked pixels and by t
 official ``SimMIM.forward``).
 
 The backbone stays a plain timm model, which is what is exported: the mask token and the decoder
-live beside it. They enter the backbone's own forward through hooks on its patch embedding and on
-its final norm, so that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the
+live beside it. They enter the backbone's own forward through hooks on its patch embedding, its final
+norm and itself (which returns the unpooled feature map while masked), so that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the
 model's own parameters, such as ViT's position embedding; activation checkpointing) stays in place.
 
 The mask is drawn on the device in ``forward``, not in the data workers (the official code draws it
@@ -134,11 +134,16 @@ class Objective(base.Objective):
 
     # -- the masked encoder ----------------------------------------------------------------------------
     @contextmanager
-    def _masked(self, mask: torch.Tensor, features: list):
-        """While open, the encoder's patch embeddings are masked and its final feature map is
-        appended to ``features``."""
+    def _masked(self, mask: torch.Tensor):
+        """While open, the encoder masks its patch embeddings by ``mask`` and returns its final,
+        unpooled feature map (the final norm's output) instead of its pooled output."""
+        features: list[torch.Tensor] = []
         hooks = [self.encoder.patch_embed.register_forward_hook(lambda _m, _i, out: self.mask_token(out, mask)),
-                 self.encoder.norm.register_forward_hook(lambda _m, _i, out: features.append(out))]
+                 self.encoder.norm.register_forward_hook(lambda _m, _i, out: features.append(out)),
+                 # First of the encoder's hooks: ZeRO-3's own hook must see the tensor the loss
+                 # uses, or the parameters the encoder holds itself (ViT's position embedding and
+                 # class token) are not gathered again for the backward pass.
+                 self.encoder.register_forward_hook(lambda _m, _i, _out: features.pop(), prepend=True)]
         try:
             yield
         finally:
@@ -147,10 +152,8 @@ class Objective(base.Objective):
 
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The encoder's unpooled features (N x C x H/stride x W/stride) of ``images`` masked by ``mask``."""
-        features: list[torch.Tensor] = []
-        with self._masked(mask, features):
-            self.encoder(images)
-        x = features[-1]
+        with self._masked(mask):
+            x = self.encoder(images)
         if x.ndim == 3:  # ViT: N x (prefix + L) x C tokens, row-major over the patch grid
             x = x[:, self.prefix_tokens:]
             side = images.shape[-2] // self.stride
