@@ -1,5 +1,6 @@
 """One rank of the SimMIM runs (run by test_simmim.py on 2 processes): several runs in one process
-group, to pay for the processes' start-up once. Rank 0 writes each run's per-step metrics."""
+group, to pay for the processes' start-up once; a run given a stop step is stopped there and
+resumed. Rank 0 writes each run's per-step metrics."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def main() -> None:
     dist = init_distributed()
     torch.set_num_threads(1)
     results = {}
-    for name, (recipe, overrides) in json.loads(cases).items():
+    for name, (recipe, overrides, stop_at) in json.loads(cases).items():
         run_dir = Path(out_dir) / name
-        cfg = load_config(recipe, [*overrides, f"run.dir={run_dir}"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        Trainer(cfg, dist).fit()
+        if stop_at:  # stopped there with a checkpoint, then resumed by a fresh Trainer
+            Trainer(load_config(recipe, [*overrides, f"run.dir={run_dir}", f"train.stop_at={stop_at}"]), dist).fit()
+        Trainer(load_config(recipe, [*overrides, f"run.dir={run_dir}"]), dist).fit()
         if dist.is_main:
             lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
             results[name] = {"dir": str(run_dir),

@@ -1,5 +1,6 @@
-"""SimMIM on 2 processes: ZeRO-0 and ZeRO-3 give the same losses (ViT and Swin), it trains under
-bf16, the demo recipe's masked-pixel loss falls, and the export loads into timm."""
+"""SimMIM on 2 processes: ZeRO-0 and ZeRO-3 give the same losses (ViT and Swin), a resumed run the
+same losses as an uninterrupted one, it trains under bf16, the demo recipe's masked-pixel loss
+falls, and the export loads into timm."""
 
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ DEMO = str(REPO / "configs/pretrain/simmim_demo.yaml")
 def results(tmp_path_factory, digits_dir):
     tmp = tmp_path_factory.mktemp("simmim")
     data = [f"data.train={digits_dir}", "data.prepare=none"]
-    cases = {f"{model}-zero{zero}": (None, [*data, *EXACT, *spec, f"engine.zero_stage={zero}"])
+    cases = {f"{model}-zero{zero}": (None, [*data, *EXACT, *spec, f"engine.zero_stage={zero}"], None)
              for model, spec in (("vit", TINY_VIT), ("swin", TINY_SWIN)) for zero in (0, 3)}
-    cases["swin-zero3-bf16"] = (None, [*data, *EXACT, *TINY_SWIN, "engine.zero_stage=3", "engine.precision=bf16"])
+    cases["vit-zero3-resumed"] = (None, [*data, *EXACT, *TINY_VIT, "engine.zero_stage=3"], 2)
+    cases["swin-zero3-bf16"] = (None, [*data, *EXACT, *TINY_SWIN, "engine.zero_stage=3", "engine.precision=bf16"], None)
     cases["demo"] = (DEMO, [*data, "train.progress=false", "data.workers=0", "data.batch_size=16", "train.epochs=null",
                             "train.steps=40", "optim.warmup_epochs=0",
                             "optim.warmup_steps=4", "train.log_every=4", "train.ckpt_every=0",
-                            "optim.lr=2e-3"])
+                            "optim.lr=2e-3"], None)
     result = tmp / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/simmim_worker.py"), str(tmp), str(result), json.dumps(cases)]
@@ -56,6 +58,11 @@ def test_zero0_and_zero3_give_the_same_losses(results, model):
     assert sorted(a) == sorted(b) == ["1", "2", "3", "4"]
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5, (a, b)
     assert a["4"] != a["1"]  # the weights moved: the comparison covers updated models
+
+
+def test_a_resumed_run_draws_the_same_masks(results):
+    """The mask is drawn from the step's seed: stopped at step 2 and resumed, the losses are the same."""
+    assert losses(results["vit-zero3-resumed"]) == losses(results["vit-zero3"])
 
 
 def test_trains_under_bf16_and_zero3(results):
