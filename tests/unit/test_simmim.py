@@ -108,3 +108,8 @@ def test_mask_patch_size_must_fit_image_and_patches(tmp_path):
         tiny(tmp_path, TINY_VIT, "objective.mask_patch_size=12")
     with pytest.raises(ConfigError, match="objective.mask_patch_size=2: must be a multiple of the patch size 4"):
         tiny(tmp_path, TINY_VIT, "objective.mask_patch_size=2")
+
+
+def test_compile_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="engine.compile=true: not supported with objective.name=simmim"):
+        tiny(tmp_path, TINY_VIT, "engine.compile=true")
