@@ -55,7 +55,8 @@ def test_only_masked_pixels_count():
     assert masked_l1(changed_masked, target, mask) != masked_l1(reconstruction, target, mask)
 
 
-@pytest.mark.parametrize("model", [TINY_VIT, TINY_SWIN], ids=["vit", "swin"])
+@pytest.mark.parametrize("model", [TINY_VIT, [*TINY_VIT, "model.kwargs.dynamic_img_size=true"], TINY_SWIN],
+                         ids=["vit", "vit-dynamic-size", "swin"])  # ViT's patch grid as tokens or as NHWC
 def test_masked_patches_enter_the_encoder_as_the_mask_token(tmp_path, model):
     objective = tiny(tmp_path, model).eval()
     encoder = objective.encoder
