@@ -37,8 +37,7 @@ def results(tmp_path_factory, digits_dir):
     cases["swin-zero3-bf16"] = (None, [*data, *EXACT, *TINY_SWIN, "engine.zero_stage=3", "engine.precision=bf16"], None)
     cases["demo"] = (DEMO, [*data, "train.progress=false", "data.workers=0", "data.batch_size=16", "train.epochs=null",
                             "train.steps=40", "optim.warmup_epochs=0",
-                            "optim.warmup_steps=4", "train.log_every=4", "train.ckpt_every=0",
-                            "optim.lr=2e-3"], None)
+                            "optim.warmup_steps=4", "train.log_every=4", "train.ckpt_every=0"], None)
     result = tmp / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/simmim_worker.py"), str(tmp), str(result), json.dumps(cases)]
