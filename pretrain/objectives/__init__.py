@@ -7,4 +7,5 @@ OBJECTIVES = {
     "supervised": "pretrain.objectives.supervised",
     "dino": "pretrain.objectives.dino",
     "moby": "pretrain.objectives.moby",
+    "simmim": "pretrain.objectives.simmim",
 }

@@ -1,0 +1,41 @@
+"""One rank of the SimMIM runs (run by test_simmim.py on 2 processes): several runs in one process
+group, to pay for the processes' start-up once; a run given a stop step is stopped there and
+resumed. Rank 0 writes each run's per-step metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain.config import load_config
+from pretrain.dist import init_distributed, leave_process_group
+from pretrain.trainer import Trainer
+
+
+def main() -> None:
+    out_dir, result_path, cases = sys.argv[1:]
+    dist = init_distributed()
+    torch.set_num_threads(1)
+    results = {}
+    for name, (recipe, overrides, stop_at) in json.loads(cases).items():
+        run_dir = Path(out_dir) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if stop_at:  # stopped there with a checkpoint, then resumed by a fresh Trainer
+            Trainer(load_config(recipe, [*overrides, f"run.dir={run_dir}", f"train.stop_at={stop_at}"]), dist).fit()
+        Trainer(load_config(recipe, [*overrides, f"run.dir={run_dir}"]), dist).fit()
+        if dist.is_main:
+            lines = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+            results[name] = {"dir": str(run_dir),
+                             "steps": {r["step"]: {k[6:]: v for k, v in r.items() if k.startswith("train/")}
+                                       for r in lines if "train/loss" in r}}
+    if dist.is_main:
+        with open(result_path, "w") as f:
+            json.dump(results, f)
+    leave_process_group()  # together, or a rank may abort at exit
+
+
+if __name__ == "__main__":
+    main()
