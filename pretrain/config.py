@@ -139,6 +139,9 @@ class ObjectiveConfig:
     """Base of every objective's config; ``name`` picks the objective (see pretrain.objectives)."""
 
     name: str = "supervised"
+    # Whether the objective keeps a momentum teacher that follows the student's fp32 master weights
+    # in place (DINO, MoBY): those must then stay in memory (a class attribute, not a key).
+    follows_fp32_masters = False
 
     def validate(self) -> None:
         pass
@@ -264,6 +267,12 @@ class Config:
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):  # sections; a later stage's subclass may add plain keys
                 value.validate()
+        if self.objective.follows_fp32_masters and self.engine.offload_path:
+            raise ConfigError(f"engine.offload_path={self.engine.offload_path!r}: objective.name="
+                              f"{self.objective.name!r} keeps a momentum teacher that follows the student's fp32 "
+                              f"master weights in place, and with engine.offload_path DeepSpeed keeps them on NVMe, "
+                              f"swapped in one sub-group at a time; offload them to host memory instead "
+                              f"(engine.offload_path=null)")
         self.objective.validate_run(self)
 
     def to_dict(self) -> dict:

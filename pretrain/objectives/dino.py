@@ -39,6 +39,7 @@ from pretrain.schedules import cosine
 @dataclass
 class Config(ObjectiveConfig):
     name: str = "dino"
+    follows_fp32_masters = True  # the momentum teacher
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256

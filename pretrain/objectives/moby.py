@@ -33,6 +33,7 @@ from pretrain.schedules import cosine
 @dataclass
 class Config(ObjectiveConfig):
     name: str = "moby"
+    follows_fp32_masters = True  # the momentum teacher
     proj_dim: int = 256
     hidden_dim: int = 4096
     queue_size: int = 4096
