@@ -22,6 +22,16 @@ QUIET = ["run.threads=1", "train.progress=false", "data.workers=0", "objective.m
          "data.image_size=32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """The suite has ended: if the process then does not exit within two minutes, print every
+    thread's stack and exit non-zero. A data worker that outlived its test once held pytest in
+    multiprocessing's exit hook until CI's time ran out, after every test had passed."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's digits as shards (train and val splits with an index), written once per session."""
