@@ -1,0 +1,134 @@
+"""DINOv2's pieces against their formulas on known tensors: Sinkhorn-Knopp (also over 2 processes),
+KoLeo, the iBOT patch loss and the block-wise masks."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pretrain.dist import DistEnv, free_port
+from pretrain.objectives.dinov2 import block_mask, draw_masks, ibot_loss, koleo_loss, sinkhorn_knopp
+
+
+def reference_sinkhorn(logits, temp, iterations):
+    """Alternating normalisation in float64, written out: P = exp(logits / temp) / total; each
+    prototype's column to 1/K, each sample's row to 1/B, ``iterations`` times; then B * P."""
+    p = np.exp(np.asarray(logits, dtype=np.float64) / temp)
+    p /= p.sum()
+    b, k = p.shape
+    for _ in range(iterations):
+        for j in range(k):
+            p[:, j] /= p[:, j].sum() * k
+        for i in range(b):
+            p[i, :] /= p[i, :].sum() * b
+    return b * p
+
+
+def test_sinkhorn_knopp_equals_its_formula_and_rows_and_columns_sum_as_they_must():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 5) * 0.5
+    q = sinkhorn_knopp(logits, 0.1, DistEnv(), iterations=3)
+    np.testing.assert_allclose(q.numpy(), reference_sinkhorn(logits, 0.1, 3), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(12))  # each sample: a distribution
+    # Each prototype gets B / K of the mass, to the precision the iterations reach: 3 of them
+    # take it far closer than the softmax is; many converge to it.
+    columns = q.sum(dim=0)
+    assert (columns - 12 / 5).abs().max() < 0.5 * (torch.softmax(logits / 0.1, 1).sum(0) - 12 / 5).abs().max()
+    converged = sinkhorn_knopp(logits, 0.1, DistEnv(), iterations=200).sum(dim=0)
+    torch.testing.assert_close(converged, torch.full((5,), 12 / 5))
+
+
+def test_sinkhorn_knopp_takes_large_logits_without_overflow():
+    logits = torch.tensor([[1000.0, 999.0], [999.0, 1000.0]])
+    q = sinkhorn_knopp(logits, 0.5, DistEnv())
+    np.testing.assert_allclose(q.numpy(), reference_sinkhorn(logits - 1000.0, 0.5, 3), rtol=1e-6)
+
+
+def _sinkhorn_rank(rank: int, port: int, logits: torch.Tensor, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        part = logits[:7] if rank == 0 else logits[7:]  # unequal parts, as masked patches are
+        torch.save(sinkhorn_knopp(part, 0.07, DistEnv(rank=rank, world_size=2)), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sinkhorn_knopp_on_two_processes_equals_one_process_on_the_joined_batch(tmp_path):
+    torch.manual_seed(1)
+    logits = torch.randn(16, 6)
+    out = str(tmp_path / "q")
+    mp.spawn(_sinkhorn_rank, args=(free_port(), logits, out), nprocs=2, join=True)
+    joined = torch.cat([torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)])
+    torch.testing.assert_close(joined, sinkhorn_knopp(logits, 0.07, DistEnv()))
+
+
+def test_koleo_equals_its_formula():
+    # Four unit vectors at the corners of a square: every nearest neighbour is sqrt(2) away.
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) * 3.0
+    assert koleo_loss(square).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    torch.manual_seed(2)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    unit = x / x.norm(dim=1, keepdim=True)
+    expected = 0.0
+    for i in range(9):
+        j = max((k for k in range(9) if k != i), key=lambda k: float(unit[i] @ unit[k]))
+        expected -= math.log(float((unit[i] - unit[j] + 1e-8).norm()) + 1e-8) / 9
+    assert koleo_loss(x).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_koleo_pushes_the_nearest_neighbours_apart():
+    x = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0]], requires_grad=True)
+    koleo_loss(x).backward()
+    step = x.detach() - 0.1 * x.grad
+    assert koleo_loss(step) < koleo_loss(x.detach())
+
+
+def test_ibot_loss_equals_its_formula():
+    torch.manual_seed(3)
+    masks = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)  # 3 images, 4 patches
+    student = torch.randn(4, 5)  # one row per masked patch, image-major
+    teacher_p = torch.softmax(torch.randn(4, 5), dim=1)
+    per_image, row = [], 0
+    for image in masks:
+        ce = []
+        for _ in range(int(image.sum())):
+            ce.append(-(teacher_p[row] * torch.log_softmax(student[row] / 0.1, 0)).sum())
+            row += 1
+        per_image.append(torch.stack(ce).mean() if ce else torch.tensor(0.0))
+    expected = torch.stack(per_image).sum() / 3  # the unmasked image counts, as zero
+    torch.testing.assert_close(ibot_loss(student, teacher_p, masks, 0.1), expected)
+
+
+def test_block_masks_mask_about_the_count_in_blocks():
+    rng = random.Random(0)
+    counts, neighboured = [], []
+    for count in (10, 40, 80):
+        for _ in range(20):
+            mask = block_mask(14, 14, count, rng, max_patches=98)
+            counts.append(int(mask.sum()) / count)
+            padded = torch.nn.functional.pad(mask.float()[None, None], (1, 1, 1, 1))[0, 0]
+            neighbours = padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2] + padded[1:-1, 2:]
+            neighboured.append(float((neighbours[mask] > 0).float().mean()))
+    assert max(counts) <= 1.0 and np.mean(counts) > 0.8, counts
+    # Blocks, not scattered patches: nearly every masked patch has a masked neighbour (about a
+    # quarter of them would at this density if the patches were drawn one by one).
+    assert np.mean(neighboured) > 0.9, neighboured
+
+
+def test_half_the_crops_are_masked_at_ratios_in_their_strata():
+    rng = random.Random(1)
+    masks = draw_masks(8, 16, 16, 0.5, (0.1, 0.5), rng)
+    assert masks.shape == (8, 16, 16) and masks.dtype == torch.bool
+    fractions = sorted(masks.flatten(1).float().mean(1).tolist())
+    assert fractions[:4] == [0.0] * 4
+    # The i-th masked crop draws its ratio in [0.1 + 0.1 i, 0.2 + 0.1 i]; the blocks may fall short.
+    for i, fraction in enumerate(fractions[4:]):
+        assert 0 < fraction <= 0.2 + 0.1 * i + 1e-6, fractions
+    assert sum(fractions) > 0.8 * (0.15 + 0.25 + 0.35 + 0.45)
+    assert not torch.equal(masks, draw_masks(8, 16, 16, 0.5, (0.1, 0.5), rng))
