@@ -134,3 +134,133 @@ def draw_masks(crops: int, height: int, width: int, probability: float = 0.5,
     masks += [torch.zeros(height, width, dtype=torch.bool)] * (crops - masked)
     rng.shuffle(masks)
     return torch.stack(masks)
+
+
+# -- the objective -----------------------------------------------------------------------------------
+@dataclass
+class Config(dino.Config):
+    """DINO's keys with DINOv2's defaults (dinov2/configs/ssl_default_config.yaml), and DINOv2's own."""
+
+    name: str = "dinov2"
+    momentum: float = 0.992
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_crops: int = 8
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    centering: Literal["centering", "sinkhorn_knopp"] = "centering"
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    ibot_out_dim: int = 65536  # the iBOT head's prototypes (its other sizes are the DINO head's)
+    share_head: bool = False  # one head for the class and the patch tokens (ibot_out_dim unused)
+    mask_probability: float = 0.5  # share of the global crops that are masked
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # of a masked crop's patches
+
+    def validate(self) -> None:
+        super().validate()
+        if self.ibot_out_dim <= 0:
+            raise ConfigError(f"objective.ibot_out_dim={self.ibot_out_dim!r}: must be positive")
+        for key in ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be >= 0")
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise ConfigError(f"objective.mask_probability={self.mask_probability!r}: must be in [0, 1]")
+        low, high = self.mask_ratio
+        if not 0 <= low <= high <= 1:
+            raise ConfigError(f"objective.mask_ratio={[low, high]}: need 0 <= min <= max <= 1")
+
+    def validate_run(self, cfg) -> None:
+        super().validate_run(cfg)
+        if cfg.engine.compile:
+            raise ConfigError("engine.compile=true: not supported with objective.name=dinov2 (the mask enters the "
+                              "backbone through hooks, as SimMIM's); set engine.compile=false")
+
+
+class Objective(dino.Objective):
+    def __init__(self, cfg, ctx) -> None:
+        super().__init__(cfg, ctx)
+        backbone = self.student["backbone"]
+        if not hasattr(backbone, "num_prefix_tokens") or not hasattr(backbone, "patch_embed"):
+            raise ConfigError(f"model.name={cfg.model.name!r}: objective.name=dinov2 needs a ViT (patch tokens at "
+                              f"the patch level the mask is drawn on)")
+        patch = backbone.patch_embed.patch_size
+        self.patch_size = patch[0] if isinstance(patch, (tuple, list)) else patch
+        self.mask_token = MaskToken(backbone.patch_embed.proj.out_channels)
+        o = cfg.objective
+        self.register_buffer("ibot_center", torch.zeros(1, o.out_dim if o.share_head else o.ibot_out_dim))
+
+    def head_builders(self, in_dim: int) -> dict:
+        o = self.cfg.objective
+        builders = super().head_builders(in_dim)
+        if not o.share_head:
+            builders["ibot_head"] = lambda: DINOHead(in_dim, o.ibot_out_dim, o.hidden_dim, o.bottleneck_dim,
+                                                     o.head_layers, o.norm_last_layer)
+        return builders
+
+    def _ibot_head(self) -> str:
+        return "head" if self.cfg.objective.share_head else "ibot_head"
+
+    def _tokens(self, backbone, images: torch.Tensor, masks: torch.Tensor | None = None):
+        """(pooled features, patch tokens N x L x C) of ``backbone`` on ``images``, masked by ``masks``."""
+        with unpooled(backbone, None if masks is None else self.mask_token, masks):
+            tokens = backbone(images)
+        return backbone.forward_head(tokens, pre_logits=True), tokens[:, backbone.num_prefix_tokens:]
+
+    def _teacher_p(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.cfg.objective.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp, self.ctx.dist)
+        return F.softmax((logits.float() - center) / temp, dim=-1)
+
+    def forward(self, batch: dict, step: int):
+        o = self.cfg.objective
+        crops = batch["global"]
+        global_crops = torch.cat([self._inputs(crops[:, 0], self.photometric[0]),
+                                  self._inputs(crops[:, 1], self.photometric[1])])
+        side = global_crops.shape[-1] // self.patch_size
+        masks = draw_masks(len(global_crops), side, side, o.mask_probability, o.mask_ratio).to(global_crops.device)
+        flat = masks.flatten(1)
+        frozen = step < self.freeze_last_layer_steps
+        temp = self.teacher_temp(step)
+
+        with torch.no_grad():
+            teacher = self.teacher.nets["backbone"]
+            teacher_cls, teacher_patches = self._tokens(teacher, global_crops)
+            teacher_out = self.teacher.nets["head"](teacher_cls)
+            teacher_patch_out = self.teacher.nets[self._ibot_head()](teacher_patches[flat])
+            teacher_p = self._teacher_p(teacher_out, self.center, temp)
+            teacher_patch_p = self._teacher_p(teacher_patch_out, self.ibot_center, temp)
+
+        student_cls, student_patches = self._tokens(self.student["backbone"], global_crops, masks)
+        features = [student_cls]
+        if "local" in batch:
+            local = batch["local"].transpose(0, 1).flatten(0, 1)  # crop-major, like the global crops
+            features.append(self.student["backbone"](self._inputs(local, self.photometric[2])))
+        features = torch.cat(features)
+        student_out = self.student["head"](features, freeze_last_layer=frozen)
+        student_patch_out = self.student[self._ibot_head()](student_patches[flat], freeze_last_layer=frozen)
+
+        dino_part = dino.dino_cross_entropy(student_out, teacher_p, o.student_temp)
+        ibot_part = ibot_loss(student_patch_out, teacher_patch_p, flat, o.student_temp)
+        koleo_part = sum(koleo_loss(c) for c in student_cls.chunk(2))
+        loss = o.dino_loss_weight * dino_part + o.ibot_loss_weight * ibot_part + o.koleo_loss_weight * koleo_part
+
+        metrics = self._monitors(student_out, teacher_out, teacher_p, features)
+        with torch.no_grad():
+            k = math.log(teacher_patch_p.shape[-1])
+            patch_entropy = -(teacher_patch_p * teacher_patch_p.clamp_min(1e-12).log()).sum(-1).mean() / k \
+                if len(teacher_patch_p) else teacher_patch_p.new_zeros(())
+        metrics.update(dino_loss=dino_part.detach(), ibot_loss=ibot_part.detach(), koleo_loss=koleo_part.detach(),
+                       ibot_teacher_entropy=patch_entropy, masked_ratio=flat.float().mean())
+        if o.centering == "centering":
+            self._update_center(teacher_out)
+            self._update_ibot_center(teacher_patch_out)
+        return loss, metrics
+
+    @torch.no_grad()
+    def _update_ibot_center(self, teacher_patch_out: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the masked patches of every rank."""
+        total = torch.cat([teacher_patch_out.float().sum(dim=0),
+                           teacher_patch_out.new_full((1,), float(len(teacher_patch_out)), dtype=torch.float32)])
+        self.ctx.dist.all_reduce(total)
+        if total[-1] > 0:
+            m = self.cfg.objective.center_momentum
+            self.ibot_center.mul_(m).add_(total[None, :-1] / total[-1], alpha=1 - m)

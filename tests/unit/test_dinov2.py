@@ -11,7 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.conftest import TINY_SWIN, TINY_VIT
+
+from pretrain.config import ConfigError, load_config
 from pretrain.dist import DistEnv, free_port
+from pretrain.objectives.base import RunContext, build_objective
 from pretrain.objectives.dinov2 import block_mask, draw_masks, ibot_loss, koleo_loss, sinkhorn_knopp
 
 
@@ -132,3 +136,67 @@ def test_half_the_crops_are_masked_at_ratios_in_their_strata():
         assert 0 < fraction <= 0.2 + 0.1 * i + 1e-6, fractions
     assert sum(fractions) > 0.8 * (0.15 + 0.25 + 0.35 + 0.45)
     assert not torch.equal(masks, draw_masks(8, 16, 16, 0.5, (0.1, 0.5), rng))
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(None, [*TINY_VIT, "model.kwargs.dynamic_img_size=true", "objective.name=dinov2",
+                              "data.synthetic=true", "data.image_size=32", "data.batch_size=4", "train.steps=10",
+                              f"run.dir={tmp_path}", "objective.out_dim=32", "objective.ibot_out_dim=24",
+                              "objective.hidden_dim=16", "objective.bottleneck_dim=8", "objective.local_crops=2",
+                              "objective.local_size=16", "objective.freeze_last_layer_epochs=0",
+                              "engine.precision=fp32", *extra])
+
+
+BATCH = {"global": torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+         "local": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))}
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_forward_weighs_dino_ibot_and_koleo_and_trains_the_mask_token(tmp_path, centering):
+    torch.manual_seed(0)
+    random.seed(0)
+    objective = build_objective(tiny_config(tmp_path, f"objective.centering={centering}"),
+                                RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    loss, metrics = objective(BATCH, step=0)
+    assert 0 < metrics["masked_ratio"] < 0.5
+    # DINOv2's default weights: 1, 1 and 0.1.
+    torch.testing.assert_close(loss.detach(), metrics["dino_loss"] + metrics["ibot_loss"] + 0.1 * metrics["koleo_loss"])
+    assert metrics["ibot_loss"] > 0 and 0 < metrics["ibot_teacher_entropy"] <= 1
+    # The EMA centres move only when centring by them; Sinkhorn-Knopp leaves them at zero.
+    moved = centering == "centering"
+    assert (objective.center.abs().sum() > 0) == moved and (objective.ibot_center.abs().sum() > 0) == moved
+    loss.backward()
+    assert objective.mask_token.token.grad.abs().sum() > 0  # masked patches enter the student as the token
+    assert objective.student["ibot_head"].last_layer.weight_v.grad.abs().sum() > 0
+    assert all(p.grad is None for p in objective.teacher.parameters())
+    state = objective.state_dict()
+    assert {"center", "ibot_center", "mask_token.token", "teacher.master"} <= set(state)
+    assert any(k.startswith("student.ibot_head.") for k in state)
+
+
+def test_the_teacher_sees_unmasked_crops_and_share_head_keeps_one_head(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, "objective.share_head=true", "objective.jitter=0", "objective.grayscale=0",
+                      "objective.blur=[0, 0, 0]", "objective.solarize=0")
+    objective = build_objective(cfg, RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    assert "ibot_head" not in objective.student and "ibot_head" not in objective.teacher.nets
+    seen = []
+    objective.teacher.nets["head"].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    random.seed(0)
+    objective(BATCH, step=0)
+    crops = torch.cat([objective._inputs(BATCH["global"][:, i], objective.photometric[i]) for i in range(2)])
+    with torch.no_grad():  # the teacher's class-token output, from its plain (unmasked) forward
+        unmasked = objective.teacher.nets["head"](objective.teacher.nets["backbone"](crops))
+    torch.testing.assert_close(seen[0], unmasked[:len(seen[0])])
+    assert len(seen[0]) == len(crops)
+    masked_crops = torch.cat([crops[:1] * 0, crops[1:]])  # a crop changed: the outputs must differ
+    with torch.no_grad():
+        changed = objective.teacher.nets["head"](objective.teacher.nets["backbone"](masked_crops))
+    assert not torch.allclose(seen[0], changed)
+
+
+def test_dinov2_needs_a_vit(tmp_path):
+    with pytest.raises(ConfigError, match="needs a ViT"):
+        build_objective(tiny_config(tmp_path, *TINY_SWIN, "model.kwargs.dynamic_img_size=false",
+                                    "objective.local_crops=0"),
+                        RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
