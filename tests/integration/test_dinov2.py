@@ -1,18 +1,23 @@
-"""DINOv2 on 2 processes: ZeRO-0 and ZeRO-3 give the same losses (Sinkhorn-Knopp centring, so its
-all-reduces run too), and the exported teacher backbone loads into timm."""
+"""DINOv2 on 2 processes: Sinkhorn-Knopp over 2 processes equals 1 process on the joined batch;
+ZeRO-0 and ZeRO-3 give the same losses (with Sinkhorn-Knopp centring, so its all-reduces run in
+training too), and the exported teacher backbone loads into timm."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
+from pretrain.dist import DistEnv
+from pretrain.objectives.dinov2 import sinkhorn_knopp
 from tests.conftest import REPO, TINY_VIT, python_env
+from tests.integration.dinov2_worker import SINKHORN_SPLIT, sinkhorn_logits
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +39,17 @@ def results(tmp_path_factory, digits_dir):
              "zero3": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=true"], None)}
     result = tmp / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            str(REPO / "tests/integration/simmim_worker.py"), str(tmp), str(result), json.dumps(cases)]
+            str(REPO / "tests/integration/dinov2_worker.py"), str(tmp), str(result), json.dumps(cases)]
     done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
-    return json.loads(result.read_text())
+    return {**json.loads(result.read_text()), "tmp": str(tmp)}
+
+
+def test_sinkhorn_knopp_on_two_processes_equals_one_process_on_the_joined_batch(results):
+    parts = [torch.load(Path(results["tmp"]) / f"sinkhorn.{rank}.pt", weights_only=True) for rank in range(2)]
+    assert [len(p) for p in parts] == [SINKHORN_SPLIT, 16 - SINKHORN_SPLIT]
+    torch.testing.assert_close(torch.cat(parts), sinkhorn_knopp(sinkhorn_logits(), 0.07, DistEnv()))
 
 
 def test_zero0_and_zero3_give_the_same_losses_and_the_export_loads_in_timm(results):

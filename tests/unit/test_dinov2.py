@@ -1,5 +1,6 @@
-"""DINOv2's pieces against their formulas on known tensors: Sinkhorn-Knopp (also over 2 processes),
-KoLeo, the iBOT patch loss and the block-wise masks."""
+"""DINOv2's pieces against their formulas on known tensors: Sinkhorn-Knopp (over 2 processes in
+tests/integration/test_dinov2.py), KoLeo, the iBOT patch loss and the block-wise masks; the
+objective's forward."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from tests.conftest import TINY_SWIN, TINY_VIT
 
 from pretrain.config import ConfigError, load_config
-from pretrain.dist import DistEnv, free_port
+from pretrain.dist import DistEnv
 from pretrain.objectives.base import RunContext, build_objective
 from pretrain.objectives.dinov2 import block_mask, draw_masks, ibot_loss, koleo_loss, sinkhorn_knopp
 
@@ -51,25 +51,6 @@ def test_sinkhorn_knopp_takes_large_logits_without_overflow():
     logits = torch.tensor([[1000.0, 999.0], [999.0, 1000.0]])
     q = sinkhorn_knopp(logits, 0.5, DistEnv())
     np.testing.assert_allclose(q.numpy(), reference_sinkhorn(logits - 1000.0, 0.5, 3), rtol=1e-6)
-
-
-def _sinkhorn_rank(rank: int, port: int, logits: torch.Tensor, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        part = logits[:7] if rank == 0 else logits[7:]  # unequal parts, as masked patches are
-        torch.save(sinkhorn_knopp(part, 0.07, DistEnv(rank=rank, world_size=2)), f"{out}.{rank}")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_sinkhorn_knopp_on_two_processes_equals_one_process_on_the_joined_batch(tmp_path):
-    torch.manual_seed(1)
-    logits = torch.randn(16, 6)
-    out = str(tmp_path / "q")
-    mp.spawn(_sinkhorn_rank, args=(free_port(), logits, out), nprocs=2, join=True)
-    joined = torch.cat([torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)])
-    torch.testing.assert_close(joined, sinkhorn_knopp(logits, 0.07, DistEnv()))
 
 
 def test_koleo_equals_its_formula():
