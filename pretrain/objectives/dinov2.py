@@ -15,7 +15,8 @@ schedules, frozen prototypes and export. What DINOv2 adds:
 * KoLeo (:func:`koleo_loss`) on each global crop's L2-normalised class tokens (the student
   backbone's pooled output), summed over the two crops;
 * ``centering: sinkhorn_knopp`` (:func:`sinkhorn_knopp`, 3 iterations over the batch of every
-  rank) in place of the EMA centre, for both the class and the patch outputs.
+  rank) in place of the EMA centre, for both the class and the patch outputs;
+* layer-wise lr decay and a lower lr for the patch embedding (:meth:`Objective.lr_scale`).
 
 The loss is ``dino_loss_weight * DINO + ibot_loss_weight * iBOT + koleo_loss_weight * KoLeo``
 (DINOv2's defaults 1, 1, 0.1). The mask is drawn in ``forward`` from the model-side random stream
@@ -154,6 +155,11 @@ class Config(dino.Config):
     share_head: bool = False  # one head for the class and the patch tokens (ibot_out_dim unused)
     mask_probability: float = 0.5  # share of the global crops that are masked
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # of a masked crop's patches
+    # DINOv2's lr multipliers: layerwise_decay ** (depth + 1 - layer) per block (patch embedding,
+    # position embedding, class and mask tokens layer 0; final norm and heads depth + 1), and
+    # patch_embed_lr_mult on top for the patch embedding.
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
 
     def validate(self) -> None:
         super().validate()
@@ -162,6 +168,9 @@ class Config(dino.Config):
         for key in ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be >= 0")
+        for key in ("layerwise_decay", "patch_embed_lr_mult"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be in (0, 1]")
         if not 0.0 <= self.mask_probability <= 1.0:
             raise ConfigError(f"objective.mask_probability={self.mask_probability!r}: must be in [0, 1]")
         low, high = self.mask_ratio
@@ -195,6 +204,34 @@ class Objective(dino.Objective):
             builders["ibot_head"] = lambda: DINOHead(in_dim, o.ibot_out_dim, o.hidden_dim, o.bottleneck_dim,
                                                      o.head_layers, o.norm_last_layer)
         return builders
+
+    def param_groups(self) -> list[dict]:
+        """DINO's groups (weight decay or not, frozen prototypes), each split by DINOv2's lr
+        multiplier (``lr_scale``, which the engine applies to the scheduled lr)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        out = []
+        for group in super().param_groups():
+            by_scale: dict[float, list] = {}
+            for p in group["params"]:
+                by_scale.setdefault(self.lr_scale(names[id(p)]), []).append(p)
+            out += [{**group, "params": params, "lr_scale": scale} for scale, params in by_scale.items()]
+        return out
+
+    def lr_scale(self, name: str) -> float:
+        """DINOv2's ``get_vit_lr_decay_rate`` and ``patch_embed_lr_mult`` for parameter ``name``."""
+        o = self.cfg.objective
+        depth = len(self.student["backbone"].blocks)
+        layer = depth + 1
+        if name.startswith("student.backbone."):
+            inner = name[len("student.backbone."):]
+            if inner.startswith(("patch_embed.", "pos_embed", "cls_token", "reg_token")):
+                layer = 0
+            elif inner.startswith("blocks."):
+                layer = int(inner.split(".")[1]) + 1
+        elif name.startswith("mask_token."):
+            layer = 0  # DINOv2's mask token is part of its backbone
+        scale = o.layerwise_decay ** (depth + 1 - layer)
+        return scale * o.patch_embed_lr_mult if ".patch_embed." in name else scale
 
     def _ibot_head(self) -> str:
         return "head" if self.cfg.objective.share_head else "ibot_head"

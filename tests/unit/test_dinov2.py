@@ -181,3 +181,23 @@ def test_dinov2_needs_a_vit(tmp_path):
         build_objective(tiny_config(tmp_path, *TINY_SWIN, "model.kwargs.dynamic_img_size=false",
                                     "objective.local_crops=0"),
                         RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+
+
+def test_layerwise_lr_decay_and_patch_embedding_multiplier_as_dinov2(tmp_path):
+    objective = build_objective(tiny_config(tmp_path, "objective.freeze_last_layer_epochs=1"),
+                                RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    # The tiny ViT has 2 blocks: layers 0 (embeddings, tokens), 1, 2 (blocks), 3 (final norm, heads).
+    expected = {"student.backbone.cls_token": 0.9 ** 3, "student.backbone.pos_embed": 0.9 ** 3,
+                "student.backbone.patch_embed.proj.weight": 0.9 ** 3 * 0.2, "mask_token.token": 0.9 ** 3,
+                "student.backbone.blocks.0.attn.qkv.weight": 0.9 ** 2, "student.backbone.blocks.1.mlp.fc2.bias": 0.9,
+                "student.backbone.norm.weight": 1.0, "student.head.mlp.0.weight": 1.0,
+                "student.ibot_head.last_layer.weight_v": 1.0}
+    names = {id(p): n for n, p in objective.named_parameters()}
+    groups = objective.param_groups()
+    scales = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert {n: scales[n] for n in expected} == pytest.approx(expected)
+    assert len(scales) == sum(p.requires_grad for p in objective.parameters())  # each parameter once
+    # DINO's split survives: both heads' prototypes frozen for the first epoch, decay or not per parameter.
+    frozen = {names[id(p)] for g in groups if g.get("freeze_steps") for p in g["params"]}
+    assert frozen == {"student.head.last_layer.weight_v", "student.ibot_head.last_layer.weight_v"}
+    assert all(not g["apply_weight_decay"] for g in groups for p in g["params"] if p.ndim == 1)
