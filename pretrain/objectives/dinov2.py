@@ -294,10 +294,10 @@ class Objective(dino.Objective):
 
     @torch.no_grad()
     def _update_ibot_center(self, teacher_patch_out: torch.Tensor) -> None:
-        """EMA of the teacher's mean output over the masked patches of every rank."""
-        total = torch.cat([teacher_patch_out.float().sum(dim=0),
-                           teacher_patch_out.new_full((1,), float(len(teacher_patch_out)), dtype=torch.float32)])
-        self.ctx.dist.all_reduce(total)
-        if total[-1] > 0:
-            m = self.cfg.objective.center_momentum
-            self.ibot_center.mul_(m).add_(total[None, :-1] / total[-1], alpha=1 - m)
+        """EMA of the teacher's mean output over the masked patches, averaged over the ranks (DINOv2's
+        ``iBOTPatchLoss.update_center``: each rank's mean, however many patches it masked)."""
+        mean = teacher_patch_out.float().mean(dim=0, keepdim=True) if len(teacher_patch_out) else \
+            self.ibot_center.new_zeros(self.ibot_center.shape)
+        self.ctx.dist.all_reduce(mean)
+        m = self.cfg.objective.center_momentum
+        self.ibot_center.mul_(m).add_(mean / self.ctx.dist.world_size, alpha=1 - m)
