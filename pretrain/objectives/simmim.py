@@ -12,8 +12,9 @@ official ``SimMIM.forward``).
 
 The backbone stays a plain timm model, which is what is exported: the mask token and the decoder
 live beside it. They enter the backbone's own forward through hooks (pretrain.models.masked) on its
-patch embedding, its final norm and itself (which returns the unpooled feature map while masked), so that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the
-model's own parameters, such as ViT's position embedding; activation checkpointing) stays in place.
+patch embedding, its final norm and itself (which returns the unpooled feature map while masked), so
+that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the model's own
+parameters, such as ViT's position embedding; activation checkpointing) stays in place.
 
 The mask is drawn on the device in ``forward``, not in the data workers (the official code draws it
 in the dataset): the trainer seeds the model-side randomness from (seed, rank, step, micro-step), so

@@ -128,8 +128,11 @@ def tiny_config(tmp_path, *extra):
                               "engine.precision=fp32", *extra])
 
 
-BATCH = {"global": torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
-         "local": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))}
+def _images(*shape, seed):
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+BATCH = {"global": _images(4, 2, 3, 32, 32, seed=0), "local": _images(4, 2, 3, 16, 16, seed=1)}
 
 
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
