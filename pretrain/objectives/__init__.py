@@ -8,4 +8,5 @@ OBJECTIVES = {
     "dino": "pretrain.objectives.dino",
     "moby": "pretrain.objectives.moby",
     "simmim": "pretrain.objectives.simmim",
+    "dinov2": "pretrain.objectives.dinov2",
 }

@@ -99,9 +99,17 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
               teacher_temp: float, global_crops: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, teacher probabilities). ``student``: logits of every crop, crop-major ((crops * B) x K);
     ``teacher``: logits of the global crops, crop-major ((global_crops * B) x K)."""
-    student_logp = F.log_softmax(student.float() / student_temp, dim=-1).chunk(len(student) // (len(teacher)
-                                                                                                  // global_crops))
     teacher_p = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
+    return dino_cross_entropy(student, teacher_p, student_temp, global_crops), teacher_p
+
+
+def dino_cross_entropy(student: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,
+                       global_crops: int = 2) -> torch.Tensor:
+    """The cross-entropy between the teacher's probabilities of each global crop and the student's
+    softmax of every other crop, averaged over images and pairs. ``student``: logits, crop-major
+    ((crops * B) x K); ``teacher_p``: probabilities of the global crops, crop-major."""
+    student_logp = F.log_softmax(student.float() / student_temp, dim=-1).chunk(len(student) // (len(teacher_p)
+                                                                                                  // global_crops))
     total, pairs = 0.0, 0
     for t_index, t in enumerate(teacher_p.chunk(global_crops)):
         for s_index, s in enumerate(student_logp):
@@ -109,7 +117,7 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
                 continue  # no loss between a crop and itself
             total = total + torch.sum(-t * s, dim=-1).mean()
             pairs += 1
-    return total / pairs, teacher_p
+    return total / pairs
 
 
 class Objective(base.Objective):
@@ -118,9 +126,9 @@ class Objective(base.Objective):
         o = cfg.objective
         backbone = create_backbone(cfg.model, cfg.data.image_size, 0)
         builders = {"backbone": lambda: create_backbone(cfg.model, cfg.data.image_size, 0),
-                    "head": lambda: DINOHead(backbone.num_features, o.out_dim, o.hidden_dim, o.bottleneck_dim,
-                                             o.head_layers, o.norm_last_layer)}
-        self.student = nn.ModuleDict({"backbone": backbone, "head": builders["head"]()})
+                    **self.head_builders(backbone.num_features)}
+        self.student = nn.ModuleDict({"backbone": backbone,
+                                      **{name: build() for name, build in builders.items() if name != "backbone"}})
         self.teacher = MomentumTeacher(dict(self.student.items()), ctx.dist, builders)
         self.register_buffer("center", torch.zeros(1, o.out_dim))
         photo = dict(jitter=o.jitter, grayscale=o.grayscale)
@@ -131,6 +139,13 @@ class Objective(base.Objective):
         self.freeze_last_layer_steps = round(o.freeze_last_layer_epochs * spe)
         self.teacher_temp_warmup_steps = round(o.teacher_temp_warmup_epochs * spe)
         self.watch = CollapseWatch(cfg.train.log_every, ctx.dist.is_main)
+
+    def head_builders(self, in_dim: int) -> dict:
+        """Builders of the heads the student and the teacher hold next to the backbone, by name; each
+        head's ``last_layer`` holds prototypes frozen for the first ``freeze_last_layer_epochs``."""
+        o = self.cfg.objective
+        return {"head": lambda: DINOHead(in_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers,
+                                         o.norm_last_layer)}
 
     # -- schedules -------------------------------------------------------------------------------------
     def momentum(self, step: int) -> float:
@@ -220,7 +235,8 @@ class Objective(base.Objective):
         groups = super().param_groups()
         if not self.freeze_last_layer_steps:
             return groups
-        last = {id(p) for p in self.student["head"].last_layer.parameters()}
+        last = {id(p) for name, head in self.student.items() if name != "backbone"
+                for p in head.last_layer.parameters()}
         out = []
         for group in groups:
             rest = [p for p in group["params"] if id(p) not in last]

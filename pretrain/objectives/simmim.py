@@ -11,9 +11,10 @@ input on the masked pixels only, divided by the number of masked pixels and by t
 official ``SimMIM.forward``).
 
 The backbone stays a plain timm model, which is what is exported: the mask token and the decoder
-live beside it. They enter the backbone's own forward through hooks on its patch embedding, its final
-norm and itself (which returns the unpooled feature map while masked), so that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the
-model's own parameters, such as ViT's position embedding; activation checkpointing) stays in place.
+live beside it. They enter the backbone's own forward through hooks (pretrain.models.masked) on its
+patch embedding, its final norm and itself (which returns the unpooled feature map while masked), so
+that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the model's own
+parameters, such as ViT's position embedding; activation checkpointing) stays in place.
 
 The mask is drawn on the device in ``forward``, not in the data workers (the official code draws it
 in the dataset): the trainer seeds the model-side randomness from (seed, rank, step, micro-step), so
@@ -24,18 +25,17 @@ same masks; and the view stays the plain crop-and-flip one, which can also decod
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 
 from pretrain.config import ConfigError, ObjectiveConfig
 from pretrain.data.transforms import SupervisedTrainView, normalize
 from pretrain.models.backbone import create_backbone
+from pretrain.models.masked import MaskToken, unpooled
 from pretrain.objectives import base
 
 
@@ -96,24 +96,6 @@ def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return (error * mask).sum() / (mask.sum() + 1e-5) / target.shape[1]
 
 
-class MaskToken(nn.Module):
-    """The learned token that replaces masked patch embeddings (a module of its own so that ZeRO-3
-    gathers it when it is called)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.token = nn.Parameter(torch.zeros(1, 1, dim))
-        trunc_normal_(self.token, std=0.02)
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``tokens``: N x L x C (ViT) or N x H x W x C (Swin, ViT with dynamic sizes); ``mask``: N x H x W."""
-        weight = mask.reshape(*tokens.shape[:-1], 1).to(tokens.dtype)
-        return tokens * (1.0 - weight) + self.token.to(tokens.dtype) * weight
-
-    def no_weight_decay(self) -> set[str]:
-        return {"token"}  # as the official Swin encoder exempts its mask token
-
-
 class Objective(base.Objective):
     def __init__(self, cfg, ctx: base.RunContext) -> None:
         super().__init__(cfg, ctx)
@@ -139,26 +121,9 @@ class Objective(base.Objective):
         return SupervisedTrainView(d.image_size, o.scale, o.ratio, o.hflip, None, 0.0, o.interpolation, d.mean)
 
     # -- the masked encoder ----------------------------------------------------------------------------
-    @contextmanager
-    def _masked(self, mask: torch.Tensor):
-        """While open, the encoder masks its patch embeddings by ``mask`` and returns its final,
-        unpooled feature map (the final norm's output) instead of its pooled output."""
-        features: list[torch.Tensor] = []
-        hooks = [self.encoder.patch_embed.register_forward_hook(lambda _m, _i, out: self.mask_token(out, mask)),
-                 self.encoder.norm.register_forward_hook(lambda _m, _i, out: features.append(out)),
-                 # First of the encoder's hooks: ZeRO-3's own hook must see the tensor the loss
-                 # uses, or the parameters the encoder holds itself (ViT's position embedding and
-                 # class token) are not gathered again for the backward pass.
-                 self.encoder.register_forward_hook(lambda _m, _i, _out: features.pop(), prepend=True)]
-        try:
-            yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The encoder's unpooled features (N x C x H/stride x W/stride) of ``images`` masked by ``mask``."""
-        with self._masked(mask):
+        with unpooled(self.encoder, self.mask_token, mask):
             x = self.encoder(images)
         if x.ndim == 3:  # ViT: N x (prefix + L) x C tokens, row-major over the patch grid
             x = x[:, self.prefix_tokens:]

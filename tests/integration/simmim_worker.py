@@ -19,6 +19,11 @@ def main() -> None:
     out_dir, result_path, cases = sys.argv[1:]
     dist = init_distributed()
     torch.set_num_threads(1)
+    run_cases(dist, out_dir, result_path, cases)
+    leave_process_group()  # together, or a rank may abort at exit
+
+
+def run_cases(dist, out_dir: str, result_path: str, cases: str) -> None:
     results = {}
     for name, (recipe, overrides, stop_at) in json.loads(cases).items():
         run_dir = Path(out_dir) / name
@@ -34,7 +39,6 @@ def main() -> None:
     if dist.is_main:
         with open(result_path, "w") as f:
             json.dump(results, f)
-    leave_process_group()  # together, or a rank may abort at exit
 
 
 if __name__ == "__main__":

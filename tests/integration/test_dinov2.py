@@ -1,0 +1,82 @@
+"""DINOv2 on 2 processes: Sinkhorn-Knopp over 2 processes equals 1 process on the joined batch;
+ZeRO-0 and ZeRO-3 give the same losses, a run stopped and resumed the same as an uninterrupted one
+(teacher, both EMA centres, mask token, masks drawn from the step's seed), and the exported teacher
+backbone loads into timm."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from pretrain.dist import DistEnv
+from pretrain.objectives.dinov2 import sinkhorn_knopp
+from tests.conftest import REPO, TINY_VIT, python_env
+from tests.integration.dinov2_worker import SINKHORN_SPLIT, sinkhorn_logits
+
+pytestmark = pytest.mark.slow
+
+EXACT = [*TINY_VIT, "model.kwargs.dynamic_img_size=true", "run.threads=1", "train.progress=false", "data.workers=0",
+         "data.image_size=32", "data.batch_size=8", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]",
+         "train.epochs=null", "train.steps=3", "train.log_every=1", "train.ckpt_every=0", "optim.lr=2e-3",
+         "optim.warmup_steps=1", "model.drop_path=0", "engine.precision=fp32", "objective.name=dinov2",
+         "objective.out_dim=64", "objective.ibot_out_dim=48",
+         "objective.hidden_dim=32", "objective.bottleneck_dim=16", "objective.local_crops=2",
+         "objective.local_size=16", "objective.freeze_last_layer_epochs=0", "objective.momentum=0.9",
+         "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, digits_dir):
+    tmp = tmp_path_factory.mktemp("dinov2")
+    data = [f"data.train={digits_dir}", "data.prepare=none"]
+    cases = {"zero0": (None, [*data, *EXACT, "engine.zero_stage=0", "train.export=false"], None),
+             "zero3": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=true"], None),
+             "zero3-resumed": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=false"], 2)}
+    result = tmp / "result.json"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            str(REPO / "tests/integration/dinov2_worker.py"), str(tmp), str(result), json.dumps(cases)]
+    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
+    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    return {**json.loads(result.read_text()), "tmp": str(tmp)}
+
+
+def test_sinkhorn_knopp_on_two_processes_equals_one_process_on_the_joined_batch(results):
+    parts = [torch.load(Path(results["tmp"]) / f"sinkhorn.{rank}.pt", weights_only=True) for rank in range(2)]
+    assert [len(p) for p in parts] == [SINKHORN_SPLIT, 16 - SINKHORN_SPLIT]
+    torch.testing.assert_close(torch.cat(parts), sinkhorn_knopp(sinkhorn_logits(), 0.07, DistEnv()))
+
+
+def test_zero0_and_zero3_give_the_same_losses_and_the_export_loads_in_timm(results):
+    a, b = (results[z]["steps"] for z in ("zero0", "zero3"))
+    assert sorted(a) == sorted(b) == ["1", "2", "3"]
+    for step in a:
+        for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
+            assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step], b[step])
+    assert a["3"]["loss"] != a["1"]["loss"]  # the weights moved: the comparison covers updated models
+    assert all(0 < a[s]["masked_ratio"] < 0.5 and a[s]["ibot_loss"] > 0 for s in a)
+    export = REPO / results["zero3"]["dir"] / "export"
+    meta = json.loads((export / "backbone.json").read_text())
+    assert meta["objective"] == "dinov2"
+    weights = load_file(str(export / "backbone.safetensors"))
+    assert not any("mask_token" in k or "head." in k for k in weights)
+    overlay = dict(file=str(export / "backbone.safetensors"), num_classes=meta["kwargs"]["num_classes"],
+                   custom_load=False)  # as README.md loads an export
+    model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"])
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, meta["kwargs"]["embed_dim"])
+
+
+def test_a_resumed_run_continues_exactly(results):
+    """Stopped after step 2 and resumed: step 3 (teacher, centres, masks) as if never stopped."""
+    resumed, whole = results["zero3-resumed"]["steps"], results["zero3"]["steps"]
+    assert sorted(resumed) == ["1", "2", "3"]
+    assert {s: v["loss"] for s, v in resumed.items()} == {s: v["loss"] for s, v in whole.items()}
