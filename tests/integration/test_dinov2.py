@@ -42,7 +42,9 @@ def results(tmp_path_factory, digits_dir):
     result = tmp / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/dinov2_worker.py"), str(tmp), str(result), json.dumps(cases)]
-    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    # The worker imports simmim_worker's loop from the tests package, which only the checkout has.
+    env = dict(python_env(), PYTHONPATH=str(REPO))
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
     return {**json.loads(result.read_text()), "tmp": str(tmp)}
