@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from safetensors.torch import load_file
 
 from pretrain.dist import DistEnv
 from pretrain.objectives.dinov2 import sinkhorn_knopp
-from tests.conftest import REPO, TINY_VIT, python_env
+from tests.conftest import REPO, TINY_VIT, load_export, python_env
 from tests.integration.dinov2_worker import SINKHORN_SPLIT, sinkhorn_logits
 
 pytestmark = pytest.mark.slow
@@ -64,14 +62,9 @@ def test_zero0_and_zero3_give_the_same_losses_and_the_export_loads_in_timm(resul
             assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step], b[step])
     assert a["3"]["loss"] != a["1"]["loss"]  # the weights moved: the comparison covers updated models
     assert all(0 < a[s]["masked_ratio"] < 0.5 and a[s]["ibot_loss"] > 0 for s in a)
-    export = REPO / results["zero3"]["dir"] / "export"
-    meta = json.loads((export / "backbone.json").read_text())
+    meta, weights, model = load_export(REPO / results["zero3"]["dir"])
     assert meta["objective"] == "dinov2"
-    weights = load_file(str(export / "backbone.safetensors"))
     assert not any("mask_token" in k or "head." in k for k in weights)
-    overlay = dict(file=str(export / "backbone.safetensors"), num_classes=meta["kwargs"]["num_classes"],
-                   custom_load=False)  # as README.md loads an export
-    model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"])
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, meta["kwargs"]["embed_dim"])

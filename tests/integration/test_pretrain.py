@@ -15,7 +15,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUIET, REPO, TINY_VIT, run_module
+from tests.conftest import QUIET, REPO, TINY_VIT, load_export, run_module
 
 RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 # fp32, logged every step, no checkpoint except at the end: what the equality checks need.
@@ -98,12 +98,7 @@ def test_export_loads_into_timm_and_matches_deepspeeds_consolidation(runs):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     run_dir = runs("zero3", "engine.zero_stage=3")
-    meta = json.loads((run_dir / "export" / "backbone.json").read_text())
-    weights = run_dir / "export" / meta["weights"]
-    # num_classes in the overlay: otherwise timm takes the file for one with the hub's 1000-class head
-    # and keeps a random head; custom_load=False, or timm 1.0.15 reads it as the hub's .npz.
-    overlay = dict(file=str(weights), num_classes=meta["kwargs"]["num_classes"], custom_load=False)
-    model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"]).eval()
+    meta, _, model = load_export(run_dir)
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000010")
     from_checkpoint = {k.removeprefix("model."): v for k, v in consolidated.items()}
     export = exported(run_dir)

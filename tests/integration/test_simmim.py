@@ -9,11 +9,9 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.conftest import REPO, TINY_SWIN, TINY_VIT, load_export, python_env
 
 pytestmark = pytest.mark.slow
 
@@ -78,14 +76,9 @@ def test_demo_masked_pixel_loss_falls_and_export_loads_in_timm(results):
     # Predicting every pixel as the images' median (the best constant for an L1 loss) scores 0.55
     # on these digits; the model gets below that, not only below its own start (about 0.63).
     assert last < 0.5 and last < 0.75 * first, steps
-    export = REPO / results["demo"]["dir"] / "export"
-    meta = json.loads((export / "backbone.json").read_text())
+    meta, weights, model = load_export(REPO / results["demo"]["dir"])
     assert meta["objective"] == "simmim"
-    weights = load_file(str(export / "backbone.safetensors"))
     assert not any("mask_token" in k or k.startswith("decoder") for k in weights)
-    overlay = dict(file=str(export / "backbone.safetensors"), num_classes=meta["kwargs"]["num_classes"],
-                   custom_load=False)  # as README.md loads an export
-    model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"])
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, meta["kwargs"]["embed_dim"])
