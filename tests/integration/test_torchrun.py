@@ -118,3 +118,14 @@ def test_a_killed_node_ends_the_run_on_the_other_with_a_message(tmp_path):
     errors = [line for line in nodes.output(0).splitlines() if line.startswith("error: ")]
     assert errors and ("rendezvous" in errors[-1] or "died" in errors[-1]), nodes.output(0)
     assert took < 30, took
+
+
+def test_a_config_wrong_for_the_whole_world_size_fails_before_anything_starts(tmp_path, capsys):
+    from launch.__main__ import main
+
+    run_dir = tmp_path / "run"  # 16 samples a step cannot be split over 3 nodes x 1 process
+    code = main(["torchrun", "--nnodes", "3", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--", RECIPE,
+                 f"run.dir={run_dir}", "train.steps=3", *JOB, "data.global_batch=16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: data.global_batch=16" in err and "world size 3" in err, err
+    assert not run_dir.exists()
