@@ -93,9 +93,9 @@ def agent(argv: list[str]) -> int:
         if stopped_together(codes):
             return STOPPED_EXIT_CODE
         rank, failure = min(e.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-        print(f"error: {describe_failure(rank, failure.pid, failure.exitcode)} on this node; the run is over "
-              f"(when a rank fails right after a rank of another node, that node's log says why)",
-              file=sys.stderr, flush=True)
+        print(f"error: {describe_failure(rank, failure.pid, failure.exitcode)}; torchrun stopped this node's other "
+              f"ranks and the run is over (a rank whose collective failed lost a peer: the first failure is in "
+              f"another node's log)", file=sys.stderr, flush=True)
         return 1
     except RendezvousError as e:
         print(f"error: lost torchrun's rendezvous at {args.rdzv_endpoint} ({e}): the node that hosts it is gone, "

@@ -107,13 +107,15 @@ def test_a_killed_node_ends_the_run_on_the_other_with_a_message(tmp_path):
     nodes = Nodes(tmp_path, steps=5000)
     try:
         nodes.wait_training()
-        for process in nodes.family(1):  # the machine of node 1 goes away: its launcher, agent and rank at once
-            process.kill()
+        launcher, *agent_and_rank = nodes.family(1)
+        launcher.kill()  # node 1 goes away; its launcher's process group is the launcher alone
         killed_at = time.monotonic()
+        _, orphans = psutil.wait_procs(agent_and_rank, timeout=10)  # they end with their launcher
         code = nodes.launchers[0].wait(timeout=60)
         took = time.monotonic() - killed_at
     finally:
         nodes.close()
+    assert not orphans, [p.cmdline()[:5] for p in orphans]
     assert code not in (0, STOPPED_EXIT_CODE), nodes.output(0)
     errors = [line for line in nodes.output(0).splitlines() if line.startswith("error: ")]
     assert errors and ("rendezvous" in errors[-1] or "died" in errors[-1]), nodes.output(0)
