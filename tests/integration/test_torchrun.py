@@ -58,7 +58,8 @@ class Nodes:
         return [p.wait(max(0.1, deadline - time.monotonic())) for p in self.launchers]
 
     def output(self, node: int | None = None) -> str:
-        return "".join(f"--- node {n}\n{self.logs[n].read_text()[-4000:]}" for n in ((0, 1) if node is None else (node,)))
+        shown = (0, 1) if node is None else (node,)
+        return "".join(f"--- node {n}\n{self.logs[n].read_text()[-4000:]}" for n in shown)
 
     def close(self) -> None:
         """SIGKILL whatever of this run is left, and check that nothing is."""
