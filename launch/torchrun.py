@@ -27,6 +27,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from launch.local import STAGES, split_stage
@@ -91,6 +92,7 @@ def agent(argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
         if stopped_together(codes):
+            _wait_for_the_other_nodes(args)
             return STOPPED_EXIT_CODE
         rank, failure = min(e.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
         print(f"error: {describe_failure(rank, failure.pid, failure.exitcode)}; torchrun stopped this node's other "
@@ -102,6 +104,28 @@ def agent(argv: list[str]) -> int:
               f"or unreachable; the run is over and this node's ranks were stopped", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _wait_for_the_other_nodes(args, timeout_s: float = 30.0) -> None:
+    """After a stop, wait (at most ``timeout_s``) until every node's ranks stopped. torchrun keeps its
+    agents together at the end only when the ranks succeed (its exit barrier); ranks that saved and
+    exit 75 "failed", and the agent hosting the rendezvous store would leave at once, so that another
+    node's agent, whose ranks are still exiting, loses the store and stops them as a failure."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    host, _, port = args.rdzv_endpoint.rpartition(":")
+    key = f"vitscale/{args.rdzv_id}/stopped-nodes"
+    try:
+        store = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        stopped = store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while stopped < int(args.nnodes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            stopped = store.add(key, 0)
+    except (RuntimeError, ValueError):  # the store is gone: its host left, there is nobody to wait for
+        pass
 
 
 def _forward_to_ranks(signum, frame) -> None:
