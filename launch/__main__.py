@@ -1,6 +1,7 @@
-"""python -m launch {local,slurm,status} ...
+"""python -m launch {local,torchrun,slurm,status} ...
 
-  local  --nproc N [pretrain | finetune {full,linear,knn}] CONFIG [key=value ...]
+  local     --nproc N [pretrain | finetune {full,linear,knn}] CONFIG [key=value ...]
+  torchrun  --nnodes N --nproc-per-node G --rdzv-endpoint HOST:PORT [--node-rank R] [--rdzv-id ID] -- STAGE
   slurm  [options] -- STAGE [-- STAGE ...]     STAGE: pretrain CONFIG [k=v ...] | finetune MODE CONFIG [k=v ...]
   status RUN_DIR
 """
@@ -17,6 +18,14 @@ chain, each starting after the previous one succeeded. An override with several 
 A job that reaches its time limit or is preempted saves, requeues itself and resumes.
 """
 
+TORCHRUN_EPILOG = """\
+Start the same command on every node, each with its --node-rank. The stage is checked for the whole
+run (nnodes x nproc-per-node processes) before anything starts. Node 0's launcher holds the run dir,
+which every node must see at the same path (a shared file system). SIGUSR1/SIGTERM/SIGINT to any
+node's launcher make every rank save and stop (exit code 75: rerun the same commands to resume); a
+second SIGTERM/SIGINT stops that node at once. A node that dies ends the run on the others.
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch", description="Run a stage on some processes.")
@@ -27,6 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("stage", nargs=argparse.REMAINDER,
                        help="[pretrain] CONFIG [key=value ...] or finetune {full,linear,knn} CONFIG [key=value ...]; "
                             "a leading '--' is allowed")
+
+    torchrun = where.add_parser(
+        "torchrun", help="one node of a multi-node run under torchrun's elastic agent (c10d rendezvous): run it "
+                         "on every node", epilog=TORCHRUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    torchrun.add_argument("--nnodes", type=int, required=True, help="number of nodes")
+    torchrun.add_argument("--nproc-per-node", type=int, default=1, help="processes on each node (default 1)")
+    torchrun.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT",
+                          help="the rendezvous: a host every node reaches (typically node 0's) and a free port")
+    torchrun.add_argument("--node-rank", type=int, default=0,
+                          help="this node's rank, 0 to N-1 (default 0); node 0 holds the run dir")
+    torchrun.add_argument("--rdzv-id", help="the run's rendezvous id (default: derived from run.dir)")
+    torchrun.add_argument("stage", nargs=argparse.REMAINDER,
+                          help="-- [pretrain] CONFIG [key=value ...] or -- finetune {full,linear,knn} CONFIG ...")
 
     slurm = where.add_parser("slurm", help="submitit jobs on Slurm (chains, sweeps, requeue)",
                              epilog=SLURM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from launch.local import run
 
         return run(args.nproc, args.stage)
+    if args.where == "torchrun":
+        from launch.torchrun import run
+
+        return run(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.node_rank, args.rdzv_id, args.stage)
     if args.where == "status":
         from launch.status import show
 

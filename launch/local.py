@@ -32,11 +32,16 @@ def check_finetune(args: list[str], nproc: int) -> str:
 STAGES = {"pretrain": check_pretrain, "finetune": check_finetune}
 
 
-def run(nproc: int, stage_args: list[str]) -> int:
+def split_stage(stage_args: list[str]) -> tuple[str, list[str]]:
+    """``[--] [pretrain | finetune] CONFIG ...`` as (stage, its arguments); the stage defaults to pretrain."""
     args = list(stage_args)
     if args and args[0] == "--":
         args = args[1:]
-    stage = args.pop(0) if args and args[0] in STAGES else "pretrain"
+    return (args.pop(0) if args and args[0] in STAGES else "pretrain"), args
+
+
+def run(nproc: int, stage_args: list[str]) -> int:
+    stage, args = split_stage(stage_args)
     if nproc < 1:
         print(f"error: --nproc {nproc}: must be at least 1", file=sys.stderr)
         return 2

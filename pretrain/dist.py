@@ -139,21 +139,30 @@ def spawn_local(nproc: int, module: str, args: list[str]) -> int:
     alone (named on stderr).
     """
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc), **{LAUNCHER_ENV: str(os.getpid())})
+               LOCAL_WORLD_SIZE=str(nproc))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return supervise([([sys.executable, "-m", module, *args], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+                      for rank in range(nproc)])
+
+
+def supervise(commands: list[tuple[list[str], dict]], names: list[str] | None = None) -> int:
+    """Start ``commands`` (each an argv and its environment) as this launcher's processes and wait
+    for them, as :func:`spawn_local` describes: save signals forwarded as SIGUSR1, each in its own
+    session, ended with this launcher (``VITSCALE_LAUNCHER_PID``). ``names`` name them in a failure
+    message (default: ``rank N``)."""
     ranks: list[subprocess.Popen] = []
     signals = _Forwarder(ranks)
     try:
-        for rank in range(nproc):
-            ranks.append(subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True,
-                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-        return _wait(ranks, signals)
+        for command, env in commands:
+            ranks.append(subprocess.Popen(command, start_new_session=True,
+                                          env={**env, LAUNCHER_ENV: str(os.getpid())}))
+        return _wait(ranks, signals, names or [f"rank {rank}" for rank in range(len(ranks))])
     finally:
         signals.restore()
         _stop(ranks)
 
 
-def _wait(ranks: list[subprocess.Popen], signals: "_Forwarder") -> int:
+def _wait(ranks: list[subprocess.Popen], signals: "_Forwarder", names: list[str]) -> int:
     first, failed_at = None, 0.0  # the rank that failed first: killed by a signal rather than its peers
     while not signals.hard_stop:
         codes = [p.poll() for p in ranks]
@@ -173,8 +182,9 @@ def _wait(ranks: list[subprocess.Popen], signals: "_Forwarder") -> int:
         time.sleep(0.1)
     _stop(ranks)
     if first is not None:
-        print(f"error: {describe_failure(first, ranks[first].pid, ranks[first].returncode)}; the other ranks "
-              f"were stopped", file=sys.stderr)
+        others = "; the other ranks were stopped" if len(ranks) > 1 else ""
+        print(f"error: {describe_failure(names[first], ranks[first].pid, ranks[first].returncode)}{others}",
+              file=sys.stderr)
     return 1
 
 
@@ -254,8 +264,9 @@ def stopped_together(exit_codes: set[int]) -> bool:
     return STOPPED_EXIT_CODE in exit_codes and exit_codes <= {STOPPED_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}
 
 
-def describe_failure(rank: int, pid: int, exitcode: int) -> str:
-    """One line naming a lost rank and how it ended (a negative exit code is the signal that killed it)."""
+def describe_failure(rank: int | str, pid: int, exitcode: int) -> str:
+    """One line naming a lost rank (a number, or a name) and how it ended (a negative exit code is the
+    signal that killed it)."""
     if exitcode < 0:
         try:
             how = f"killed by {signal.Signals(-exitcode).name}"
@@ -263,4 +274,5 @@ def describe_failure(rank: int, pid: int, exitcode: int) -> str:
             how = f"killed by signal {-exitcode}"
     else:
         how = f"exited with code {exitcode}"
-    return f"rank {rank} (pid {pid}) died: {how}"
+    who = f"rank {rank}" if isinstance(rank, int) else rank
+    return f"{who} (pid {pid}) died: {how}"
