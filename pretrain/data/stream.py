@@ -370,8 +370,10 @@ def _end_with_parent(parent: int) -> None:
     os._exit(1)  # nothing will read this worker's batches
 
 
-# DataLoader iterators with worker processes that this process started, for the exit hook below.
+# The data workers this process started, and the DataLoader iterators still open over them, for the
+# exit hook below.
 _open_iterators: "weakref.WeakSet" = weakref.WeakSet()
+_started_workers: "weakref.WeakSet" = weakref.WeakSet()
 _exit_hook_registered = False
 
 
@@ -380,26 +382,30 @@ def _end_workers_at_exit(batches: Iterator) -> None:
 
     The workers ignore SIGTERM (:func:`shield_worker`), and multiprocessing's own exit hook
     terminates its daemonic children with SIGTERM and then joins them: a process that exits with a
-    loader still open (a generator kept alive by a reference cycle, an exception) would wait for its
-    workers forever, and they for it. This hook, registered after multiprocessing's and so run before
-    it, shuts such loaders down as the DataLoader does and kills a worker that does not end:
-    nothing will read its batches, and it holds nothing that needs a clean end.
+    worker still alive would wait for it forever, and the worker for its parent. That happens with a
+    loader still open at exit (a generator kept alive by a reference cycle, an exception), and with
+    a closed one whose worker was busy (the DataLoader's shutdown waits 5 s for a worker, then only
+    sends SIGTERM). This hook, registered after multiprocessing's and so run before it, shuts open
+    loaders down as the DataLoader does and kills every worker still alive: nothing will read its
+    batches, and it holds nothing that needs a clean end.
     """
     global _exit_hook_registered
-    if getattr(batches, "_workers", None):
+    workers = getattr(batches, "_workers", None)
+    if workers:
         _open_iterators.add(batches)
+        _started_workers.update(workers)  # multiprocessing holds each until it is joined
     if not _exit_hook_registered:
-        atexit.register(_end_open_workers)
+        atexit.register(_end_workers)
         _exit_hook_registered = True
 
 
-def _end_open_workers() -> None:
+def _end_workers() -> None:
     for batches in list(_open_iterators):
         batches._shutdown_workers()  # tells torch not to report the workers' end as a failure
-        for worker in batches._workers:
-            if worker.exitcode is None:
-                os.kill(worker.pid, signal.SIGKILL)
-                worker.join()
+    for worker in list(_started_workers):
+        if worker.exitcode is None:
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join()
 
 
 class Loader:

@@ -197,17 +197,36 @@ def test_data_workers_end_when_their_rank_is_killed(tmp_path):
         rank.kill()
 
 
-def test_a_rank_that_exits_with_its_loader_open_is_not_held_by_its_workers(tmp_path):
+class StallingView(KeyOnlyView):
+    """Stalls a worker for good after its first few samples, as a hung read or decode would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, image):
+        self.calls += 1
+        if self.calls > 4:
+            time.sleep(600)
+        return super().__call__(image)
+
+
+@pytest.mark.parametrize("loader", ["open", "closed with a stalled worker"])
+def test_a_rank_that_exits_is_not_held_by_its_data_workers(tmp_path, loader):
     """The workers ignore SIGTERM, which is all multiprocessing's exit hook sends before it joins
-    them: a loader still open at exit (a suspended generator in a reference cycle) once hung pytest
-    at its exit, after the last test had passed."""
+    them: a worker alive at exit once hung pytest after its last test had passed. Alive at exit: the
+    workers of a loader still open (a suspended generator in a reference cycle), and a worker that
+    was busy when its loader closed (the DataLoader waits 5 s for it, then only sends SIGTERM)."""
     urls = write_counted_shards(tmp_path, [30, 30])
-    script = (f"from tests.unit.test_data_faults import Loader, stream\n"
-              f"batches = iter(Loader(stream({urls!r}, train=True, counts=[30, 30]), 2))\n"
-              f"next(batches)\nprint('exiting', flush=True)\n")
+    view = "KeyOnlyView()" if loader == "open" else "StallingView()"
+    script = (f"from tests.unit.test_data_faults import KeyOnlyView, Loader, ShardDataset, StallingView\n"
+              f"batches = iter(Loader(ShardDataset({urls!r}, {view}, 2, rank=0, world_size=1, seed=0, train=True, "
+              f"counts=[30, 30]), 2))\n"
+              "next(batches)\n"
+              + ("del batches\n" if loader != "open" else "") +
+              "print('exiting', flush=True)\n")
     try:
         ended = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
-                               text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
+                               text=True, timeout=90, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2])))
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not exit: its data workers held it")
     assert ended.returncode == 0 and ended.stdout == "exiting\n", ended.stderr
