@@ -36,6 +36,7 @@ import weakref
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import numpy as np
@@ -347,27 +348,42 @@ class SyntheticDataset(IterableDataset):
 SAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def shield_worker(worker_id: int = 0) -> None:
+def shield_worker(worker_id: int = 0, rank_pid: int | None = None) -> None:
     """A data worker's ``worker_init_fn``: the save signals are its rank's to act on, not its own.
 
     ``scancel``, a preemption or a terminal's Ctrl-C signal every process of a job or a process
     group, workers included; a worker that died of it would crash its rank in the DataLoader before
     the rank could save. So workers ignore them (so do the ``pipe:`` commands they start: an ignored
-    signal stays ignored across exec), and end when their parent is gone, however it died. The
+    signal stays ignored across exec), and end when their rank is gone, however it died. The
     DataLoader's own shutdown does not need signals (its terminate() is a last resort for a hung
     worker, which now ends with its rank instead). A mask would not do: torch starts a thread in
     each worker before this runs, and a process-wide signal goes to any thread that does not block it.
+
+    ``rank_pid`` is the process that started the loader, passed from there: a worker may start after
+    its rank died, and its parent by then is whoever adopted it.
     """
     for signum in SAVE_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    # The parent at start: the rank, or a fork server (the "forkserver" start method) that ends with it.
-    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+    threading.Thread(target=_end_with_rank, args=(rank_pid or os.getppid(), os.getppid()), name="rank-watch",
+                     daemon=True).start()
 
 
-def _end_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
+def _end_with_rank(rank_pid: int, parent: int) -> None:
+    """Exit once the rank is gone, or the parent at start (the rank, or a fork server that ends with
+    it under the "forkserver" start method) is."""
+    while os.getppid() == parent and _exists(rank_pid):
         time.sleep(0.5)
     os._exit(1)  # nothing will read this worker's batches
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process by now: the pid was reused
+        return False
+    return True
 
 
 # The data workers this process started, and the DataLoader iterators still open over them, for the
@@ -443,7 +459,7 @@ class Loader:
         self.dataset.plan = self.plan
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
-                            worker_init_fn=shield_worker if self.workers else None)
+                            worker_init_fn=partial(shield_worker, rank_pid=os.getpid()) if self.workers else None)
         batches = iter(loader)
         _end_workers_at_exit(batches)
         for batch in batches:

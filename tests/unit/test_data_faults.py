@@ -197,6 +197,19 @@ def test_data_workers_end_when_their_rank_is_killed(tmp_path):
         rank.kill()
 
 
+def test_a_data_worker_that_starts_after_its_rank_died_ends_at_once():
+    """A worker can start after its rank is gone (killed while the loader was starting its workers);
+    it is then the adopted child of another process, and must still see that its rank is gone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    script = (f"import time\nfrom pretrain.data.stream import shield_worker\n"
+              f"shield_worker(0, rank_pid={gone.pid})\ntime.sleep(60)\n")
+    started = time.monotonic()
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert worker.returncode == 1 and not worker.stderr, worker.stderr  # it ended itself, no error
+    assert time.monotonic() - started < 30
+
+
 class StallingView(KeyOnlyView):
     """Stalls a worker for good after its first few samples, as a hung read or decode would."""
 
