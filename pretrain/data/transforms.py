@@ -19,7 +19,8 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data.auto_augment import AugmentOp
 from timm.data.transforms_factory import transforms_imagenet_train
 
 from pretrain.data.decode import EncodedImage, decode_pixels
@@ -76,6 +77,30 @@ def random_resized_box(width: int, height: int, scale, ratio=(3 / 4, 4 / 3)) -> 
     return left, top, left + w, top + h
 
 
+def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Posterize to ``bits_to_keep`` bits, where 0 bits gives a black image as Pillow < 13 did."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep < 1:
+        return image.point(lambda _: 0)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def _allow_zero_bit_posterize(photometric) -> None:
+    """timm's increasing posterize keeps 0 bits at magnitude 10, which ``mstd`` reaches (m9-mstd0.5:
+    about 2% of its draws); Pillow 13 raises there, which ended a run mid-epoch."""
+    stack = [photometric]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, AugmentOp):
+            if node.name.startswith("Posterize"):
+                node.aug_fn = _posterize
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        else:
+            stack.extend(getattr(node, attr) for attr in ("transforms", "ops", "policy") if hasattr(node, attr))
+
+
 class SupervisedTrainView:
     """timm's ImageNet training recipe (RandomResizedCrop, flip, RandAugment or colour jitter) up to uint8.
 
@@ -95,6 +120,8 @@ class SupervisedTrainView:
             auto_augment=auto_augment, interpolation="bicubic" if interpolation == "random" else interpolation,
             mean=mean, use_prefetcher=True, separate=True)
         self.photometric = photometric if (auto_augment or color_jitter) else None
+        if self.photometric is not None:
+            _allow_zero_bit_posterize(self.photometric)
 
     @property
     def supports_device_decode(self) -> bool:

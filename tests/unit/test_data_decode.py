@@ -77,6 +77,16 @@ def test_train_crop_is_timms_crop(photo):
         assert (reduced - reference).abs().mean() < 10.0, seed
 
 
+def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing(photo):
+    """timm's increasing posterize keeps 0 bits at magnitude 10 (which m9-mstd0.5 reaches); Pillow 13
+    rejects 0 bits, Pillow < 13 returned a black image: the view must return that on every Pillow."""
+    view = SupervisedTrainView(16, (0.5, 1.0), (3 / 4, 4 / 3), 0.0, "rand-m10-n1-inc1", 0.0, "bicubic", (0.5,) * 3)
+    decoded = Image.open(io.BytesIO(photo)).convert("RGB")
+    random.seed(0)
+    black = sum(int(view(decoded)["image"].max()) == 0 for _ in range(200))
+    assert black > 0  # n1 picks posterize in about 1 of 15 calls, applied in half of those
+
+
 def test_eval_view_is_resize_then_centre_crop(photo):
     from timm.data import create_transform
 
