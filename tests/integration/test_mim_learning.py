@@ -25,7 +25,7 @@ def test_demo_recipe_lifts_a_linear_probe(recipe, tmp_path, digits_dir):
     path = str(REPO / "configs/pretrain" / f"{recipe}.yaml")
     overrides = [f"data.train={digits_dir}", "data.prepare=none", f"run.dir={tmp_path}", "run.threads=1",
                  "train.progress=false", "data.workers=0", "data.batch_size=64", "train.ckpt_every=0"]
-    out = run_module("pretrain", path, *overrides)
+    run_module("pretrain", path, *overrides)
     cfg = load_config(path, overrides)
     size, mean, std = cfg.data.image_size, cfg.data.mean, cfg.data.std
     torch.set_num_threads(1)
