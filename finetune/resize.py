@@ -60,6 +60,13 @@ def _adapt_swin(state: dict[str, torch.Tensor], model: SwinTransformer) -> dict[
 
 def _adapt_vit(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     out = dict(state)
+    pools_with_fc_norm = isinstance(model.norm, nn.Identity) and not isinstance(model.fc_norm, nn.Identity)
+    if pools_with_fc_norm and "norm.weight" in out and "fc_norm.weight" not in out:
+        # Fine-tuning on pooled tokens a model pre-trained on its class token (BEiT, SimMIM, MAE): the
+        # final norm is dropped and the pooled tokens' norm starts fresh, as those codes do.
+        for key in [k for k in out if k.startswith("norm.")]:
+            out["fc_" + key] = getattr(model.fc_norm, key.removeprefix("norm.")).detach().clone()
+            del out[key]
     kernel = out.get("patch_embed.proj.weight")
     target = model.patch_embed.proj.weight.shape[-2:]
     if kernel is not None and kernel.ndim == 4 and kernel.shape[-2:] != target:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import timm
 import torch
 from timm.models.swin_transformer import checkpoint_filter_fn
@@ -100,3 +101,23 @@ def test_a_headless_swin_keeps_its_layout():
     adapted = adapt(small.state_dict(), large)
     assert "head.fc.weight" not in adapted and "layers.1.downsample.reduction.weight" in adapted
     large.load_state_dict(adapted)  # strict: every key where the model has it
+
+
+def test_vit_pretrained_on_its_class_token_fine_tunes_on_pooled_tokens(tmp_path):
+    """SimMIM's and BEiT's protocol: pre-trained with a final norm on the class token, fine-tuned on
+    average-pooled tokens with a fresh norm of its own; every other weight loads."""
+    torch.manual_seed(0)
+    pretrained = _perturbed(timm.create_model("vit_tiny_patch16_224", img_size=32, **VIT))
+    with torch.no_grad():
+        pretrained.norm.weight.fill_(3.0)
+    torch.save(pretrained.state_dict(), tmp_path / "vit.pth")
+    pooled = timm.create_model("vit_tiny_patch16_224", img_size=32, global_pool="avg", **VIT).eval()
+    weights.load_into(pooled, tmp_path / "vit.pth", head="keep")
+    assert isinstance(pooled.norm, torch.nn.Identity)
+    torch.testing.assert_close(pooled.fc_norm.weight, torch.ones(32))
+    for key, value in pretrained.state_dict().items():
+        if not key.startswith("norm."):
+            torch.testing.assert_close(pooled.state_dict()[key], value)
+    with pytest.raises(weights.WeightsError, match="norm"):  # the other way round is not guessed
+        torch.save(pooled.state_dict(), tmp_path / "pooled.pth")
+        weights.load_into(timm.create_model("vit_tiny_patch16_224", img_size=32, **VIT), tmp_path / "pooled.pth")
