@@ -1,6 +1,6 @@
 """Training throughput against a bare timm + torch loop and against the hardware.
 
-    python -m pretrain.bench gpu [--model M ...] [--objective supervised|dino|moby] [--zero S ...]
+    python -m pretrain.bench gpu [--model M ...] [--objective supervised|dino|dinov2|moby|simmim] [--zero S ...]
                                  [--steps N] [--batch B] [--source synthetic|shards|both] ...
 
 For each row (a model, an objective, a ZeRO stage), in this one process:
@@ -9,8 +9,9 @@ For each row (a model, an objective, a ZeRO stage), in this one process:
   on the device;
 - bare: a loop a user would write with timm and torch alone: the same backbone (the same attention
   kernels) and batch, bf16 autocast on CUDA, torch's fused AdamW, no DeepSpeed, no data pipeline;
-  for DINO and MoBY, the student (online) backbone on every crop and a no-grad teacher (target)
-  on the teacher's crops, heads and loss left out.
+  for DINO, DINOv2 and MoBY, the student (online) backbone on every crop and a no-grad teacher
+  (target) on the teacher's crops, heads, masks and losses left out; for SimMIM, the encoder on the
+  image, mask token, decoder and loss left out.
 
 Figures: images/s; model FLOPs utilization (the backbone's forward FLOPs counted once with
 ``torch.utils.flop_counter``, training = 3x forward, plus one forward of a momentum teacher, against
@@ -64,6 +65,7 @@ DEFAULT_ROWS = [Row("vit_small_patch16_224"), Row("vit_base_patch16_224"), Row("
                 Row("vit_small_patch16_224", "dino"),
                 Row("vit_base_patch16_224", zero=1), Row("vit_base_patch16_224", zero=2),
                 Row("vit_base_patch16_224", zero=3)]
+MULTI_CROP = ("dino", "dinov2")  # two global crops and local ones, a teacher on the global ones
 # Per-GPU batches that fit an 80 GB H100 in bf16 with room to spare; on the CPU, tiny ones.
 GPU_BATCH = {"vit_small": 256, "vit_base": 256, "vit_large": 128, "swin_tiny": 256, "swin_base": 128}
 
@@ -72,12 +74,12 @@ def parse(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m pretrain.bench gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", help="timm model names (default: the issue's rows)")
-    p.add_argument("--objective", choices=["supervised", "dino", "moby"], default="supervised")
+    p.add_argument("--objective", choices=["supervised", "dino", "dinov2", "moby", "simmim"], default="supervised")
     p.add_argument("--zero", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3], help="ZeRO stages")
     p.add_argument("--batch", type=int, help="per-process batch (default: 256 or 128 on GPUs by model, 4 on CPU)")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--local-crops", type=int, default=10, help="DINO's local crops")
-    p.add_argument("--local-size", type=int, default=96, help="DINO's local crop size")
+    p.add_argument("--local-crops", type=int, default=10, help="DINO's and DINOv2's local crops")
+    p.add_argument("--local-size", type=int, default=96, help="DINO's and DINOv2's local crop size")
     p.add_argument("--steps", type=int, default=200 if cuda else 3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=20 if cuda else 2, help="untimed steps per run")
     p.add_argument("--source", choices=["synthetic", "shards", "both"], default="both")
@@ -115,7 +117,7 @@ def batch_for(row: Row, device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     batch = next((b for prefix, b in GPU_BATCH.items() if row.model.startswith(prefix)), 128)
-    return batch // 4 if row.objective == "dino" else batch // 2 if row.objective == "moby" else batch
+    return batch // 4 if row.objective in MULTI_CROP else batch // 2 if row.objective == "moby" else batch
 
 
 # -- the runs -----------------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ def row_overrides(row: Row, args, batch: int, run_dir: str) -> list[str]:
     if row.objective == "supervised":
         # RandAugment runs on PIL images in the workers (and not at all with decoding on the device).
         return out + PLAIN_SUPERVISED + ["objective.auto_augment=null", "objective.color_jitter=0"]
-    if row.objective == "dino":
+    if row.objective in MULTI_CROP:
         out += [f"objective.local_crops={args.local_crops}", f"objective.local_size={args.local_size}"]
         if row.model.startswith("vit_"):
             out.append("model.kwargs={dynamic_img_size: true}")
@@ -184,7 +186,7 @@ def profile_trainer(overrides: list[str], dist, args, trace: Path) -> None:
 def crops_of(row: Row, args, batch: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """([(images, side)] through the trained backbone, [(images, side)] through a no-grad teacher)."""
     size = args.image_size
-    if row.objective == "dino":
+    if row.objective in MULTI_CROP:
         student = [(2 * batch, size)] + ([(args.local_crops * batch, args.local_size)] if args.local_crops else [])
         return student, [(2 * batch, size)]
     if row.objective == "moby":
@@ -330,7 +332,7 @@ def main(argv=None) -> int:
                 results[f"vitscale shards ({args.decode})"] = run_trainer(
                     overrides + shard_overrides(urls, args), dist, args.warmup, batch)
             results["bare timm"] = run_bare(row, args, overrides, dist, batch)
-            crops = f" 2x{args.image_size}+{args.local_crops}x{args.local_size}" if row.objective == "dino" else ""
+            crops = f" 2x{args.image_size}+{args.local_crops}x{args.local_size}" if row.objective in MULTI_CROP else ""
             name = f"{row.model} {row.objective}{crops}"
             for loop, (rate, memory) in results.items():
                 mfu = f"{rate * flops / peak:.1%}" if peak else "n/a"

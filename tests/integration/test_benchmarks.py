@@ -42,6 +42,17 @@ def test_gpu_benchmark_smoke_on_cpu():
     assert float(ratio.group(1)) == pytest.approx(rows["vitscale synthetic"][0] / rows["bare timm"][0], rel=0.01)
 
 
+@pytest.mark.parametrize("objective", ["simmim", "dinov2"])
+def test_gpu_benchmark_rows_of_the_masked_objectives(objective):
+    """The masked objectives' rows: the Trainer and the bare loop both run, on the objective's crops."""
+    out = run_module("pretrain.bench", "gpu", "--smoke", "--threads", "1", "--source", "synthetic",
+                     "--objective", objective, "--local-crops", "2", "--local-size", "32", timeout=300).stdout
+    crops = " 2x64+2x32" if objective == "dinov2" else ""
+    rows = [line for line in out.splitlines() if line.startswith(f"vit_tiny_patch16_224 {objective}{crops} ")]
+    assert [("vitscale synthetic" in r, "bare timm" in r) for r in rows] == [(True, False), (False, True)], out
+    assert RATIO.search(out.rstrip().splitlines()[-1]), out
+
+
 def test_memory_benchmark_measures_zero3_near_its_theory():
     """ZeRO-3 on 2 processes: what the ranks hold is 16/N bytes per parameter, within the project's 10%
     (DeepSpeed's buckets sized to the model; the small parameters it keeps whole on every rank and
