@@ -267,12 +267,11 @@ class Config:
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):  # sections; a later stage's subclass may add plain keys
                 value.validate()
-        if self.objective.follows_fp32_masters and self.engine.offload_path:
-            raise ConfigError(f"engine.offload_path={self.engine.offload_path!r}: objective.name="
-                              f"{self.objective.name!r} keeps a momentum teacher that follows the student's fp32 "
-                              f"master weights in place, and with engine.offload_path DeepSpeed keeps them on NVMe, "
-                              f"swapped in one sub-group at a time; offload them to host memory instead "
-                              f"(engine.offload_path=null)")
+        if self.objective.follows_fp32_masters and self.engine.offload_path and self.engine.offload == "all":
+            raise ConfigError(f"engine.offload=all with engine.offload_path={self.engine.offload_path!r}: objective."
+                              f"name={self.objective.name!r} keeps a momentum teacher that follows the student's "
+                              f"weights, which would then all be on NVMe; use engine.offload=optimizer (the teacher "
+                              f"follows the student's bf16 partitions) or no engine.offload_path")
         self.objective.validate_run(self)
 
     def to_dict(self) -> dict:

@@ -63,6 +63,9 @@ class MasterSlice:
     of it), covering elements ``start:start + len(values)`` of the flattened parameter.
     ``partitioned`` (ZeRO-3): the parameter's compute copy is partitioned the same way, so
     ``local_shard`` of a same-shaped parameter lines up with ``values`` element for element.
+    Under ZeRO-3 with the optimizer state on NVMe (``engine.offload_path``) the fp32 masters are on
+    disk, swapped in a sub-group at a time inside the optimizer step; ``values`` is then the rank's
+    partition of the compute copy (bf16 or fp16), the masters rounded once.
     """
 
     values: torch.Tensor | None
@@ -622,9 +625,10 @@ class Engine:
         flat_masters = self._flat_fp32_masters()
         safe_get_local_fp32_param = import_deepspeed().utils.safe_get_local_fp32_param
         out = []
+        masters_on_disk = self.cfg.engine.offload_path is not None
         for p in params:
             if hasattr(p, "ds_id"):
-                values = safe_get_local_fp32_param(p).view(-1)
+                values = local_shard(p) if masters_on_disk else safe_get_local_fp32_param(p).view(-1)
                 out.append(MasterSlice(values, rank * p.ds_tensor.ds_numel, True))
             elif hasattr(p, "_hp_mapping"):
                 mapping = p._hp_mapping

@@ -83,9 +83,12 @@ class MomentumTeacher(nn.Module):
         if self._bound is None:
             self._bound = self._bind(engine)
         b = self._bound
-        if b.states:
+        if b.states and b.masters[0].dtype == torch.float32:
             # One pass over memory, in place: state += (1 - momentum) * (master - state).
             torch._foreach_lerp_(b.states, b.masters, 1.0 - momentum)
+        else:  # the student's rounded partitions (masters on NVMe): one fp32 copy of a parameter at a time
+            for state, master in zip(b.states, b.masters):
+                state.lerp_(master.float(), 1.0 - momentum)
         if b.exchange is not None:
             b.exchange()
         torch._foreach_copy_(b.shards, b.sources)

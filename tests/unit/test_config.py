@@ -99,8 +99,9 @@ def test_resolved_config_is_plain_yaml():
     (["engine.zero_stage=2", "engine.offload=optimizer", "engine.offload_path=/nvme"],
      r"engine\.offload_path='/nvme': .*needs engine\.zero_stage=3"),
     (["engine.zero_stage=3", "engine.offload=cpu"], r"engine\.offload='cpu': expected one of"),
-    *[([f"objective.name={name}", "engine.zero_stage=3", "engine.offload=optimizer", "engine.offload_path=/nvme"],
-       rf"engine\.offload_path='/nvme': objective\.name='{name}' keeps a momentum teacher") for name in ("dino", "moby")],
+    *[([f"objective.name={name}", "engine.zero_stage=3", "engine.offload=all", "engine.offload_path=/nvme"],
+       rf"engine\.offload=all with engine\.offload_path='/nvme': objective\.name='{name}' keeps a momentum teacher")
+      for name in ("dino", "moby")],
 ])
 def test_impossible_offload_combinations_fail_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

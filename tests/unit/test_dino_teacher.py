@@ -53,6 +53,44 @@ def test_ema_state_dict_and_load():
     assert torch.allclose(fresh.full_state_dict("net")["0.weight"], expected["0.weight"], atol=1e-7)
 
 
+class RoundedEngine:
+    """The engine's view under ZeRO-3 with the fp32 masters on NVMe: the student's bf16 weights,
+    rewritten in place by each optimizer step (``step``)."""
+
+    def __init__(self, params) -> None:
+        self.params = params
+        self.rounded = [p.detach().bfloat16().view(-1) for p in params]
+
+    def step(self) -> None:
+        for r, p in zip(self.rounded, self.params):
+            r.copy_(p.detach().view(-1))
+
+    def master_slices(self, params):
+        assert list(params) == self.params
+        return [MasterSlice(r, 0, False) for r in self.rounded]
+
+
+def test_ema_of_rounded_weights_when_the_masters_are_on_disk():
+    """The teacher's fp32 state follows the bf16 weights exactly (no rounding of the state itself:
+    a momentum of 0.999 moves it by far less than a bf16 step)."""
+    net = student()
+    teacher = MomentumTeacher({"net": net}, DistEnv(), {"net": student})
+    followed = [p for p in net.parameters() if p.requires_grad]
+    expected = [p.detach().clone() for p in followed]
+    engine = RoundedEngine(followed)
+    for momentum in (0.5, 0.999):
+        with torch.no_grad():
+            for p in followed:
+                p.add_(torch.randn_like(p))
+        engine.step()
+        teacher.update(momentum, engine)
+        expected = [e * momentum + p.detach().bfloat16().float() * (1 - momentum) for e, p in zip(expected, followed)]
+    teacher_params = [p for p, s in zip(teacher.nets["net"].parameters(), net.parameters()) if s.requires_grad]
+    for p, e in zip(teacher_params, expected):
+        torch.testing.assert_close(p, e, atol=1e-6, rtol=1e-6)
+    assert teacher.master.dtype == torch.float32
+
+
 def test_collapse_watch_warns(caplog):
     watch = CollapseWatch(every=2, is_main=True)
     watch.record({"embedding_std": torch.tensor(0.01), "teacher_entropy": torch.tensor(0.5)})
