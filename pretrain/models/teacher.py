@@ -149,7 +149,10 @@ class MomentumTeacher(nn.Module):
         out = {}
         for key, value in self.nets[name].state_dict().items():
             if key in params:
-                out[key] = params[key].detach().float().cpu().clone()
+                whole = params[key].detach().float().cpu()
+                # Gathered partitions are fresh tensors already (a second copy of a 4 GB teacher
+                # ended a ViT-g export); views of ``master`` are copied.
+                out[key] = whole if self._partitioned else whole.clone()
             elif value.numel() == 0 and "." in key:
                 raise RuntimeError(f"teacher {name}: {key} is partitioned and not followed; cannot export it")
             else:
