@@ -11,16 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pretrain.config import Config, ConfigError, DataConfig, ModelConfig, RunConfig
-
-
-def _require(ok: bool, key: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r}: {why}")
+from pretrain.config import Config, DataConfig, ModelConfig, RunConfig, require
 
 
 def _check_pretrained(cfg) -> None:
-    _require(cfg.pretrained is None or cfg.pretrained.strip() != "", "pretrained", cfg.pretrained,
+    require(cfg.pretrained is None or cfg.pretrained.strip() != "", "pretrained", cfg.pretrained,
              "must be a path (or null for random initialization)")
 
 
@@ -39,11 +34,11 @@ class FinetuneSection:
     keep_best: bool = True  # export the weights with the best val/top1 into RUN_DIR/best
 
     def validate(self) -> None:
-        _require(self.head != "map" or self.class_map, "finetune.class_map", self.class_map,
+        require(self.head != "map" or self.class_map, "finetune.class_map", self.class_map,
                  "is required with finetune.head=map")
-        _require(self.layer_decay is None or 0 < self.layer_decay <= 1, "finetune.layer_decay",
+        require(self.layer_decay is None or 0 < self.layer_decay <= 1, "finetune.layer_decay",
                  self.layer_decay, "must be in (0, 1]")
-        _require(0 <= self.ema < 1, "finetune.ema", self.ema, "must be in [0, 1)")
+        require(0 <= self.ema < 1, "finetune.ema", self.ema, "must be in [0, 1)")
 
 
 @dataclass
@@ -56,7 +51,7 @@ class FullConfig(Config):
         super().validate()
         self.finetune.validate()
         _check_pretrained(self)
-        _require(not (self.finetune.ema and self.engine.zero_stage == 3), "finetune.ema", self.finetune.ema,
+        require(not (self.finetune.ema and self.engine.zero_stage == 3), "finetune.ema", self.finetune.ema,
                  "needs whole weights on every rank: use engine.zero_stage <= 2")
 
 
@@ -73,12 +68,12 @@ class FeaturesConfig:
     dtype: Literal["float32", "float16"] = "float32"
 
     def validate(self) -> None:
-        _require(bool(self.blocks) and all(n > 0 for n in self.blocks), "features.blocks", self.blocks,
+        require(bool(self.blocks) and all(n > 0 for n in self.blocks), "features.blocks", self.blocks,
                  "must list positive block counts")
-        _require(bool(self.avgpool), "features.avgpool", self.avgpool, "must list at least one choice")
-        _require(bool(self.stages) and all(n > 0 for n in self.stages), "features.stages", self.stages,
+        require(bool(self.avgpool), "features.avgpool", self.avgpool, "must list at least one choice")
+        require(bool(self.stages) and all(n > 0 for n in self.stages), "features.stages", self.stages,
                  "must list positive stage counts")
-        _require(0 < self.crop_pct <= 1, "features.crop_pct", self.crop_pct, "must be in (0, 1]")
+        require(0 < self.crop_pct <= 1, "features.crop_pct", self.crop_pct, "must be in (0, 1]")
 
 
 @dataclass
@@ -94,13 +89,13 @@ class LinearSection:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crops with linear.augment
 
     def validate(self) -> None:
-        _require(bool(self.lrs) and all(lr > 0 for lr in self.lrs), "linear.lrs", self.lrs,
+        require(bool(self.lrs) and all(lr > 0 for lr in self.lrs), "linear.lrs", self.lrs,
                  "must list positive learning rates")
         for key in ("base_batch", "epochs", "batch_size"):
-            _require(getattr(self, key) > 0, f"linear.{key}", getattr(self, key), "must be positive")
-        _require(0 <= self.momentum < 1, "linear.momentum", self.momentum, "must be in [0, 1)")
-        _require(self.weight_decay >= 0, "linear.weight_decay", self.weight_decay, "must be >= 0")
-        _require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "linear.crop_scale", list(self.crop_scale),
+            require(getattr(self, key) > 0, f"linear.{key}", getattr(self, key), "must be positive")
+        require(0 <= self.momentum < 1, "linear.momentum", self.momentum, "must be in [0, 1)")
+        require(self.weight_decay >= 0, "linear.weight_decay", self.weight_decay, "must be >= 0")
+        require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "linear.crop_scale", list(self.crop_scale),
                  "need 0 < min <= max <= 1")
 
 
@@ -111,9 +106,9 @@ class KnnSection:
     chunk: int = 1024  # test features compared at once
 
     def validate(self) -> None:
-        _require(bool(self.ks) and all(k > 0 for k in self.ks), "knn.ks", self.ks, "must list positive k")
-        _require(self.temperature > 0, "knn.temperature", self.temperature, "must be positive")
-        _require(self.chunk > 0, "knn.chunk", self.chunk, "must be positive")
+        require(bool(self.ks) and all(k > 0 for k in self.ks), "knn.ks", self.ks, "must list positive k")
+        require(self.temperature > 0, "knn.temperature", self.temperature, "must be positive")
+        require(self.chunk > 0, "knn.chunk", self.chunk, "must be positive")
 
 
 @dataclass
@@ -133,9 +128,9 @@ class ProbeConfig:
             value = getattr(self, section.name)
             if dataclasses.is_dataclass(value):
                 value.validate()
-        _require(self.pretrained is not None and self.pretrained.strip() != "", "pretrained", self.pretrained,
+        require(self.pretrained is not None and self.pretrained.strip() != "", "pretrained", self.pretrained,
                  "is required: pretrained=RUN_DIR (or an export, checkpoint or weights file)")
-        _require(self.data.val is not None, "data.val", None, "is required: the probe is measured on it")
+        require(self.data.val is not None, "data.val", None, "is required: the probe is measured on it")
 
     def to_dict(self) -> dict:
         return Config.to_dict(self)

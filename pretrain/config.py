@@ -73,7 +73,7 @@ class RunConfig:
     threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
 
     def validate(self) -> None:
-        _require(self.threads is None or self.threads > 0, "run.threads", self.threads, "must be positive")
+        require(self.threads is None or self.threads > 0, "run.threads", self.threads, "must be positive")
 
 
 @dataclass
@@ -85,9 +85,9 @@ class ModelConfig:
     fused_attn: bool = True
 
     def validate(self) -> None:
-        _require(self.name.startswith(("vit_", "swin_")), "model.name", self.name,
+        require(self.name.startswith(("vit_", "swin_")), "model.name", self.name,
                  "must be a timm vit_* or swin_* model")
-        _require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
+        require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
 
 
 @dataclass
@@ -115,22 +115,22 @@ class DataConfig:
     decode_on_device: bool = False
 
     def validate(self) -> None:
-        _require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
-        _require(self.global_batch is None or self.global_batch > 0, "data.global_batch", self.global_batch,
+        require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
+        require(self.global_batch is None or self.global_batch > 0, "data.global_batch", self.global_batch,
                  "must be positive")
-        _require(self.val_batch_size is None or self.val_batch_size > 0, "data.val_batch_size",
+        require(self.val_batch_size is None or self.val_batch_size > 0, "data.val_batch_size",
                  self.val_batch_size, "must be positive")
-        _require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
-        _require(self.image_size > 0, "data.image_size", self.image_size, "must be positive")
-        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
-        _require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", self.max_skip_rate, "must be in [0, 1]")
-        _require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
-        _require(all(s > 0 for s in self.std), "data.std", self.std, "must be positive")
-        _require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
+        require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        require(self.image_size > 0, "data.image_size", self.image_size, "must be positive")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", self.max_skip_rate, "must be in [0, 1]")
+        require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
+        require(all(s > 0 for s in self.std), "data.std", self.std, "must be positive")
+        require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
                  "must be positive")
-        _require(self.train is not None or self.synthetic, "data.train", None,
+        require(self.train is not None or self.synthetic, "data.train", None,
                  "is required (or set data.synthetic=true)")
-        _require(self.prepare == "none" or isinstance(self.train, str), "data.prepare", self.prepare,
+        require(self.prepare == "none" or isinstance(self.train, str), "data.prepare", self.prepare,
                  "needs data.train to be the directory to write into")
 
 
@@ -169,20 +169,20 @@ class OptimConfig:
     no_decay: list[str] = field(default_factory=lambda: ["1d", "timm"])
 
     def validate(self) -> None:
-        _require(self.lr is None or self.lr > 0, "optim.lr", self.lr, "must be positive")
-        _require(self.base_lr > 0, "optim.base_lr", self.base_lr, "must be positive")
-        _require(self.base_batch > 0, "optim.base_batch", self.base_batch, "must be positive")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
-        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _require(self.min_lr >= 0, "optim.min_lr", self.min_lr, "must be >= 0")
-        _require(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
+        require(self.lr is None or self.lr > 0, "optim.lr", self.lr, "must be positive")
+        require(self.base_lr > 0, "optim.base_lr", self.base_lr, "must be positive")
+        require(self.base_batch > 0, "optim.base_batch", self.base_batch, "must be positive")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        require(self.min_lr >= 0, "optim.min_lr", self.min_lr, "must be >= 0")
+        require(self.weight_decay_end is None or self.weight_decay_end >= 0, "optim.weight_decay_end",
                  self.weight_decay_end, "must be >= 0")
-        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "must be in [0, 1)")
-        _require(self.eps > 0, "optim.eps", self.eps, "must be positive")
-        _require(all(rule.strip() for rule in self.no_decay), "optim.no_decay", self.no_decay,
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "must be in [0, 1)")
+        require(self.eps > 0, "optim.eps", self.eps, "must be positive")
+        require(all(rule.strip() for rule in self.no_decay), "optim.no_decay", self.no_decay,
                  'entries must be "1d", "timm" or a glob on parameter names such as "*pos_embed"')
-        _require(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_epochs", self.warmup_epochs,
+        require(not (self.warmup_steps and self.warmup_epochs), "optim.warmup_epochs", self.warmup_epochs,
                  "cannot be combined with optim.warmup_steps")
 
 
@@ -210,21 +210,21 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        _require((self.steps is None) != (self.epochs is None), "train.steps", self.steps,
+        require((self.steps is None) != (self.epochs is None), "train.steps", self.steps,
                  "set exactly one of train.steps and train.epochs")
-        _require(self.steps is None or self.steps > 0, "train.steps", self.steps, "must be positive")
-        _require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
-        _require(self.stop_at is None or self.stop_at > 0, "train.stop_at", self.stop_at, "must be positive")
-        _require(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
-        _require(self.clip_grad is None or self.clip_grad > 0, "train.clip_grad", self.clip_grad,
+        require(self.steps is None or self.steps > 0, "train.steps", self.steps, "must be positive")
+        require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
+        require(self.stop_at is None or self.stop_at > 0, "train.stop_at", self.stop_at, "must be positive")
+        require(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
+        require(self.clip_grad is None or self.clip_grad > 0, "train.clip_grad", self.clip_grad,
                  "must be positive (or null for no clipping)")
         for key in ("eval_every", "ckpt_every"):
-            _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
-        _require(self.keep_last > 0, "train.keep_last", self.keep_last, "must be positive")
-        _require(self.resume_from is None or re.fullmatch(r"step_\d{8,}", str(self.resume_from)) is not None,
+            require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
+        require(self.keep_last > 0, "train.keep_last", self.keep_last, "must be positive")
+        require(self.resume_from is None or re.fullmatch(r"step_\d{8,}", str(self.resume_from)) is not None,
                  "train.resume_from", self.resume_from, "must be a checkpoint tag like step_00001000")
-        _require(self.log_every > 0, "train.log_every", self.log_every, "must be positive")
-        _require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be positive")
+        require(self.log_every > 0, "train.log_every", self.log_every, "must be positive")
+        require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be positive")
 
 
 @dataclass
@@ -240,15 +240,15 @@ class EngineConfig:
     offload_path: str | None = None
 
     def validate(self) -> None:
-        _require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
-        _require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
+        require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
                  "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
-        _require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,
+        require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,
                  f"offloads parameters too, which only ZeRO-3 partitions; needs engine.zero_stage=3 "
                  f"(it is {self.zero_stage}), or engine.offload=optimizer")
-        _require(self.offload_path is None or self.offload != "none", "engine.offload_path", self.offload_path,
+        require(self.offload_path is None or self.offload != "none", "engine.offload_path", self.offload_path,
                  "is where engine.offload writes; set engine.offload=optimizer or all")
-        _require(self.offload_path is None or self.zero_stage == 3, "engine.offload_path", self.offload_path,
+        require(self.offload_path is None or self.zero_stage == 3, "engine.offload_path", self.offload_path,
                  f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 (it is {self.zero_stage})")
 
 
@@ -285,7 +285,7 @@ def for_world_size(cfg: Config, world_size: int) -> Config:
     if cfg.data.global_batch is None:
         return cfg
     per_step = world_size * cfg.train.grad_accum
-    _require(cfg.data.global_batch % per_step == 0, "data.global_batch", cfg.data.global_batch,
+    require(cfg.data.global_batch % per_step == 0, "data.global_batch", cfg.data.global_batch,
              f"not divisible by the world size {world_size} x train.grad_accum {cfg.train.grad_accum}")
     data = dataclasses.replace(cfg.data, batch_size=cfg.data.global_batch // per_step)
     resolved = dataclasses.replace(cfg, data=data)
@@ -293,7 +293,8 @@ def for_world_size(cfg: Config, world_size: int) -> Config:
     return resolved
 
 
-def _require(ok: bool, key: str, value: Any, why: str) -> None:
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+    """ConfigError naming ``key`` and its ``value`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")
 

@@ -13,7 +13,8 @@ from launch.local import run as launch_local
 from pretrain.config import ConfigError, load_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "finetune"
-STAGES = {"full_demo": FullConfig, "swin_b_22k_to_1k_384": FullConfig, "linear_demo": LinearConfig,
+STAGES = {"full_demo": FullConfig, "swin_b_22k_to_1k_384": FullConfig, "simmim_swin_base_ft": FullConfig,
+          "simmim_vit_base_ft": FullConfig, "linear_demo": LinearConfig,
           "dino_linear": LinearConfig, "linear_grid": LinearConfig, "knn_demo": KnnConfig, "dino_knn": KnnConfig}
 
 
