@@ -10,7 +10,6 @@ features never sit in one process.
 from __future__ import annotations
 
 import torch
-import torch.distributed as tdist
 import torch.nn.functional as F
 
 from finetune.config import KnnConfig
@@ -22,14 +21,14 @@ def gather_rows(tensor: torch.Tensor, dist: DistEnv) -> torch.Tensor:
     """Every rank's rows, concatenated in rank order (ranks may hold different numbers of rows)."""
     if dist.world_size == 1:
         return tensor
-    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.world_size)]
-    tdist.all_gather(counts, torch.tensor([len(tensor)], device=tensor.device))
-    longest = int(max(c.item() for c in counts))
+    counts = dist.gather_objects(len(tensor))
+    longest = max(counts)
+    if longest == 0:
+        return tensor
     padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[:len(tensor)] = tensor
-    parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
-    tdist.all_gather(parts, padded)
-    return torch.cat([part[:int(c.item())] for part, c in zip(parts, counts)])
+    parts = dist.all_gather_cat(padded).split(longest)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
 def nearest(test: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, k: int,
@@ -47,12 +46,11 @@ def nearest(test: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor,
         pad = k - local_k
         sims = torch.cat([sims, sims.new_full((len(test), pad), float("-inf"))], dim=1)
         labels = torch.cat([labels, labels.new_zeros(len(test), pad)], dim=1)
-        sims_all = [torch.empty_like(sims) for _ in range(dist.world_size)]
-        labels_all = [torch.empty_like(labels) for _ in range(dist.world_size)]
-        tdist.all_gather(sims_all, sims)
-        tdist.all_gather(labels_all, labels)
-        sims, order = torch.cat(sims_all, dim=1).topk(k, dim=1)
-        labels = torch.cat(labels_all, dim=1).gather(1, order)
+        def side_by_side(part: torch.Tensor) -> torch.Tensor:  # every rank's (test rows, k), as (rows, world * k)
+            return dist.all_gather_cat(part).view(dist.world_size, len(test), k).transpose(0, 1).flatten(1)
+
+        sims, order = side_by_side(sims).topk(k, dim=1)
+        labels = side_by_side(labels).gather(1, order)
     return sims, labels
 
 

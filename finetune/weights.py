@@ -136,12 +136,7 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     file is read weights-only (DeepSpeed's own reader included), with only the few DeepSpeed classes
     its states hold allowed: a file that would unpickle anything else is refused, naming it.
     """
-    from pretrain.engine import import_deepspeed
-
-    import_deepspeed()  # quietly, on DeepSpeed's CPU accelerator without a GPU
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pretrain.engine import weights_only_loading
+    from pretrain.engine import weights_only_loading, zero_checkpoint_fp32_weights
 
     tag_dir = directory / (tag or _latest_tag(directory))
     if not tag_dir.is_dir():
@@ -150,7 +145,7 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     try:
         with weights_only_loading():
             if any(tag_dir.glob("*optim_states.pt")):
-                state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag_dir.name)
+                state = zero_checkpoint_fp32_weights(directory, tag_dir.name)
                 return {k: v for k, v in state.items() if torch.is_tensor(v)}
             # ZeRO stage 0 keeps whole weights in the model-states file.
             files = sorted(tag_dir.glob("*model_states.pt"))

@@ -55,6 +55,19 @@ class DistEnv:
                 total[key] = total.get(key, 0) + value
         return total
 
+    def all_gather_into(self, out: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape everywhere) into ``out``, rank-major along dim 0."""
+        if self.world_size == 1:
+            return out.copy_(tensor.reshape(out.shape))
+        tdist.all_gather_into_tensor(out, tensor.contiguous())
+        return out
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape everywhere), concatenated in rank order along dim 0."""
+        if self.world_size == 1:
+            return tensor
+        return self.all_gather_into(tensor.new_empty(self.world_size * len(tensor), *tensor.shape[1:]), tensor)
+
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (picklable), in rank order, on every rank; a collective."""
         if self.world_size == 1:
@@ -62,6 +75,16 @@ class DistEnv:
         gathered = [None] * self.world_size
         tdist.all_gather_object(gathered, obj)
         return gathered
+
+
+def all_reduce_differentiable(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks of the default process group, with the gradient flowing
+    back to every rank's input (for modules that hold no DistEnv: synchronized batch norm)."""
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        import torch.distributed.nn.functional as dist_nn
+
+        return dist_nn.all_reduce(tensor)
+    return tensor
 
 
 # The exit code of a stage that saved and stopped on a signal (SIGUSR1, or Slurm's via the launcher)

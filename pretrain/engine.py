@@ -93,6 +93,26 @@ def partitioned_numel(param: nn.Parameter) -> int:
     return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
 
 
+def zero_checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict:
+    """The fp32 weights of a DeepSpeed checkpoint with ZeRO optimizer states, gathered from its
+    partitions by DeepSpeed's own ``zero_to_fp32`` (on its CPU accelerator without a GPU)."""
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+
+
+def is_partitioned(param: nn.Parameter) -> bool:
+    """Whether ZeRO-3 holds ``param`` as partitions (its ``local_shard`` is a part of it)."""
+    return hasattr(param, "ds_tensor")
+
+
+def kept_whole(param: nn.Parameter) -> bool:
+    """Whether ZeRO-3 also keeps ``param`` whole on every rank, next to its partition (small
+    "persistent" parameters: biases, norms, tokens)."""
+    return getattr(param, "ds_persist", False)
+
+
 def partitioned_shape(param: nn.Parameter) -> torch.Size:
     """The shape of ``param`` as built, also once ZeRO-3 partitioned it."""
     return param.ds_shape if hasattr(param, "ds_shape") else param.shape

@@ -20,7 +20,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as tdist
 from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
@@ -31,7 +30,7 @@ from pretrain.data.device_decode import DeviceDecodedView
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
-from pretrain.engine import Engine, build_module
+from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.faults import maybe_die, maybe_signal
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
@@ -197,10 +196,7 @@ class Trainer:
         processes can take it up (DeepSpeed keeps rank 0's copy below ZeRO-3)."""
         data = dict((self.batches or self.train_loader).state_dict())
         plan = data.pop("plan", None)  # the same on every rank: kept once
-        ranks = [data]
-        if self.dist.world_size > 1:
-            ranks = [None] * self.dist.world_size
-            tdist.all_gather_object(ranks, data)
+        ranks = self.dist.gather_objects(data)
         return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
                             "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size,
                             "global_batch": self.plan.global_batch, "log_window": self.window.state_dict(self.dist)},
@@ -255,7 +251,7 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict:
         """What a checkpoint must match to be resumed by this run (see Checkpoints.verify)."""
-        shapes = {name: list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape aside
+        shapes = {name: list(partitioned_shape(p))
                   for name, p in self.objective.named_parameters()}
         return {"objective": self.cfg.objective.name, "model": self.cfg.model.name,
                 "model_kwargs": self.cfg.model.kwargs, "image_size": self.cfg.data.image_size,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as tdist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+
+from pretrain.dist import all_reduce_differentiable
 
 
 class WeightNormLinear(nn.Module):
@@ -75,8 +75,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         dtype, x = x.dtype, x.float()
         if self.training:
             stats = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(len(x)))])
-            if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-                stats = dist_nn.all_reduce(stats)
+            stats = all_reduce_differentiable(stats)
             dim = x.shape[1]
             count = stats[-1]
             mean = stats[:dim] / count

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
 from timm.layers import DropPath
 
 from pretrain.dist import DistEnv
-from pretrain.engine import local_shard, partitioned_shape, partitioned_numel, refresh_gathered
+from pretrain.engine import (is_partitioned, kept_whole, local_shard, partitioned_numel, partitioned_shape,
+                             refresh_gathered)
 
 
 class MomentumTeacher(nn.Module):
@@ -107,7 +107,7 @@ class MomentumTeacher(nn.Module):
             sizes = [len(s.values) for s in slices]
             states = list(torch.split(self.master, sizes))
             return _Views(states, [s.values for s in slices], [local_shard(t) for t in self._teachers], states,
-                          None, _PersistentRefresh(self._teachers))
+                          None, _PersistentRefresh(self._teachers, self.dist))
         per_param = torch.split(self.master, self._numels)
         offsets = [0]
         for n in self._numels[:-1]:
@@ -119,22 +119,22 @@ class MomentumTeacher(nn.Module):
                 masters.append(s.values)
                 fragments.append((offset + s.start, len(s.values)))
         owned = sum(size for _, size in fragments)
-        exchange = _FragmentExchange(self.master, states, fragments) if owned < self.master.numel() else None
+        exchange = _FragmentExchange(self.master, states, fragments, self.dist) \
+            if owned < self.master.numel() else None
         return _Views(states, masters, [t.data.view(-1) for t in self._teachers], list(per_param), exchange, None)
 
     def full_master(self, main_only: bool = False) -> list[torch.Tensor | None]:
         """Every followed parameter's full fp32 teacher weights (a collective under ZeRO-3, one
         parameter at a time). ``main_only``: only the main rank keeps them (None elsewhere)."""
-        shapes = [getattr(t, "ds_shape", t.shape) for t in self._teachers]
+        shapes = [partitioned_shape(t) for t in self._teachers]
         keep = self.dist.is_main or not main_only
         if not self._partitioned:
             return [m.view(shape) if keep else None
                     for m, shape in zip(torch.split(self.master, self._numels), shapes)]
-        world, out = self.dist.world_size, []
+        out = []
         sizes = [local_shard(t).numel() for t in self._teachers]
         for part, n, shape in zip(torch.split(self.master, sizes), self._numels, shapes):
-            whole = part.new_empty(world * part.numel())  # rank r's partition at r * size, padded at the end
-            tdist.all_gather_into_tensor(whole, part)
+            whole = self.dist.all_gather_cat(part)  # rank r's partition at r * size, padded at the end
             out.append(whole[:n].view(shape) if keep else None)
         return out
 
@@ -208,7 +208,7 @@ class MomentumTeacher(nn.Module):
     @property
     def _partitioned(self) -> bool:
         """ZeRO-3: ``master`` holds this rank's partitions, laid out as the teacher's."""
-        return bool(self._teachers) and hasattr(self._teachers[0], "ds_tensor")
+        return bool(self._teachers) and is_partitioned(self._teachers[0])
 
 
 def _copy_of(student: nn.Module, build: Callable[[], nn.Module], dist: DistEnv) -> nn.Module:
@@ -249,13 +249,13 @@ class _FragmentExchange:
     second half of a ring all-reduce) and needs no zeroed scratch buffer. On 2 CPU processes
     (gloo, shared memory) the two take the same time."""
 
-    def __init__(self, master: torch.Tensor, states: list[torch.Tensor], fragments: list[tuple[int, int]]) -> None:
-        world, rank = tdist.get_world_size(), tdist.get_rank()
-        layouts: list = [None] * world
-        tdist.all_gather_object(layouts, fragments)  # (offset, size) in ``master`` of each rank's fragments
+    def __init__(self, master: torch.Tensor, states: list[torch.Tensor], fragments: list[tuple[int, int]],
+                 dist: DistEnv) -> None:
+        self.dist, rank = dist, dist.rank
+        layouts = dist.gather_objects(fragments)  # (offset, size) in ``master`` of each rank's fragments
         size = max(sum(n for _, n in layout) for layout in layouts)
         self.send = master.new_zeros(size)
-        self.received = master.new_empty(world * size)
+        self.received = master.new_empty(dist.world_size * size)
         self.states = states
         sizes = [n for _, n in fragments]
         self.packed = list(torch.split(self.send[:sum(sizes)], sizes))  # this rank's fragments, in order
@@ -270,7 +270,7 @@ class _FragmentExchange:
 
     def __call__(self) -> None:
         torch._foreach_copy_(self.packed, self.states)
-        tdist.all_gather_into_tensor(self.received, self.send)
+        self.dist.all_gather_into(self.received, self.send)
         torch._foreach_copy_(self.targets, self.sources)
 
 
@@ -281,9 +281,9 @@ class _PersistentRefresh:
     and a collective per parameter: for a ViT, whose small parameters are two thirds of its
     tensors, that was most of the teacher's update.)"""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.params = [p for p in params if getattr(p, "ds_persist", False)]
-        self.world = tdist.get_world_size()
+    def __init__(self, params: list[nn.Parameter], dist: DistEnv) -> None:
+        self.params = [p for p in params if kept_whole(p)]
+        self.dist, self.world = dist, dist.world_size
         self.shards = [local_shard(p) for p in self.params]
         self.sizes = [s.numel() for s in self.shards]
         self.total = sum(self.sizes)
@@ -296,7 +296,7 @@ class _PersistentRefresh:
         if not self.params:
             return
         torch._foreach_copy_(self.packed, self.shards)
-        tdist.all_gather_into_tensor(self.received, self.send)
+        self.dist.all_gather_into(self.received, self.send)
         # The whole copies are looked up each time: DeepSpeed may re-make them between steps.
         targets, sources = [], []
         offset = 0

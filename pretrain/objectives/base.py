@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.dist import DistEnv
+from pretrain.engine import partitioned_shape
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Objective(nn.Module):
         patterns = [r for r in rules if r not in ("1d", "timm")]
         out = set()
         for name, param in self.named_parameters():
-            ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the shape aside
+            ndim = len(partitioned_shape(param))
             if ("1d" in rules and ndim <= 1) or name in listed or \
                     any(name.startswith(s + ".") for s in listed) or \
                     any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -147,10 +146,8 @@ class Objective(base.Objective):
     def _enqueue(self, k1: torch.Tensor, k2: torch.Tensor) -> None:
         keys = torch.stack([k1, k2])
         if self.ctx.dist.world_size > 1:
-            world = self.ctx.dist.world_size
-            gathered = keys.new_empty(world * len(keys), *keys.shape[1:])
-            tdist.all_gather_into_tensor(gathered, keys.contiguous())
-            keys = gathered.view(world, *keys.shape).transpose(0, 1).flatten(1, 2)  # (2, world * B, D), rank-major
+            gathered = self.ctx.dist.all_gather_cat(keys)
+            keys = gathered.view(-1, *keys.shape).transpose(0, 1).flatten(1, 2)  # (2, world * B, D), rank-major
         ptr, n = int(self.queue_ptr), keys.shape[1]
         self.queue1[:, ptr:ptr + n] = keys[0].T.to(self.queue1.dtype)
         self.queue2[:, ptr:ptr + n] = keys[1].T.to(self.queue2.dtype)
