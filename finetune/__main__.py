@@ -49,7 +49,7 @@ def preflight(stage: str, cfg, world_size: int) -> None:
     import timm
 
     from pretrain.data.builtin import prepare
-    from pretrain.trainer import resolve_sources
+    from pretrain.plan import resolve_sources
 
     if isinstance(cfg, FullConfig):
         from pretrain.__main__ import preflight as pretrain_preflight

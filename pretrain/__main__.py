@@ -50,7 +50,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     from pretrain.engine import check_deepspeed_batch, check_offload, check_precision
     from pretrain.objectives.base import RunContext, check_model_inputs
     from pretrain.rundir import check_run_dir
-    from pretrain.trainer import check_resume, make_plan, resolve_sources
+    from pretrain.plan import check_resume, make_plan, resolve_sources
 
     cfg = for_world_size(cfg, world_size)
     check_run_dir(cfg.run.dir)

@@ -13,7 +13,7 @@ from PIL import Image
 from pretrain.config import load_config
 from pretrain.data import write
 from pretrain.data.shards import ShardError
-from pretrain.trainer import resolve_sources
+from pretrain.plan import resolve_sources
 from tests.conftest import QUIET, TINY_VIT, run_module
 
 PER_CLASS = {"train": 20, "val": 6}

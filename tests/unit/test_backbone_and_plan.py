@@ -6,7 +6,7 @@ import torch
 from pretrain.config import ConfigError, load_config
 from pretrain.data.shards import ShardSet
 from pretrain.models.backbone import create_backbone
-from pretrain.trainer import make_plan
+from pretrain.plan import make_plan
 from tests.conftest import TINY_SWIN, TINY_VIT
 
 

@@ -19,7 +19,7 @@ from finetune.config import FullConfig, KnnConfig, LinearConfig
 from launch.spec import SlurmOptions, resolve_options
 from pretrain.config import Config, ConfigError, for_world_size, load_config, objective_config_class
 from pretrain.objectives import OBJECTIVES
-from pretrain.trainer import make_plan
+from pretrain.plan import make_plan
 
 FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow])

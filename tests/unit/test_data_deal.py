@@ -139,7 +139,7 @@ def test_in21k_scale_every_sample_dealt_once():
 def test_resuming_elsewhere_without_shard_counts_is_refused_before_start(tmp_path):
     from pretrain.config import ConfigError, load_config
     from pretrain.data.shards import ShardSet
-    from pretrain.trainer import check_resume
+    from pretrain.plan import check_resume
 
     checkpoint = tmp_path / "checkpoints" / "step_00000004"
     checkpoint.mkdir(parents=True)

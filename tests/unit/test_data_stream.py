@@ -182,7 +182,7 @@ def test_sources_resolve_to_the_same_shards(tmp_path):
 
 def test_missing_shards_are_listed_before_training(tmp_path):
     from pretrain.config import load_config
-    from pretrain.trainer import resolve_sources
+    from pretrain.plan import resolve_sources
 
     urls = write_counted_shards(tmp_path, COUNTS)
     for lost in (urls[1], urls[4]):

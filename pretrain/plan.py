@@ -1,0 +1,94 @@
+"""The run's plan: where its shards are, and the batch, lr and step arithmetic that follows from
+them and the number of processes. Computed before any process starts (``preflight``) and again by
+each rank; nothing here touches a model."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError
+from pretrain.data import shards
+from pretrain.schedules import scaled_lr
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's derived numbers, written to ``run.json``."""
+
+    world_size: int
+    global_batch: int
+    peak_lr: float
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    num_classes: int
+    train_samples: int | None
+
+
+def make_plan(cfg: Config, world_size: int, train: shards.ShardSet | None) -> Plan:
+    """Batch, lr and step arithmetic; raises ConfigError when the config leaves it undetermined."""
+    global_batch = cfg.data.batch_size * world_size * cfg.train.grad_accum
+    samples = cfg.data.train_samples or (train.samples if train else None)
+    steps_per_epoch = samples // global_batch if samples else 0
+    if samples is not None and steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: the global batch of {global_batch} is larger "
+                          f"than the {samples} training samples")
+    if cfg.train.epochs is not None:
+        if not steps_per_epoch:
+            raise ConfigError("train.epochs needs the number of training samples: use shards with an index "
+                              "or set data.train_samples (or use train.steps)")
+        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    else:
+        total = cfg.train.steps
+    warmup = cfg.optim.warmup_steps
+    if cfg.optim.warmup_epochs:
+        if not steps_per_epoch:
+            raise ConfigError("optim.warmup_epochs needs the number of training samples; use optim.warmup_steps")
+        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    num_classes = cfg.data.num_classes or (len(train.classes) if train and train.classes else None)
+    if num_classes is None:
+        raise ConfigError("data.num_classes is required when the shards have no index naming the classes")
+    lr = cfg.optim.lr or scaled_lr(cfg.optim.base_lr, cfg.optim.base_batch, global_batch)
+    return Plan(world_size, global_batch, lr, total, steps_per_epoch or total, min(warmup, total),
+                num_classes, samples)
+
+
+def check_resume(cfg: Config, world_size: int, train: shards.ShardSet | None) -> None:
+    """ConfigError, before any process starts, when run.dir's latest checkpoint cannot be taken up by
+    ``world_size`` processes: another number of readers needs per-shard sample counts to finish the
+    interrupted epoch exactly."""
+    directory = Path(cfg.run.dir) / "checkpoints"
+    try:
+        tag = (directory / "latest").read_text().strip()
+        saved = json.loads((directory / tag / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # a fresh run, or a fault the resume itself reports
+    before = (saved.get("world_size"), saved.get("data_workers"))
+    if not cfg.train.resume or before[0] is None or before == (world_size, cfg.data.workers):
+        return
+    if train is not None and train.counts is None and not cfg.data.resampled and not cfg.data.synthetic:
+        raise ConfigError(f"{directory / tag} was written by {before[0]} processes x {before[1]} data workers; "
+                          f"resuming it on {world_size} x {cfg.data.workers} needs per-shard sample counts "
+                          f"(shards written by pretrain.data.write, with index.json) to finish the interrupted "
+                          f"epoch exactly: resume on {before[0]} processes with data.workers={before[1]}")
+
+
+def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSet | None]:
+    """The train and val shards; ShardError listing every missing local shard."""
+    found = []
+    for source, split in ((cfg.data.train, "train"), (cfg.data.val, "val")):
+        if source is None or (cfg.data.synthetic and split == "train"):
+            found.append(None)
+            continue
+        shard_set = shards.resolve(source, split)
+        missing = shards.missing_shards(shard_set.urls)
+        if missing:
+            listed = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise shards.ShardError(f"data.{split}: {len(missing)} of {len(shard_set.urls)} shards are missing "
+                                    f"or unreadable:\n  {listed}")
+        found.append(shard_set)
+    shards.check_train_and_val(found[0], found[1], cfg.data.train, cfg.data.val)
+    return found[0], found[1]
