@@ -19,7 +19,7 @@ from pretrain.config import Config, ConfigError, dump_config, for_world_size, lo
 from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE
 from pretrain.rundir import RunDirBusy
-from pretrain.trainer import NonFiniteLossError
+from pretrain.step_guard import NonFiniteLossError
 
 DEMO_PROCESSES = 2
 

@@ -34,12 +34,9 @@ from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.plan import Plan, make_plan, resolve_sources
 from pretrain.schedules import cosine, warmup_cosine
+from pretrain.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class Trainer:
@@ -64,9 +61,7 @@ class Trainer:
         self.val_loader = self._val_loader(val_set)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist)
         self.step = 0
-        self.nonfinite_steps = 0
-        self.overflow_steps = 0  # fp16 steps DeepSpeed skipped for a gradient overflow
-        self.overflows_at_floor = 0  # of them, in a row at the minimum loss scale
+        self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest)
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.interrupted = False  # stopped on request before the end of this invocation
         self.window = _Window(dist.device)  # the loss and metrics since the last log line
@@ -115,8 +110,8 @@ class Trainer:
         data = dict((self.batches or self.train_loader).state_dict())
         plan = data.pop("plan", None)  # the same on every rank: kept once
         ranks = self.dist.gather_objects(data)
-        return {"trainer": {"step": self.step, "nonfinite_steps": self.nonfinite_steps,
-                            "overflow_steps": self.overflow_steps, "world_size": self.dist.world_size,
+        return {"trainer": {"step": self.step, "nonfinite_steps": self.guard.nonfinite_steps,
+                            "overflow_steps": self.guard.overflow_steps, "world_size": self.dist.world_size,
                             "global_batch": self.plan.global_batch, "log_window": self.window.state_dict(self.dist)},
                 "data": {"ranks": ranks, "plan": plan}}
 
@@ -124,8 +119,8 @@ class Trainer:
         trainer, data = state["trainer"], state["data"]
         saved_world = trainer["world_size"]
         self.step = trainer["step"]
-        self.nonfinite_steps = trainer["nonfinite_steps"]
-        self.overflow_steps = trainer.get("overflow_steps", 0)
+        self.guard.nonfinite_steps = trainer["nonfinite_steps"]
+        self.guard.overflow_steps = trainer.get("overflow_steps", 0)
         if "log_window" in trainer:
             self.window.load_state_dict(trainer["log_window"])
         if "ranks" not in data:  # written before every rank's position was kept
@@ -211,7 +206,6 @@ class Trainer:
         # Copied (and decoded) to the device ahead of the step that needs them.
         batches = self.batches = DeviceBatches(self.train_loader, dist.device)
         window = self.window
-        consecutive_nonfinite = 0
         final: dict = {}
         try:
             while self.step < end:
@@ -225,19 +219,8 @@ class Trainer:
                 # invocation goes into the checkpoint and is logged, whole, by the resumed run.
                 log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps
                 skip, stop, grad_norm = self._train_step(step, batches, window, want_grad_norm=log_now)
-                if skip:
-                    self.nonfinite_steps += 1
-                    consecutive_nonfinite += 1
-                    metrics.write(f"step {step}: non-finite loss, step skipped "
-                                  f"({consecutive_nonfinite} in a row, {self.nonfinite_steps} in all)")
-                    if consecutive_nonfinite >= cfg.train.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"step {step}: {consecutive_nonfinite} non-finite losses in a row "
-                            f"(train.max_nonfinite={cfg.train.max_nonfinite}); stopping. The last complete "
-                            f"checkpoint is {self.checkpoints.latest() or 'none'}")
-                else:
-                    consecutive_nonfinite = 0
-                    self._watch_fp16_overflow(step, metrics)
+                self.guard.record(step, skip, None if skip else self.engine.fp16_overflow(), metrics.write)
+                if not skip:
                     self.objective.after_step(step, self.engine)
                 self.step = step + 1
                 self.step_times.append(time.perf_counter())
@@ -246,9 +229,9 @@ class Trainer:
                     steps_in_window, values = window.flush(dist, plan.global_batch)
                     values.update({"train/lr": lr, "train/weight_decay": wd,
                                    "train/memory_gib": memory_gib(dist.device),
-                                   "train/nonfinite_steps": float(self.nonfinite_steps)})
+                                   "train/nonfinite_steps": float(self.guard.nonfinite_steps)})
                     if cfg.engine.precision == "fp16":
-                        values["train/fp16_overflow_steps"] = float(self.overflow_steps)
+                        values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
                     grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
                     if grad_norm is not None:
                         values["train/grad_norm"] = grad_norm
@@ -282,7 +265,7 @@ class Trainer:
         if dist.is_main:
             self._write_summary({"resumed_from": resumed, "state": self.state, **self._resize_summary(),
                                  "step": self.step, "final": final,
-                                 "nonfinite_steps": self.nonfinite_steps, "fp16_overflow_steps": self.overflow_steps,
+                                 "nonfinite_steps": self.guard.nonfinite_steps, "fp16_overflow_steps": self.guard.overflow_steps,
                                  "skipped_samples": skipped})
         return final
 
@@ -294,25 +277,6 @@ class Trainer:
         if self.step >= self.plan.total_steps:
             return "finished"
         return "stopped" if self.interrupted else "stop_at"
-
-    def _watch_fp16_overflow(self, step: int, metrics: Metrics) -> None:
-        """Count the steps DeepSpeed skipped for fp16 gradient overflows; stop once ``train.max_nonfinite``
-        in a row overflowed at the minimum loss scale, where lowering the scale can no longer help."""
-        overflow = self.engine.fp16_overflow()
-        if overflow is None:
-            self.overflows_at_floor = 0
-            return
-        scale, floor = overflow
-        self.overflow_steps += 1
-        self.overflows_at_floor = self.overflows_at_floor + 1 if scale <= floor else 0
-        metrics.write(f"step {step}: fp16 gradient overflow, step skipped (loss scale now {scale:g}, "
-                      f"{self.overflow_steps} overflows in all)")
-        if self.overflows_at_floor >= self.cfg.train.max_nonfinite:
-            raise NonFiniteLossError(
-                f"step {step}: fp16 gradients overflowed in {self.overflows_at_floor} steps in a row at the minimum "
-                f"loss scale {floor:g} (train.max_nonfinite={self.cfg.train.max_nonfinite}); stopping. Use "
-                f"engine.precision=bf16, a lower lr or train.clip_grad. The last complete checkpoint is "
-                f"{self.checkpoints.latest() or 'none'}")
 
     def _train_step(self, step: int, batches, window: "_Window", want_grad_norm: bool):
         """One optimizer step over ``train.grad_accum`` micro-batches.

@@ -3,7 +3,7 @@ message naming the step, instead of being skipped forever.
 
 DeepSpeed refuses fp16 on a CPU without fp16 support (this machine and CI), so the detection is
 tested on DeepSpeed's own loss-scale objects driven as its optimizers drive them at each overflow,
-behind an engine and a trainer that hold nothing else."""
+behind an engine that holds nothing else, and the trainer's StepGuard."""
 
 from __future__ import annotations
 
@@ -13,11 +13,8 @@ import pytest
 import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaleConfig
 
-from pretrain.checkpoint import Checkpoints
-from pretrain.config import load_config
-from pretrain.dist import DistEnv
 from pretrain.engine import Engine, loss_scale_state, report_loss_scale_floor_in_trainer
-from pretrain.trainer import NonFiniteLossError, Trainer
+from pretrain.step_guard import NonFiniteLossError, StepGuard
 
 
 def zero_optimizer():
@@ -46,7 +43,7 @@ class Log:
 
 
 @pytest.mark.parametrize("make", [zero_optimizer, fp16_optimizer])
-def test_overflows_at_the_minimum_loss_scale_stop_the_run_naming_the_step(tmp_path, monkeypatch, make):
+def test_overflows_at_the_minimum_loss_scale_stop_the_run_naming_the_step(monkeypatch, make):
     import deepspeed.runtime.fp16.loss_scaler as scalers
 
     monkeypatch.setattr(scalers.dist, "get_rank", lambda: 0)  # its log lines ask; no process group here
@@ -55,23 +52,21 @@ def test_overflows_at_the_minimum_loss_scale_stop_the_run_naming_the_step(tmp_pa
     applied = [True]
     engine = Engine.__new__(Engine)
     engine.engine = SimpleNamespace(optimizer=optimizer, was_step_applied=lambda: applied[0])
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg = load_config(None, ["data.synthetic=true", "train.steps=100", "train.max_nonfinite=3"])
-    trainer.engine, trainer.checkpoints = engine, Checkpoints(tmp_path, 1, DistEnv())
-    trainer.overflow_steps = trainer.overflows_at_floor = 0
+    guard = StepGuard(max_in_a_row=3, last_checkpoint=lambda: "step_00000000")
     log = Log()
 
     assert loss_scale_state(optimizer) == (8.0, 1.0)
-    trainer._watch_fp16_overflow(0, log)  # a step that was applied
-    assert trainer.overflow_steps == 0 and not log.lines
+    guard.record(0, False, engine.fp16_overflow(), log.write)  # a step that was applied
+    assert guard.overflow_steps == 0 and not log.lines
     applied[0] = False
     with pytest.raises(NonFiniteLossError) as stopped:
         for step in range(1, 20):
             overflow()  # DeepSpeed skipped the step and lowered the scale: 4, 2, 1, 1, 1
-            trainer._watch_fp16_overflow(step, log)
-    assert step == 5 and trainer.overflow_steps == 5
+            guard.record(step, False, engine.fp16_overflow(), log.write)
+    assert step == 5 and guard.overflow_steps == 5
     assert str(stopped.value).startswith("step 5: fp16 gradients overflowed in 3 steps in a row at the minimum "
                                          "loss scale 1 (train.max_nonfinite=3)")
+    assert str(stopped.value).endswith("The last complete checkpoint is step_00000000")
     assert log.lines[0] == "step 1: fp16 gradient overflow, step skipped (loss scale now 4, 1 overflows in all)"
 
 
@@ -79,3 +74,17 @@ def test_bf16_and_fp32_have_no_loss_scale():
     assert loss_scale_state(SimpleNamespace()) is None
     config = LossScaleConfig(torch.bfloat16, False, 1.0, None)
     assert loss_scale_state(SimpleNamespace(loss_scale_config=config)) is None
+
+
+def test_non_finite_losses_are_counted_and_several_in_a_row_stop_the_run():
+    guard, log = StepGuard(max_in_a_row=2, last_checkpoint=lambda: None), Log()
+    for step, nonfinite in enumerate([True, False, True, False]):  # never two in a row: the run goes on
+        guard.record(step, nonfinite, None, log.write)
+    assert guard.nonfinite_steps == 2 and guard.nonfinite_in_a_row == 0
+    assert log.lines == ["step 0: non-finite loss, step skipped (1 in a row, 1 in all)",
+                         "step 2: non-finite loss, step skipped (1 in a row, 2 in all)"]
+    guard.record(4, True, None, log.write)
+    with pytest.raises(NonFiniteLossError, match=r"^step 5: 2 non-finite losses in a row \(train.max_nonfinite=2\); "
+                                                 r"stopping. The last complete checkpoint is none$"):
+        guard.record(5, True, None, log.write)
+    assert guard.nonfinite_steps == 4
