@@ -1,7 +1,7 @@
 """python -m pretrain [CONFIG] [key=value ...] [--print-config]
 
 With no arguments: the demo. It writes shards of scikit-learn's digits on first use, pre-trains a
-tiny ViT with DINO for a minute or two with 2 processes on this machine, exports it, and prints the
+tiny ViT with MoBY for about two minutes with 2 processes on this machine, exports it, and prints the
 accuracy of a linear probe on its frozen features next to the same model at random initialization.
 """
 

@@ -42,7 +42,9 @@ def test_the_lowest_set_is_what_pyproject_allows():
 
 def test_demo_runs_from_an_empty_home_and_directory(tmp_path):
     """`python -m pretrain` with no arguments: writes its shards, pre-trains on 2 processes, exports,
-    and probes the frozen features against the same model at random initialization."""
+    and probes the frozen features against the same model at random initialization; healthy: no
+    collapse warning and a clear gain (issue #15). Its next step, `finetune linear` on a demo
+    export, runs in test_demo_after.py."""
     env = python_env()
     env["HOME"] = str(tmp_path / "home")  # no demo shards yet: it must write them
     work = tmp_path / "work"
@@ -54,20 +56,15 @@ def test_demo_runs_from_an_empty_home_and_directory(tmp_path):
     assert (tmp_path / "home/.cache/vitscale/digits/index.json").exists()
     assert (run_dir / "export" / "backbone.safetensors").exists()
     assert f"tensorboard --logdir {Path('runs/demo/tb')}" in result.stdout
+    assert json.loads((run_dir / "run.json").read_text())["step"] > 0
+    # The ranks log to the demo's stderr, where a collapse warning would be.
+    collapse = [line for line in (result.stdout + result.stderr).splitlines() if "possible collapse" in line]
+    assert not collapse, "\n".join(collapse[:5])
     probe = re.search(r"pre-trained\s+([\d.]+)%\s+random init\s+([\d.]+)%", result.stdout)
     assert probe, result.stdout[-2000:]
     pretrained, initial = map(float, probe.groups())
     pixels = re.search(r"random init\s+[\d.]+%\s+raw pixels\s+([\d.]+)%", result.stdout)
     assert pixels and float(pixels.group(1)) > 90, result.stdout[-2000:]  # the digits' raw-pixel reference
-    # DINO's learning check (the issue's "clearly above random init"): points of accuracy on the
-    # digits' validation split; the demo's recipe gives about 65% against 50%.
-    assert pretrained > initial + 10, result.stdout[-2000:]
-    assert json.loads((run_dir / "run.json").read_text())["step"] > 0
-
-    # The README's next step: a linear probe of the demo's backbone, with the demo recipe.
-    probe_run = subprocess.run([sys.executable, "-m", "finetune", "linear",
-                                str(REPO / "configs/finetune/linear_demo.yaml"), "pretrained=runs/demo",
-                                "linear.epochs=10"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert probe_run.returncode == 0, probe_run.stderr[-5000:]
-    report = json.loads((work / "runs/demo-linear/linear.json").read_text())
-    assert report["best_top1"] > 30, report  # percent; chance is 10
+    # Points of accuracy on the digits' validation split: the demo gives about 79% against 50%
+    # (docs/demo.md); DINO's collapsing demo gave 66%, which must fail here.
+    assert pretrained >= initial + 15, result.stdout[-2000:]

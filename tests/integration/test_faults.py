@@ -194,7 +194,7 @@ def test_broken_and_foreign_checkpoints_are_refused_before_anything_is_loaded(wh
     for name, recipe, overrides in [
         *((name, RECIPE, JOB) for name in damaged),
         ("other-model", RECIPE, [*JOB, "model.kwargs={patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"]),
-        ("other-objective", str(REPO / "configs/pretrain/demo.yaml"), ["train.epochs=null", "train.steps=8"]),
+        ("other-objective", str(REPO / "configs/pretrain/dino_demo.yaml"), ["train.epochs=null", "train.steps=8"]),
     ]:
         run_dir = tmp_path / name
         shutil.copytree(whole, run_dir)

@@ -62,7 +62,7 @@ def test_the_wheel_ships_the_recipes(installed, tmp_path):
     python, env = installed
     where = run(str(python), "-c", "import pretrain, pretrain.config as c; print(pretrain.__file__); "
                 "print(c.load_config(pretrain.DEMO_RECIPE).objective.name)", cwd=tmp_path, env=env).stdout.split()
-    assert Path(where[0]).is_relative_to(python.parent.parent) and where[1] == "dino"  # the wheel's, not the checkout's
+    assert Path(where[0]).is_relative_to(python.parent.parent) and where[1] == "moby"  # the wheel's, not the checkout's
     out = run(str(python), "-m", "pretrain", "configs/pretrain/dino_swin_tiny.yaml", "--print-config",
               cwd=tmp_path, env=env)
     assert "name: swin_tiny_patch4_window7_224" in out.stdout and "name: dino" in out.stdout  # through its base:
