@@ -16,7 +16,7 @@ from pretrain.config import Config, DataConfig, ModelConfig, RunConfig, require
 
 def _check_pretrained(cfg) -> None:
     require(cfg.pretrained is None or cfg.pretrained.strip() != "", "pretrained", cfg.pretrained,
-             "must be a path (or null for random initialization)")
+            "must be a path (or null for random initialization)")
 
 
 @dataclass
@@ -35,9 +35,9 @@ class FinetuneSection:
 
     def validate(self) -> None:
         require(self.head != "map" or self.class_map, "finetune.class_map", self.class_map,
-                 "is required with finetune.head=map")
+                "is required with finetune.head=map")
         require(self.layer_decay is None or 0 < self.layer_decay <= 1, "finetune.layer_decay",
-                 self.layer_decay, "must be in (0, 1]")
+                self.layer_decay, "must be in (0, 1]")
         require(0 <= self.ema < 1, "finetune.ema", self.ema, "must be in [0, 1)")
 
 
@@ -52,7 +52,7 @@ class FullConfig(Config):
         self.finetune.validate()
         _check_pretrained(self)
         require(not (self.finetune.ema and self.engine.zero_stage == 3), "finetune.ema", self.finetune.ema,
-                 "needs whole weights on every rank: use engine.zero_stage <= 2")
+                "needs whole weights on every rank: use engine.zero_stage <= 2")
 
 
 @dataclass
@@ -69,10 +69,10 @@ class FeaturesConfig:
 
     def validate(self) -> None:
         require(bool(self.blocks) and all(n > 0 for n in self.blocks), "features.blocks", self.blocks,
-                 "must list positive block counts")
+                "must list positive block counts")
         require(bool(self.avgpool), "features.avgpool", self.avgpool, "must list at least one choice")
         require(bool(self.stages) and all(n > 0 for n in self.stages), "features.stages", self.stages,
-                 "must list positive stage counts")
+                "must list positive stage counts")
         require(0 < self.crop_pct <= 1, "features.crop_pct", self.crop_pct, "must be in (0, 1]")
 
 
@@ -90,13 +90,13 @@ class LinearSection:
 
     def validate(self) -> None:
         require(bool(self.lrs) and all(lr > 0 for lr in self.lrs), "linear.lrs", self.lrs,
-                 "must list positive learning rates")
+                "must list positive learning rates")
         for key in ("base_batch", "epochs", "batch_size"):
             require(getattr(self, key) > 0, f"linear.{key}", getattr(self, key), "must be positive")
         require(0 <= self.momentum < 1, "linear.momentum", self.momentum, "must be in [0, 1)")
         require(self.weight_decay >= 0, "linear.weight_decay", self.weight_decay, "must be >= 0")
         require(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "linear.crop_scale", list(self.crop_scale),
-                 "need 0 < min <= max <= 1")
+                "need 0 < min <= max <= 1")
 
 
 @dataclass
@@ -129,7 +129,7 @@ class ProbeConfig:
             if dataclasses.is_dataclass(value):
                 value.validate()
         require(self.pretrained is not None and self.pretrained.strip() != "", "pretrained", self.pretrained,
-                 "is required: pretrained=RUN_DIR (or an export, checkpoint or weights file)")
+                "is required: pretrained=RUN_DIR (or an export, checkpoint or weights file)")
         require(self.data.val is not None, "data.val", None, "is required: the probe is measured on it")
 
     def to_dict(self) -> dict:

@@ -86,7 +86,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         require(self.name.startswith(("vit_", "swin_")), "model.name", self.name,
-                 "must be a timm vit_* or swin_* model")
+                "must be a timm vit_* or swin_* model")
         require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
 
 
@@ -117,9 +117,9 @@ class DataConfig:
     def validate(self) -> None:
         require(self.batch_size > 0, "data.batch_size", self.batch_size, "must be positive")
         require(self.global_batch is None or self.global_batch > 0, "data.global_batch", self.global_batch,
-                 "must be positive")
+                "must be positive")
         require(self.val_batch_size is None or self.val_batch_size > 0, "data.val_batch_size",
-                 self.val_batch_size, "must be positive")
+                self.val_batch_size, "must be positive")
         require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
         require(self.image_size > 0, "data.image_size", self.image_size, "must be positive")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
@@ -127,11 +127,11 @@ class DataConfig:
         require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
         require(all(s > 0 for s in self.std), "data.std", self.std, "must be positive")
         require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
-                 "must be positive")
+                "must be positive")
         require(self.train is not None or self.synthetic, "data.train", None,
-                 "is required (or set data.synthetic=true)")
+                "is required (or set data.synthetic=true)")
         require(self.prepare == "none" or isinstance(self.train, str), "data.prepare", self.prepare,
-                 "needs data.train to be the directory to write into")
+                "needs data.train to be the directory to write into")
 
 
 @dataclass
@@ -211,18 +211,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         require((self.steps is None) != (self.epochs is None), "train.steps", self.steps,
-                 "set exactly one of train.steps and train.epochs")
+                "set exactly one of train.steps and train.epochs")
         require(self.steps is None or self.steps > 0, "train.steps", self.steps, "must be positive")
         require(self.epochs is None or self.epochs > 0, "train.epochs", self.epochs, "must be positive")
         require(self.stop_at is None or self.stop_at > 0, "train.stop_at", self.stop_at, "must be positive")
         require(self.grad_accum > 0, "train.grad_accum", self.grad_accum, "must be positive")
         require(self.clip_grad is None or self.clip_grad > 0, "train.clip_grad", self.clip_grad,
-                 "must be positive (or null for no clipping)")
+                "must be positive (or null for no clipping)")
         for key in ("eval_every", "ckpt_every"):
             require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "must be >= 0")
         require(self.keep_last > 0, "train.keep_last", self.keep_last, "must be positive")
         require(self.resume_from is None or re.fullmatch(r"step_\d{8,}", str(self.resume_from)) is not None,
-                 "train.resume_from", self.resume_from, "must be a checkpoint tag like step_00001000")
+                "train.resume_from", self.resume_from, "must be a checkpoint tag like step_00001000")
         require(self.log_every > 0, "train.log_every", self.log_every, "must be positive")
         require(self.max_nonfinite > 0, "train.max_nonfinite", self.max_nonfinite, "must be positive")
 
@@ -242,14 +242,14 @@ class EngineConfig:
     def validate(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
         require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
-                 "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
+                "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
         require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,
-                 f"offloads parameters too, which only ZeRO-3 partitions; needs engine.zero_stage=3 "
-                 f"(it is {self.zero_stage}), or engine.offload=optimizer")
+                f"offloads parameters too, which only ZeRO-3 partitions; needs engine.zero_stage=3 "
+                f"(it is {self.zero_stage}), or engine.offload=optimizer")
         require(self.offload_path is None or self.offload != "none", "engine.offload_path", self.offload_path,
-                 "is where engine.offload writes; set engine.offload=optimizer or all")
+                "is where engine.offload writes; set engine.offload=optimizer or all")
         require(self.offload_path is None or self.zero_stage == 3, "engine.offload_path", self.offload_path,
-                 f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 (it is {self.zero_stage})")
+                f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 (it is {self.zero_stage})")
 
 
 @dataclass
@@ -286,7 +286,7 @@ def for_world_size(cfg: Config, world_size: int) -> Config:
         return cfg
     per_step = world_size * cfg.train.grad_accum
     require(cfg.data.global_batch % per_step == 0, "data.global_batch", cfg.data.global_batch,
-             f"not divisible by the world size {world_size} x train.grad_accum {cfg.train.grad_accum}")
+            f"not divisible by the world size {world_size} x train.grad_accum {cfg.train.grad_accum}")
     data = dataclasses.replace(cfg.data, batch_size=cfg.data.global_batch // per_step)
     resolved = dataclasses.replace(cfg, data=data)
     resolved.validate()  # checks that involve the batch size (e.g. an even batch for mixup)
