@@ -6,7 +6,8 @@ compute dtype, and partitioned under ZeRO-3. Its exact state is a separate fp32 
 
 * ZeRO-3: each rank holds the EMA of its own partition only, laid out like the student's fp32
   partition, and writes it into its own partition of the teacher. No communication, 1/world of an
-  fp32 teacher per rank.
+  fp32 teacher per rank. With the optimizer state on NVMe (``engine.offload_path``) the masters are
+  on disk, and the EMA follows the student's bf16 partition instead.
 * ZeRO-1/2: each rank updates the fragment of the master it owns from the optimizer's fp32
   fragment, then one all-gather of the packed fragments makes every rank's full teacher (which these
   stages replicate anyway) identical.
