@@ -28,6 +28,7 @@ from pretrain.config import ConfigError
 from pretrain.data import shards
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView, normalize
+from pretrain.files import atomic_path
 from pretrain.dist import DistEnv
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,9 @@ class FeatureCache:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(split)
-        tmp = path.with_name("." + path.name + ".tmp")
         tensors = {k: v.to(dtype).contiguous() for k, v in features.variants.items()}
-        save_file({**tensors, "__labels__": features.labels}, str(tmp), metadata={"fingerprint": self.stamp})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file({**tensors, "__labels__": features.labels}, str(tmp), metadata={"fingerprint": self.stamp})
 
 
 @torch.no_grad()

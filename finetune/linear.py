@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from finetune.config import LinearConfig, LinearSection
 from finetune.features import Features, FeatureExtractor
-from pretrain.checkpoint import atomic_write
+from pretrain.files import atomic_write
 from pretrain.config import ConfigError
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import SupervisedTrainView, normalize

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import zipfile
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 
 from pretrain.dist import DistEnv
 from pretrain.faults import maybe_die
+from pretrain.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,6 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def file_checksum(path: Path) -> dict:
@@ -264,9 +250,8 @@ def export_backbone(state_dict: dict[str, torch.Tensor], out_dir: str | Path, mo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "backbone.safetensors"
-    tmp = out_dir / ".backbone.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"model": model_name})
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"model": model_name})
     meta = {"model": model_name, "kwargs": model_kwargs, "weights": weights.name, **(extra or {})}
     atomic_write(out_dir / "backbone.json", json.dumps(meta, indent=1).encode())
     return weights

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
-from pretrain.checkpoint import CheckpointError, Checkpoints, atomic_write, export_backbone
+from pretrain.checkpoint import CheckpointError, Checkpoints, export_backbone
 from pretrain.config import Config, save_config
 from pretrain.data.device_decode import DeviceDecodedView
 from pretrain.data.prefetch import DeviceBatches
@@ -29,6 +29,7 @@ from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.faults import maybe_die, maybe_signal
+from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective

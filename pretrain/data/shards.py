@@ -22,6 +22,8 @@ from typing import IO, Iterator
 
 import braceexpand
 
+from pretrain.files import atomic_write
+
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vitscale-shards/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -105,9 +107,7 @@ def write_index(directory: Path, classes: list[str], splits: dict[str, list[dict
              "splits": {name: {"samples": sum(s["samples"] for s in shards), "shards": shards}
                         for name, shards in splits.items()},
              **(extra or {})}
-    tmp = directory / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, directory / INDEX_NAME)
+    atomic_write(directory / INDEX_NAME, json.dumps(index, indent=1).encode())
 
 
 def missing_shards(urls: list[str]) -> list[str]:

@@ -36,6 +36,7 @@ from PIL import Image
 
 from pretrain.data.decode import load_rgb
 from pretrain.data.shards import tar_bytes, write_index
+from pretrain.files import atomic_write
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SOURCE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -204,17 +205,11 @@ def write_shard(job: ShardJob) -> dict:
         samples.append({"__key__": f"{job.name[:-4]}-{len(samples):06d}", ext: data,
                         "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
     payload = tar_bytes(samples)
-    _atomic_write(out / job.name, payload)  # a shard is either whole or absent
+    atomic_write(out / job.name, payload)  # a shard is either whole or absent
     record = {"name": job.name, "samples": len(samples), "bytes": len(payload), "skipped": skipped,
               "inputs": len(job.items)}
-    _atomic_write(out / PROGRESS_DIR / (job.name + ".json"), json.dumps(record).encode())
+    atomic_write(out / PROGRESS_DIR / (job.name + ".json"), json.dumps(record).encode())
     return record
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _fingerprint(items: list[Item], options: dict) -> str:
@@ -258,7 +253,7 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
     if plan_path.exists() and json.loads(plan_path.read_text())["fingerprint"] != fingerprint:
         raise WriteError(f"{out} holds shards of other inputs or options ({plan_path}): write into a new "
                          f"directory, or repeat the earlier command to finish it")
-    _atomic_write(plan_path, json.dumps({"fingerprint": fingerprint, "options": options}).encode())
+    atomic_write(plan_path, json.dumps({"fingerprint": fingerprint, "options": options}).encode())
 
     jobs, split_names = [], {}
     parts = [(split, items[n_val:])] + ([("val", items[:n_val])] if split == "train" else [])
@@ -290,7 +285,7 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
     splits = {split: [{"name": n, "samples": records[n]["samples"]} for n in names]
               for split, names in split_names.items() if names}
     skipped = list(problems or []) + [s for job in jobs for s in records[job.name]["skipped"]]
-    _atomic_write(out / "report.json", json.dumps({"skipped": skipped}, indent=1).encode())
+    atomic_write(out / "report.json", json.dumps({"skipped": skipped}, indent=1).encode())
     write_index(out, classes, splits, extra={"seed": seed, "max_side": max_side})
     return {"splits": splits, "skipped": skipped, "written": len(todo), "kept": len(jobs) - len(todo)}
 

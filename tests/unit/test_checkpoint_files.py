@@ -2,7 +2,8 @@
 
 import pytest
 
-from pretrain.checkpoint import Checkpoints, atomic_write, tag_for
+from pretrain.checkpoint import Checkpoints, tag_for
+from pretrain.files import atomic_path, atomic_write
 from pretrain.dist import DistEnv
 
 
@@ -43,3 +44,14 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write(tmp_path / "latest", b"step_00000002")
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
     assert (tmp_path / "latest").read_text() == "step_00000002"
+
+
+def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "backbone.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half of the new")
+            raise OSError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["backbone.safetensors"]
+    assert target.read_bytes() == b"old"
