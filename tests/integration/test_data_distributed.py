@@ -14,17 +14,11 @@ import torch.multiprocessing as mp
 from pretrain.dist import free_port, init_distributed
 from pretrain.data.shards import resolve
 from pretrain.data.stream import Loader, ShardDataset
+from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import write_counted_shards
 
 COUNTS = [5, 9, 3, 8, 6, 7, 10, 2]  # 50 samples: shares of 12 and 13 over 2 ranks x 2 workers
 WORKERS, BATCH = 2, 4
-
-
-class KeyOnlyView:
-    decodes_itself = True
-
-    def __call__(self, image):
-        return {"image": torch.zeros(1)}
 
 
 def rank_main(rank: int, world_size: int, port: int, shards: str, out: str) -> None:

@@ -11,11 +11,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from pretrain.bench import elastic as bench
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, consumed, shuffle_rng
 from pretrain.data.stream import Piece, pieces_at
+from tests.helpers import KeyOnlyView
 
 
 @pytest.mark.parametrize("n,buffer,handed", [(10, 4, 3), (10, 4, 8), (10, 4, 10), (7, 20, 5), (50, 8, 45),
@@ -152,13 +152,6 @@ def test_resuming_elsewhere_without_shard_counts_is_refused_before_start(tmp_pat
     check_resume(cfg, 1, counted)
     with pytest.raises(ConfigError, match="written by 2 processes x 3 data workers; resuming it on 1 x 3"):
         check_resume(cfg, 1, uncounted)
-
-
-class KeyOnlyView:
-    decodes_itself = True  # nothing is decoded: only the keys matter here
-
-    def __call__(self, image):
-        return {"image": torch.zeros(1)}
 
 
 def test_loader_finishes_the_epoch_of_two_ranks_with_one_rank_and_two_workers(tmp_path):

@@ -15,19 +15,12 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-import torch
 
 from pretrain.config import ConfigError, load_config
 from pretrain.data import check
 from pretrain.data.stream import Loader, ShardDataset, SkipRateError
+from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import write_counted_shards
-
-
-class KeyOnlyView:
-    decodes_itself = True  # reads the image header only
-
-    def __call__(self, image):
-        return {"image": torch.zeros(1)}
 
 
 def stream(urls: list[str], train: bool = False, **kw) -> ShardDataset:

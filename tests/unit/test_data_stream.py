@@ -16,19 +16,11 @@ import torch
 from pretrain.data.shards import ShardError, resolve
 from pretrain.data.stream import Loader, ShardDataset, SkipRateError
 from pretrain.data.transforms import EvalView, SupervisedTrainView
+from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import write_bad_shards, write_counted_shards
 
 COUNTS = [5, 9, 3, 8, 6, 7, 10]  # 48 samples, unequal shards
 RANKS, WORKERS = 2, 2
-
-
-class KeyOnlyView:
-    """Decodes nothing: the split and order tests only look at keys."""
-
-    decodes_itself = True
-
-    def __call__(self, image):
-        return {"image": torch.zeros(1)}
 
 
 def dataset(urls, rank, *, counts=None, train=True, batch_size=4, seed=0, view=None, **kw):
