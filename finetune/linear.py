@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Iterator
 
@@ -20,11 +19,12 @@ import torch.nn.functional as F
 
 from finetune.config import LinearConfig, LinearSection
 from finetune.features import Features, FeatureExtractor
-from pretrain.files import atomic_write
 from pretrain.config import ConfigError
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import SupervisedTrainView, normalize
 from pretrain.dist import DistEnv
+from pretrain.files import atomic_write
+from pretrain.schedules import cosine, scaled_lr
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class HeadGrid(nn.Module):
 
 
 def scaled_lrs(section: LinearSection, global_batch: int) -> list[float]:
-    return [lr * global_batch / section.base_batch for lr in section.lrs]
+    return [scaled_lr(lr, section.base_batch, global_batch) for lr in section.lrs]
 
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]  # {variant: features}, labels
@@ -101,7 +101,7 @@ def fit_grid(batches: Iterator[Batch | None], total: int, dims: dict[str, int], 
     grid.train()
     for step in range(total):
         for group in optimizer.param_groups:  # cosine to zero, as DINO's linear evaluation
-            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / total))
+            group["lr"] = cosine(step, total, group["base_lr"], 0.0)
         batch = next(batches)
         if batch is not None:
             variants, labels = batch
