@@ -28,8 +28,8 @@ from pretrain.config import ConfigError
 from pretrain.data import shards
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView, normalize
-from pretrain.files import atomic_path
 from pretrain.dist import DistEnv
+from pretrain.files import atomic_path
 
 log = logging.getLogger(__name__)
 
