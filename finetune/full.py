@@ -20,9 +20,7 @@ from timm.utils import ModelEmaV3
 
 from finetune import weights
 from finetune.config import FullConfig
-from pretrain.checkpoint import export_backbone
 from pretrain.dist import DistEnv
-from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives import base, supervised
 from pretrain.trainer import Trainer
 
@@ -89,12 +87,7 @@ class FinetuneTrainer(Trainer):
         top1 = result.get("val/top1")
         if self.cfg.finetune.keep_best and top1 is not None and top1 > self.best_top1:
             self.best_top1 = top1
-            state = self.engine.full_fp32_state_dict(self.objective.backbone())  # a collective
-            if self.dist.is_main:
-                kwargs = backbone_kwargs(self.cfg.model, self.cfg.data.image_size, self.plan.num_classes)
-                export_backbone(state, self.best_dir, self.cfg.model.name, kwargs,
-                                extra={"step": self.step, "val/top1": top1, "pretrained": self.cfg.pretrained})
-            self.dist.barrier()
+            self.export(self.best_dir, {"val/top1": top1, "pretrained": self.cfg.pretrained})
         return result
 
 

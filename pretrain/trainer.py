@@ -347,8 +347,9 @@ class Trainer:
         view = self.objective.eval_view()(Image.new("RGB", (size, size)))
         return default_collate([{**view, "label": 0}])
 
-    def export(self) -> Path | None:
-        """The backbone's fp32 master weights in timm's format (a collective; rank 0 writes)."""
+    def export(self, directory: Path | None = None, extra: dict | None = None) -> Path | None:
+        """The backbone's fp32 master weights in timm's format, into ``directory`` (``RUN_DIR/export``)
+        with ``extra`` in its backbone.json (a collective; rank 0 writes)."""
         backbone = self.objective.backbone()
         state = self.objective.backbone_state_dict(self.engine, main_only=True)  # rank 0 writes it
         path = None
@@ -356,8 +357,8 @@ class Trainer:
             # A backbone without a classifier (self-supervised) is exported as one.
             num_classes = getattr(backbone, "num_classes", self.plan.num_classes)
             kwargs = backbone_kwargs(self.cfg.model, self.cfg.data.image_size, num_classes)
-            path = export_backbone(state, self.run_dir / "export", self.cfg.model.name, kwargs,
-                                   extra={"step": self.step, "objective": self.cfg.objective.name})
+            path = export_backbone(state, directory or self.run_dir / "export", self.cfg.model.name, kwargs,
+                                   extra={"step": self.step, "objective": self.cfg.objective.name, **(extra or {})})
         self.dist.barrier()
         return path
 
