@@ -21,14 +21,10 @@ def gather_rows(tensor: torch.Tensor, dist: DistEnv) -> torch.Tensor:
     """Every rank's rows, concatenated in rank order (ranks may hold different numbers of rows)."""
     if dist.world_size == 1:
         return tensor
-    counts = dist.gather_objects(len(tensor))
-    longest = max(counts)
-    if longest == 0:
-        return tensor
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    counts = [int(c.item()) for c in dist.all_gather_list(torch.tensor([len(tensor)], device=tensor.device))]
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[:len(tensor)] = tensor
-    parts = dist.all_gather_cat(padded).split(longest)
-    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+    return torch.cat([part[:count] for part, count in zip(dist.all_gather_list(padded), counts)])
 
 
 def nearest(test: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor, k: int,
@@ -46,11 +42,8 @@ def nearest(test: torch.Tensor, train: torch.Tensor, train_labels: torch.Tensor,
         pad = k - local_k
         sims = torch.cat([sims, sims.new_full((len(test), pad), float("-inf"))], dim=1)
         labels = torch.cat([labels, labels.new_zeros(len(test), pad)], dim=1)
-        def side_by_side(part: torch.Tensor) -> torch.Tensor:  # every rank's (test rows, k), as (rows, world * k)
-            return dist.all_gather_cat(part).view(dist.world_size, len(test), k).transpose(0, 1).flatten(1)
-
-        sims, order = side_by_side(sims).topk(k, dim=1)
-        labels = side_by_side(labels).gather(1, order)
+        sims, order = torch.cat(dist.all_gather_list(sims), dim=1).topk(k, dim=1)
+        labels = torch.cat(dist.all_gather_list(labels), dim=1).gather(1, order)
     return sims, labels
 
 

@@ -68,6 +68,14 @@ class DistEnv:
             return tensor
         return self.all_gather_into(tensor.new_empty(self.world_size * len(tensor), *tensor.shape[1:]), tensor)
 
+    def all_gather_list(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (same shape everywhere), one tensor per rank, in rank order."""
+        if self.world_size == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        tdist.all_gather(parts, tensor.contiguous())
+        return parts
+
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (picklable), in rank order, on every rank; a collective."""
         if self.world_size == 1:
