@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pretrain import hooks
 from pretrain.dist import DistEnv
-from pretrain.faults import maybe_die
 from pretrain.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,20 @@ def check_file(path: Path, recorded: dict) -> str | None:
 
 
 class Checkpoints:
-    def __init__(self, run_dir: str | Path, keep_last: int, dist: DistEnv) -> None:
+    def __init__(self, run_dir: str | Path, keep_last: int, dist: DistEnv, every: int = 0) -> None:
+        """``every``: ``train.ckpt_every`` (0: only on stop requests and at the end)."""
         self.directory = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist
+        self.every = every
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run saved or resumed from
+
+    def due(self, step: int, stop_requested: bool = False, last: bool = False) -> bool:
+        """Whether to save after ``step``: every ``every`` steps, when the ranks agreed to stop, and
+        at the ``last`` step of an invocation unless that step is saved already."""
+        if last:
+            return step != self.saved_step
+        return stop_requested or bool(self.every and step % self.every == 0)
 
     def latest(self) -> str | None:
         """The newest complete checkpoint's tag, or None for a fresh run."""
@@ -107,16 +117,16 @@ class Checkpoints:
             if path.exists() and tag != self.latest():  # left by a save that was interrupted
                 shutil.rmtree(path)
         self.dist.barrier()
-        maybe_die("save-before-write", rank, step)
+        hooks.fire("save-before-write", rank=rank, step=step)
         try:
             written = engine.save(str(self.directory), tag, client_state)
             # Hashed by the rank that wrote them, while they are likely still in its page cache.
             checksums = {Path(f).name: file_checksum(Path(f)) for f in written}
         except Exception as e:  # torch reports a full disk as a RuntimeError ("unexpected pos"), the OS as an OSError
             raise self._failed_write(path, e) from e
-        maybe_die("save-after-write", rank, step)
+        hooks.fire("save-after-write", rank=rank, step=step)
         every_rank = self.dist.gather_objects(checksums)  # also: every rank's files are on disk
-        maybe_die("save-before-latest", rank, step)
+        hooks.fire("save-before-latest", rank=rank, step=step)
         if self.dist.is_main:
             files = {name: record for part in every_rank for name, record in part.items()}
             try:
@@ -127,6 +137,7 @@ class Checkpoints:
             atomic_write(self.directory / "latest", tag.encode())
             self.prune(keep=tag)
         self.dist.barrier()
+        self.saved_step = step
         return tag
 
     def _failed_write(self, path: Path, error: Exception) -> CheckpointError:

@@ -36,11 +36,8 @@ class StepGuard:
             self.nonfinite_in_a_row += 1
             write(f"step {step}: non-finite loss, step skipped "
                   f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_steps} in all)")
-            if self.nonfinite_in_a_row >= self.max_in_a_row:
-                raise NonFiniteLossError(
-                    f"step {step}: {self.nonfinite_in_a_row} non-finite losses in a row "
-                    f"(train.max_nonfinite={self.max_in_a_row}); stopping. The last complete "
-                    f"checkpoint is {self.last_checkpoint() or 'none'}")
+            self._stop_at_limit(self.nonfinite_in_a_row, f"step {step}: {self.nonfinite_in_a_row} non-finite "
+                                                         f"losses in a row")
             return
         self.nonfinite_in_a_row = 0
         if overflow is None:
@@ -51,9 +48,12 @@ class StepGuard:
         self.overflows_at_floor = self.overflows_at_floor + 1 if scale <= floor else 0
         write(f"step {step}: fp16 gradient overflow, step skipped (loss scale now {scale:g}, "
               f"{self.overflow_steps} overflows in all)")
-        if self.overflows_at_floor >= self.max_in_a_row:
-            raise NonFiniteLossError(
-                f"step {step}: fp16 gradients overflowed in {self.overflows_at_floor} steps in a row at the minimum "
-                f"loss scale {floor:g} (train.max_nonfinite={self.max_in_a_row}); stopping. Use "
-                f"engine.precision=bf16, a lower lr or train.clip_grad. The last complete checkpoint is "
-                f"{self.last_checkpoint() or 'none'}")
+        self._stop_at_limit(self.overflows_at_floor,
+                            f"step {step}: fp16 gradients overflowed in {self.overflows_at_floor} steps in a row at "
+                            f"the minimum loss scale {floor:g}",
+                            advice="Use engine.precision=bf16, a lower lr or train.clip_grad. ")
+
+    def _stop_at_limit(self, in_a_row: int, what: str, advice: str = "") -> None:
+        if in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(f"{what} (train.max_nonfinite={self.max_in_a_row}); stopping. {advice}"
+                                     f"The last complete checkpoint is {self.last_checkpoint() or 'none'}")

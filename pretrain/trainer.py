@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import signal
 import time
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
+from pretrain import hooks
 from pretrain.checkpoint import CheckpointError, Checkpoints, export_backbone
 from pretrain.config import Config, save_config
 from pretrain.data.device_decode import DeviceDecodedView
@@ -28,7 +28,6 @@ from pretrain.data.prefetch import DeviceBatches
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine, build_module, partitioned_shape
-from pretrain.faults import maybe_die, maybe_signal
 from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
@@ -60,16 +59,14 @@ class Trainer:
         self.train_loader = self._train_loader(train_set)
         self.batches: DeviceBatches | None = None  # the training batches on the device, while fit() runs
         self.val_loader = self._val_loader(val_set)
-        self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist)
+        self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist, every=cfg.train.ckpt_every)
         self.step = 0
         self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest)
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
-        self.interrupted = False  # stopped on request before the end of this invocation
+        self.stopped_on_request = False  # saved and stopped before the end of this invocation
         self.window = _Window(dist.device)  # the loss and metrics since the last log line
         self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
-        # Fault injection for the tests: steps whose loss is made NaN (e.g. "3,4").
-        self.inject_nan = {int(s) for s in os.environ.get("VITSCALE_TEST_NAN_STEPS", "").split(",") if s}
 
     # -- data ---------------------------------------------------------------------------------------
     def _train_loader(self, train_set) -> Loader:
@@ -158,6 +155,7 @@ class Trainer:
             saved = self.checkpoints.meta(tag)
             self.resized = resize_note(saved, self.dist.world_size, self.plan)
             self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag, saved.get("world_size")))
+            self.checkpoints.saved_step = self.step
         return tag
 
     def save(self) -> str:
@@ -190,85 +188,100 @@ class Trainer:
         return lr, wd
 
     def fit(self) -> dict:
-        cfg, dist, plan = self.cfg, self.dist, self.plan
+        """Train from the last checkpoint (if any) to ``train.steps`` or ``train.stop_at``, or until a
+        stop request; returns the final validation metrics (empty when it stopped early)."""
         resumed = self.resume()
-        end = min(plan.total_steps, cfg.train.stop_at or plan.total_steps)
-        if dist.is_main:
+        end = min(self.plan.total_steps, self.cfg.train.stop_at or self.plan.total_steps)
+        metrics = self._start_run(resumed)
+        # Copied (and decoded) to the device ahead of the step that needs them.
+        batches = self.batches = DeviceBatches(self.train_loader, self.dist.device)
+        final: dict = {}
+        try:
+            while self.step < end:
+                stop = self._step(batches, metrics)
+                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.step < end:
+                    metrics.log(self.step, self.evaluate())
+                if self.checkpoints.due(self.step, stop_requested=stop):
+                    self.save()
+                if stop and self.step < end:
+                    self.stopped_on_request = True
+                    metrics.write(f"stopped on request at step {self.step}; checkpoint saved")
+                    break
+            if not self.stopped_on_request:
+                final = self._finish(metrics)
+        finally:
+            batches.close()
+            metrics.close()
+        self._end_run(resumed, final, batches)
+        return final
+
+    def _start_run(self, resumed: str | None) -> Metrics:
+        if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir / "config.yaml")
             self._write_summary({"resumed_from": resumed, "state": "running", "step": self.step,
                                  **self._resize_summary()})
-        metrics = Metrics(self.run_dir, dist, self.step, plan.total_steps, cfg.train.progress)
+        metrics = Metrics(self.run_dir, self.dist, self.step, self.plan.total_steps, self.cfg.train.progress)
         if resumed:
             metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
         if self.resized:
             metrics.write(self.resized["message"])
-        last_saved = self.step if resumed else -1
-        # Copied (and decoded) to the device ahead of the step that needs them.
-        batches = self.batches = DeviceBatches(self.train_loader, dist.device)
-        window = self.window
-        final: dict = {}
-        try:
-            while self.step < end:
-                step = self.step
-                maybe_die("step", dist.rank, step)
-                maybe_signal(dist.rank, step)
-                lr, wd = self.hyperparameters(step)
-                self.engine.set_hyperparameters(lr, wd, step)
-                self.engine.train()
-                # Whole windows only (and the run's last step): a window cut by the end of this
-                # invocation goes into the checkpoint and is logged, whole, by the resumed run.
-                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps
-                skip, stop, grad_norm = self._train_step(step, batches, window, want_grad_norm=log_now)
-                self.guard.record(step, skip, None if skip else self.engine.fp16_overflow(), metrics.write)
-                if not skip:
-                    self.objective.after_step(step, self.engine)
-                self.step = step + 1
-                self.step_times.append(time.perf_counter())
-                window.steps += 1
-                if log_now:
-                    steps_in_window, values = window.flush(dist, plan.global_batch)
-                    values.update({"train/lr": lr, "train/weight_decay": wd,
-                                   "train/memory_gib": memory_gib(dist.device),
-                                   "train/nonfinite_steps": float(self.guard.nonfinite_steps)})
-                    if cfg.engine.precision == "fp16":
-                        values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
-                    grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
-                    if grad_norm is not None:
-                        values["train/grad_norm"] = grad_norm
-                    values.update({f"data/skipped_{k}": float(v) for k, v in
-                                   dist.sum_counts(batches.skipped).items()})
-                    metrics.log(self.step, values)
-                    metrics.progress(steps_in_window, loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}",
-                                     img_s=f"{values['train/images_per_s']:.0f}")
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < end:
-                    metrics.log(self.step, self.evaluate())
-                if stop or (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
-                    self.save()
-                    last_saved = self.step
-                if stop and self.step < end:
-                    self.interrupted = True
-                    metrics.write(f"stopped on request at step {self.step}; checkpoint saved")
-                    break
-            if not self.interrupted:
-                final = self.evaluate()
-                if final:
-                    metrics.log(self.step, final)
-                    metrics.write("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-                if last_saved != self.step:
-                    self.save()
-                if cfg.train.export and self.step == plan.total_steps:
-                    self.export()
-        finally:
-            batches.close()
-            metrics.close()
-        skipped = dist.sum_counts(batches.skipped)  # a collective: before the rank-0 branch
-        if dist.is_main:
-            self._write_summary({"resumed_from": resumed, "state": self.state, **self._resize_summary(),
-                                 "step": self.step, "final": final,
-                                 "nonfinite_steps": self.guard.nonfinite_steps, "fp16_overflow_steps": self.guard.overflow_steps,
-                                 "skipped_samples": skipped})
+        return metrics
+
+    def _step(self, batches: DeviceBatches, metrics: Metrics) -> bool:
+        """One training step, accounted for and logged; whether the ranks agreed to stop after it."""
+        step = self.step
+        hooks.fire("step", rank=self.dist.rank, step=step)
+        lr, wd = self.hyperparameters(step)
+        self.engine.set_hyperparameters(lr, wd, step)
+        self.engine.train()
+        # Whole windows only (and the run's last step): a window cut by the end of this invocation
+        # goes into the checkpoint and is logged, whole, by the resumed run.
+        log_now = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.plan.total_steps
+        skip, stop, grad_norm = self._train_step(step, batches, self.window, want_grad_norm=log_now)
+        self.guard.record(step, skip, None if skip else self.engine.fp16_overflow(), metrics.write)
+        if not skip:
+            self.objective.after_step(step, self.engine)
+        self.step = step + 1
+        self.step_times.append(time.perf_counter())
+        self.window.steps += 1
+        if log_now:
+            self._log(metrics, batches, lr, wd, grad_norm)
+        return stop
+
+    def _log(self, metrics: Metrics, batches: DeviceBatches, lr: float, wd: float, grad_norm: float | None) -> None:
+        """The window's metrics (a collective), to TensorBoard, the log file and the progress bar."""
+        steps_in_window, values = self.window.flush(self.dist, self.plan.global_batch)
+        values.update({"train/lr": lr, "train/weight_decay": wd, "train/memory_gib": memory_gib(self.dist.device),
+                       "train/nonfinite_steps": float(self.guard.nonfinite_steps)})
+        if self.cfg.engine.precision == "fp16":
+            values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
+        grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm
+        values.update({f"data/skipped_{k}": float(v) for k, v in self.dist.sum_counts(batches.skipped).items()})
+        metrics.log(self.step, values)
+        metrics.progress(steps_in_window, loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}",
+                         img_s=f"{values['train/images_per_s']:.0f}")
+
+    def _finish(self, metrics: Metrics) -> dict:
+        """The end of an invocation that was not stopped: validation, the last save, the export."""
+        final = self.evaluate()
+        if final:
+            metrics.log(self.step, final)
+            metrics.write("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        if self.checkpoints.due(self.step, last=True):
+            self.save()
+        if self.cfg.train.export and self.step == self.plan.total_steps:
+            self.export()
         return final
+
+    def _end_run(self, resumed: str | None, final: dict, batches: DeviceBatches) -> None:
+        skipped = self.dist.sum_counts(batches.skipped)  # a collective: before the rank-0 branch
+        if self.dist.is_main:
+            self._write_summary({"resumed_from": resumed, "state": self.state, **self._resize_summary(),
+                                 "step": self.step, "final": final, "nonfinite_steps": self.guard.nonfinite_steps,
+                                 "fp16_overflow_steps": self.guard.overflow_steps, "skipped_samples": skipped})
 
     @property
     def state(self) -> str:
@@ -277,7 +290,7 @@ class Trainer:
         STOPPED_EXIT_CODE), or ``stop_at`` (ended at train.stop_at, as asked)."""
         if self.step >= self.plan.total_steps:
             return "finished"
-        return "stopped" if self.interrupted else "stop_at"
+        return "stopped" if self.stopped_on_request else "stop_at"
 
     def _train_step(self, step: int, batches, window: "_Window", want_grad_norm: bool):
         """One optimizer step over ``train.grad_accum`` micro-batches.
@@ -297,8 +310,7 @@ class Trainer:
             # torch's RNG, and a resumed run makes it at another step.
             self._seed_micro_step(step, micro)
             loss, values = self.engine.forward(batch, step)
-            if step in self.inject_nan:
-                loss = loss + float("nan")
+            hooks.fire("loss", rank=dist.rank, step=step, micro=micro, loss=loss)
             loss_ok = torch.isfinite(loss.detach())
             nonfinite = torch.maximum(nonfinite, (~loss_ok).float())
             window.add(torch.where(loss_ok, loss.detach().float(), 0.0), values)

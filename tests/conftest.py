@@ -52,9 +52,11 @@ def python_env(threads: int = 1) -> dict:
     return env
 
 
-def run_module(module: str, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m module args`` from the repository root, as a user would run it."""
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=python_env(),
+def run_module(module: str, *args: str, timeout: float = 600, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, as a user would run it (in ``env``, by
+    default :func:`python_env`'s)."""
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env or python_env(),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"python -m {module} {' '.join(args)} exited {result.returncode}\n"

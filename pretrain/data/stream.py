@@ -45,12 +45,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from pretrain import hooks
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
 from pretrain.data.shards import (BAD_HEADER, EMPTY, IMAGE_EXTENSIONS, NOT_A_TAR, ShardError, ShardStalled,
                                   iter_tar_samples)
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
-from pretrain.faults import record_keys
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ class Loader:
             self.broken = (self.broken + batch.pop("__broken__"))[-MAX_BROKEN_NAMED:]
             self.seen += batch.pop("__seen__")
             self.consumed += 1
-            record_keys(getattr(self.dataset, "rank", 0), batch.get("__keys__", ()))
+            hooks.fire("batch", rank=getattr(self.dataset, "rank", 0), keys=batch.get("__keys__", ()))
             self._check_skip_rate()
             yield batch
 

@@ -22,8 +22,8 @@ import torch
 
 from pretrain.config import for_world_size, load_config
 from pretrain.dist import init_distributed, leave_process_group
-from pretrain.faults import KEYS_ENV
 from pretrain.trainer import Trainer
+from tests.faults import KEYS_ENV
 
 BUFFERS = ("center", "queue1", "queue2", "queue_ptr")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.faults import fault_env
 from tests.unit.data_samples import write_counted_shards
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ MOBY3 = [*MOBY, "engine.zero_stage=3",
 def torchrun(nproc: int, out: Path, jobs: list) -> None:
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             str(REPO / "tests/integration/elastic_resume_worker.py"), str(out), json.dumps(jobs)]
-    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=fault_env(python_env()), capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
 

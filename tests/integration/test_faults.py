@@ -1,5 +1,5 @@
 """Faults injected for real into 2-process runs through `python -m launch local`: a rank SIGKILLed
-mid-step, ranks SIGKILLed inside a checkpoint save (VITSCALE_TEST_KILL, see pretrain/faults.py), a
+mid-step, ranks SIGKILLed inside a checkpoint save (VITSCALE_TEST_KILL, see tests/faults.py), a
 full disk (a size-limited tmpfs), and broken or foreign checkpoints. docs/reliability.md lists what
 each test shows.
 
@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from pretrain.checkpoint import Checkpoints, file_checksum, tag_for
 from pretrain.dist import DistEnv
 from tests.conftest import QUIET, REPO, TINY_VIT, flip_bytes, python_env, run_module, write_code_payload
+from tests.faults import fault_env
 
 RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 JOB = [*QUIET, *TINY_VIT, "engine.precision=fp32", "engine.zero_stage=1", "train.epochs=null", "train.steps=8",
@@ -38,9 +39,7 @@ def launch(run_dir: Path, digits: Path, kill: str = "", limit_file_size: int | N
     """`python -m launch local --nproc 2` on the job; ``kill``: VITSCALE_TEST_KILL for the ranks;
     ``limit_file_size``: no file written may grow beyond this many bytes (EFBIG, not SIGXFSZ).
     Returns (exit code, stderr, seconds from the kill to the launcher's exit or None)."""
-    env = python_env()
-    if kill:
-        env["VITSCALE_TEST_KILL"] = kill
+    env = fault_env(python_env(), VITSCALE_TEST_KILL=kill)
     command = [sys.executable, "-m", "launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}",
                f"data.train={digits}", *JOB, *extra]
     def limit():

@@ -7,7 +7,6 @@ start-up: the uninterrupted ZeRO-3 run serves the resume, ZeRO-0-vs-3 and export
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import QUIET, REPO, TINY_VIT, load_export, run_module
+from tests.conftest import QUIET, REPO, TINY_VIT, load_export, python_env, run_module
+from tests.faults import fault_env
 
 RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 # fp32, logged every step, no checkpoint except at the end: what the equality checks need.
@@ -168,11 +168,7 @@ def test_nonfinite_steps_are_skipped_entirely(runs, tmp_path):
     env_args = ["launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}", f"data.train={runs.digits}",
                 "data.prepare=none", *EXACT, "engine.zero_stage=3", "train.steps=4", "train.ckpt_every=2",
                 "train.max_nonfinite=3"]
-    os.environ["VITSCALE_TEST_NAN_STEPS"] = "2,3"
-    try:
-        run_module(*env_args)
-    finally:
-        del os.environ["VITSCALE_TEST_NAN_STEPS"]
+    run_module(*env_args, env=fault_env(python_env(), VITSCALE_TEST_NAN_STEPS="2,3"))
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["nonfinite_steps"] == 2 and summary["step"] == 4
     after_step_2 = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000002")
@@ -183,12 +179,9 @@ def test_nonfinite_steps_are_skipped_entirely(runs, tmp_path):
 
 def test_nonfinite_losses_in_a_row_stop_the_run(runs, tmp_path):
     run_dir = tmp_path / "nan-stop"
-    os.environ["VITSCALE_TEST_NAN_STEPS"] = "1,2,3,4,5"
-    try:
-        result = run_module("pretrain", RECIPE, f"run.dir={run_dir}", f"data.train={runs.digits}", "data.prepare=none",
-                            *EXACT, "engine.zero_stage=0", "train.steps=8", "train.max_nonfinite=3", check=False)
-    finally:
-        del os.environ["VITSCALE_TEST_NAN_STEPS"]
+    result = run_module("pretrain", RECIPE, f"run.dir={run_dir}", f"data.train={runs.digits}", "data.prepare=none",
+                        *EXACT, "engine.zero_stage=0", "train.steps=8", "train.max_nonfinite=3", check=False,
+                        env=fault_env(python_env(), VITSCALE_TEST_NAN_STEPS="1,2,3,4,5"))
     assert result.returncode == 1
     assert "step 3: 3 non-finite losses in a row" in result.stderr
     assert not (run_dir / "checkpoints" / "latest").exists()

@@ -22,6 +22,7 @@ import pytest
 from pretrain.checkpoint import tag_for
 from launch.__main__ import main
 from tests.conftest import QUIET, REPO, TINY_VIT
+from tests.faults import fault_env
 
 RECIPE = str(REPO / "configs" / "pretrain" / "digits_supervised.yaml")
 TWO_TASKS = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--job-name", "vitscale-test"]
@@ -236,12 +237,14 @@ def test_a_stopped_stage_fails_its_job_and_the_chain_stops_there(digits_dir, tmp
     linear_probe = ["finetune", "linear", str(REPO / "configs/finetune/linear_demo.yaml"), f"pretrained={run_dir}",
                     f"run.dir={probe_dir}", f"data.train={digits_dir}", f"data.val={digits_dir}", "data.workers=0",
                     "linear.epochs=1", "linear.lrs=[0.1]"]
-    os.environ["VITSCALE_TEST_SIGNAL"] = "USR1:0:3"
+    saved = dict(os.environ)
+    os.environ.update(fault_env(VITSCALE_TEST_SIGNAL="USR1:0:3"))  # sbatch hands the environment to the job
     try:
         first_id, second_id = submit(*TWO_TASKS, "--", *stage(digits_dir, run_dir, "train.steps=20"), "--",
                                      *linear_probe)
     finally:
-        del os.environ["VITSCALE_TEST_SIGNAL"]
+        os.environ.clear()
+        os.environ.update(saved)
     assert wait_ended(first_id) == "FAILED", logs(run_dir)
     assert [e["event"] for e in events(run_dir)] == ["submitted", "started", "stopped"]
     summary = json.loads((run_dir / "run.json").read_text())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from pretrain.faults import KEYS_ENV
 from tests.conftest import QUIET, TINY_VIT
+from tests.faults import KEYS_ENV, fault_env
 from tests.integration.test_slurm import (ONE_TASK, RECIPE, TWO_TASKS, logs, losses, slurm_up,  # noqa: F401
                                           submit, wait_ended)
 from tests.unit.data_samples import write_counted_shards
@@ -27,7 +27,8 @@ def test_resumed_with_one_task_instead_of_two(tmp_path, monkeypatch):
     for tasks, phase, extra in ((TWO_TASKS, "two", [f"train.stop_at={STOP}"]), (ONE_TASK, "one", [])):
         keys[phase] = tmp_path / f"keys-{phase}"
         keys[phase].mkdir()
-        monkeypatch.setenv(KEYS_ENV, str(keys[phase]))  # sbatch hands the environment to the job
+        for name, value in fault_env({}, **{KEYS_ENV: str(keys[phase])}).items():
+            monkeypatch.setenv(name, value)  # sbatch hands the environment to the job
         (job_id,) = submit(*tasks, "--", *stage, *extra)
         assert wait_ended(job_id) == "COMPLETED", logs(run_dir)
 

@@ -15,6 +15,7 @@ import pytest
 from pretrain.checkpoint import tag_for
 from pretrain.dist import STOPPED_EXIT_CODE
 from tests.conftest import QUIET, REPO, TINY_VIT, python_env
+from tests.faults import fault_env
 
 RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 STEPS = 8
@@ -24,9 +25,7 @@ JOB = [*QUIET, *TINY_VIT, "engine.precision=fp32", "engine.zero_stage=1", "train
 
 
 def launch(run_dir: Path, digits: Path, signal_at: str = "") -> subprocess.CompletedProcess:
-    env = python_env()
-    if signal_at:
-        env["VITSCALE_TEST_SIGNAL"] = signal_at
+    env = fault_env(python_env(), VITSCALE_TEST_SIGNAL=signal_at)
     command = [sys.executable, "-m", "launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}",
                f"data.train={digits}", *JOB]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -16,8 +16,8 @@ import torch
 
 from pretrain.checkpoint import CheckpointError, Checkpoints, tag_for
 from pretrain.dist import DistEnv
-from pretrain.faults import POINTS
 from tests.conftest import flip_bytes, write_code_payload
+from tests.faults import KILL_ENV, KILL_POINTS
 
 META = {"objective": "supervised", "model": "vit_tiny_patch16_224", "model_kwargs": {"embed_dim": 32},
         "image_size": 32, "parameters": {"model.head.weight": [10, 32]}}
@@ -43,7 +43,7 @@ def save_in_a_child(run_dir, step: int, kill: str = "", keep_last: int = 1) -> i
     if pid == 0:
         code = 0
         try:
-            os.environ["VITSCALE_TEST_KILL"] = kill
+            os.environ[KILL_ENV] = kill
             Checkpoints(run_dir, keep_last=keep_last, dist=DistEnv()).save(FilesEngine(), step, {"step": step}, META)
         except BaseException:
             code = 1
@@ -51,7 +51,7 @@ def save_in_a_child(run_dir, step: int, kill: str = "", keep_last: int = 1) -> i
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-@pytest.mark.parametrize("point", [p for p in POINTS if p.startswith("save-")])
+@pytest.mark.parametrize("point", [p for p in KILL_POINTS if p.startswith("save-")])
 def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_named_and_whole(tmp_path, point):
     assert save_in_a_child(tmp_path, 2) == 0
     assert save_in_a_child(tmp_path, 4, kill=f"{point}:0:4") == -signal.SIGKILL

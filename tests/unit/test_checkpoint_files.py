@@ -55,3 +55,16 @@ def test_a_writer_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
             raise OSError("disk full")
     assert [p.name for p in tmp_path.iterdir()] == ["backbone.safetensors"]
     assert target.read_bytes() == b"old"
+
+
+def test_saves_are_due_every_n_steps_on_a_stop_request_and_once_at_the_end(tmp_path):
+    from tests.unit.test_checkpoint_faults import META, FilesEngine
+
+    ckpts = Checkpoints(tmp_path, keep_last=2, dist=DistEnv(), every=3)
+    assert [s for s in range(1, 10) if ckpts.due(s)] == [3, 6, 9]
+    assert ckpts.due(4, stop_requested=True) and ckpts.due(4, last=True)
+    ckpts.save(FilesEngine(), 4, {"step": 4}, META)
+    assert not ckpts.due(4, last=True)  # just saved: the end of the invocation does not save it again
+    assert ckpts.due(5, last=True)
+    never = Checkpoints(tmp_path, keep_last=2, dist=DistEnv(), every=0)
+    assert not any(never.due(s) for s in range(1, 10)) and never.due(9, last=True)
