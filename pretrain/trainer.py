@@ -199,7 +199,7 @@ class Trainer:
         try:
             while self.step < end:
                 stop = self._step(batches, metrics)
-                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 and self.step < end:
+                if self._evaluation_due(end):
                     metrics.log(self.step, self.evaluate())
                 if self.checkpoints.due(self.step, stop_requested=stop):
                     self.save()
@@ -248,6 +248,11 @@ class Trainer:
         if log_now:
             self._log(metrics, batches, lr, wd, grad_norm)
         return stop
+
+    def _evaluation_due(self, end: int) -> bool:
+        """Every ``train.eval_every`` steps before the end (the end evaluates anyway, in _finish)."""
+        every = self.cfg.train.eval_every
+        return bool(every) and self.step % every == 0 and self.step < end
 
     def _log(self, metrics: Metrics, batches: DeviceBatches, lr: float, wd: float, grad_norm: float | None) -> None:
         """The window's metrics (a collective), to TensorBoard, the log file and the progress bar."""
