@@ -23,7 +23,7 @@ cfg = load_config(None, ["data.synthetic=true", "train.steps=1", f"engine.precis
                          f"engine.zero_stage={sys.argv[2]}", "data.image_size=32", "objective.mixup=0",
                          "objective.cutmix=0", "objective.reprob=0", *TINY_VIT])
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 assert not engine.optimizer.state, "the optimizer stepped during start-up"
 engine.set_hyperparameters(1e-3, 0.05)

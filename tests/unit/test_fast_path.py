@@ -58,7 +58,7 @@ F.scaled_dot_product_attention = same_dtypes
 cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.precision=bf16", "data.image_size=32",
                          "objective.mixup=0", "objective.cutmix=0", "objective.reprob=0", *SWIN])
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 masks = [m.attn_mask for m in engine.module.modules() if getattr(m, "attn_mask", None) is not None]
 assert masks and {m.dtype for m in masks} == {torch.bfloat16}
@@ -100,7 +100,7 @@ from tests.conftest import TINY_VIT
 cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.precision=fp32", "engine.compile=true",
                          *TINY_VIT])
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 names = [n for n, _ in objective.named_parameters()]
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 assert objective.backbone()._compiled_call_impl is not None
