@@ -27,15 +27,15 @@ from pretrain.objectives.monitors import embedding_std
 @dataclass
 class Config(ssl.Config):
     name: str = "moby"
+    scale: tuple[float, float] = (0.08, 1.0)  # of both views
+    # BYOL's asymmetric photometric augmentation: (first view, second view).
+    blur: tuple[float, float] = (1.0, 0.1)
+    solarize: tuple[float, float] = (0.0, 0.2)
     proj_dim: int = 256
     hidden_dim: int = 4096
     queue_size: int = 4096
     temperature: float = 0.2
     momentum: float = 0.99  # target EMA momentum, cosine to 1
-    scale: tuple[float, float] = (0.08, 1.0)
-    # BYOL's asymmetric photometric augmentation: (first view, second view).
-    blur: tuple[float, float] = (1.0, 0.1)
-    solarize: tuple[float, float] = (0.0, 0.2)
     export: Literal["online", "target"] = "online"
 
     def validate(self) -> None:
