@@ -84,6 +84,16 @@ def test_forward_centre_and_schedules(tmp_path):
     assert objective.momentum(0) == pytest.approx(0.996) and objective.momentum(10) == pytest.approx(1.0)
 
 
+def test_crops_enter_in_the_run_contexts_compute_dtype(tmp_path):
+    """The run context, not a module's weights, says what the backbone computes in: under bf16 the
+    engine casts the objective after it is built."""
+    crops = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        objective = tiny_objective(tiny_config(tmp_path, *TINY_DINO, f"engine.precision={precision}"))
+        assert objective.ctx.compute_dtype == dtype
+        assert objective._inputs(crops, objective.photometric[0]).dtype == dtype
+
+
 def test_export_choice(tmp_path):
     teacher = tiny_objective(tiny_config(tmp_path, *TINY_DINO))
     student = tiny_objective(tiny_config(tmp_path, *TINY_DINO, "objective.export=student"))
