@@ -41,23 +41,23 @@ class Config(ObjectiveConfig):
     def validate(self) -> None:
         self.require_fractions("momentum", "hflip", "jitter", "grayscale")
 
-    def value(self, key: str):
+    def _value(self, key: str):
         """The value of ``key``, which may name an element (``blur[1]``)."""
         name, _, index = key.partition("[")
         return getattr(self, name)[int(index[:-1])] if index else getattr(self, name)
 
     def require_positive(self, *keys: str) -> None:
         for key in keys:
-            require(self.value(key) > 0, f"objective.{key}", self.value(key), "must be positive")
+            require(self._value(key) > 0, f"objective.{key}", self._value(key), "must be positive")
 
     def require_fractions(self, *keys: str) -> None:
         for key in keys:
-            require(0.0 <= self.value(key) <= 1.0, f"objective.{key}", self.value(key), "must be in [0, 1]")
+            require(0.0 <= self._value(key) <= 1.0, f"objective.{key}", self._value(key), "must be in [0, 1]")
 
     def require_scales(self, *keys: str) -> None:
         """Crop scales: ``(min, max)`` shares of the image's area."""
         for key in keys:
-            low, high = self.value(key)
+            low, high = self._value(key)
             require(0 < low <= high <= 1, f"objective.{key}", [low, high], "need 0 < min <= max <= 1")
 
 
