@@ -65,7 +65,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     plan = make_plan(cfg, world_size, train_set)
     check_resume(cfg, world_size, train_set)
     check_model_inputs(cfg, RunContext(plan.num_classes, plan.total_steps, plan.steps_per_epoch,
-                                       DistEnv(world_size=world_size)))
+                                       DistEnv(world_size=world_size), cfg.engine.precision))
 
 
 def train(cfg: Config) -> str:

@@ -356,6 +356,11 @@ def check_deepspeed_batch(cfg: Config, world_size: int) -> None:
                               f"or train.grad_accum instead")
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the engine computes in for ``engine.precision`` (its fp32 masters aside)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def check_precision(precision: str) -> None:
     """ConfigError unless this machine's accelerator can train in ``precision``."""
     import_deepspeed()
@@ -442,7 +447,7 @@ class Engine:
         self.module = self.engine.module
         keep_buffer_dtypes(self.module, buffers)
         if cfg.engine.precision != "fp32":
-            cast_attention_masks(self.module, torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float16)
+            cast_attention_masks(self.module, compute_dtype(cfg.engine.precision))
         self._unclipped_norm: float | None = None
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
         self._written: list[str] = []

@@ -52,7 +52,8 @@ class Trainer:
         train_set, val_set = resolve_sources(cfg)
         self.plan = make_plan(cfg, dist.world_size, train_set)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist)
+        ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist,
+                         cfg.engine.precision)
         build = lambda: make_objective(cfg, ctx)  # noqa: E731
         self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)

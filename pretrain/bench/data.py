@@ -112,10 +112,18 @@ def decode_only_simplejpeg(jpegs: list[bytes]) -> float:
     return len(jpegs) / (time.perf_counter() - started)
 
 
+def jpeg_benchmark_parser(name: str, description: str, images: int, images_help: str,
+                          rounds: int) -> argparse.ArgumentParser:
+    """The command line of a benchmark over ``--images`` ImageNet-like JPEGs in ``--rounds`` rounds
+    (its own options are added to it)."""
+    parser = argparse.ArgumentParser(prog=f"python -m pretrain.bench {name}", description=description)
+    parser.add_argument("--images", type=int, default=images, help=f"{images_help} (default {images})")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"timed rounds per pipeline (default {rounds})")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.bench data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=1000, help="JPEGs written and read per round (default 1000)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline (default 5)")
+    parser = jpeg_benchmark_parser("data", __doc__.split("\n\n")[0], 1000, "JPEGs written and read per round", 5)
     parser.add_argument("--size", type=int, default=224, help="crop size (default 224)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)

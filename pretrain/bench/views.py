@@ -19,7 +19,6 @@ row is the median round. The last line is the workers' speed-up over the baselin
 
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
 import time
@@ -27,7 +26,7 @@ import time
 import torch
 from PIL import Image
 
-from pretrain.bench.data import HEIGHT, WIDTH, imagenet_like_jpegs
+from pretrain.bench.data import HEIGHT, WIDTH, imagenet_like_jpegs, jpeg_benchmark_parser
 from pretrain.config import IMAGENET_MEAN, IMAGENET_STD
 from pretrain.data.stream import decode
 from pretrain.data.transforms import normalize
@@ -91,9 +90,7 @@ def run_worker(jpegs: list[bytes], local_crops: int, photometric: bool, batch: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.bench views", description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=64, help="images per round (default 64)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per pipeline (default 3)")
+    parser = jpeg_benchmark_parser("views", __doc__.split("\n")[0], 64, "images per round", 3)
     parser.add_argument("--local-crops", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.dist import DistEnv
-from pretrain.engine import partitioned_shape
+from pretrain.engine import compute_dtype, partitioned_shape
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,12 @@ class RunContext:
     total_steps: int
     steps_per_epoch: int
     dist: DistEnv
+    precision: str = "fp32"  # engine.precision
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the engine computes in: objectives cast their inputs to it."""
+        return compute_dtype(self.precision)
 
 
 class Objective(nn.Module):

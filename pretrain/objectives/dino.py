@@ -22,24 +22,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, ObjectiveConfig
-from pretrain.data.transforms import normalize
-from pretrain.data.views import MultiCropView, Photometric
-from pretrain.models.backbone import create_backbone
+from pretrain.config import ConfigError
+from pretrain.data.views import MultiCropView
 from pretrain.models.heads import DINOHead
-from pretrain.models.teacher import MomentumTeacher
-from pretrain.objectives import base
-from pretrain.objectives.monitors import CollapseWatch, embedding_std
-from pretrain.schedules import cosine
+from pretrain.objectives import base, monitors, ssl
+from pretrain.objectives.monitors import embedding_std
 
 
 @dataclass
-class Config(ObjectiveConfig):
+class Config(ssl.Config):
     name: str = "dino"
-    follows_fp32_masters = True  # the momentum teacher
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -56,36 +50,19 @@ class Config(ObjectiveConfig):
     local_crops: int = 10
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.4)
-    hflip: float = 0.5
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    # Photometric augmentation on the device; blur and solarize per crop kind as in the paper.
-    jitter: float = 0.8
-    grayscale: float = 0.2
+    # Blur and solarize per crop kind as in the paper.
     blur: tuple[float, float, float] = (1.0, 0.1, 0.5)  # first global, second global, local crops
     solarize: float = 0.2  # second global crop only
     export: Literal["teacher", "student"] = "teacher"
-    collapse_std: float = 0.05  # warn when embedding_std (about 1 when spread out) falls below this
 
     def validate(self) -> None:
-        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "local_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be positive")
+        super().validate()
+        self.require_positive("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "local_size",
+                              "student_temp", "teacher_temp", "teacher_temp_final")
         if self.local_crops < 0:
             raise ConfigError(f"objective.local_crops={self.local_crops}: must be >= 0")
-        for key in ("momentum", "center_momentum"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be in [0, 1]")
-        for key in ("student_temp", "teacher_temp", "teacher_temp_final"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be positive")
-        for key in ("global_scale", "local_scale"):
-            low, high = getattr(self, key)
-            if not 0 < low <= high <= 1:
-                raise ConfigError(f"objective.{key}={[low, high]}: need 0 < min <= max <= 1")
-        for key in ("hflip", "jitter", "grayscale", "solarize", *[f"blur[{i}]" for i in range(3)]):
-            value = self.blur[int(key[5])] if key.startswith("blur") else getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"objective.{key}={value!r}: must be in [0, 1]")
+        self.require_fractions("center_momentum", "solarize", "blur[0]", "blur[1]", "blur[2]")
+        self.require_scales("global_scale", "local_scale")
 
     def validate_run(self, cfg) -> None:
         if self.local_crops and self.local_size != cfg.data.image_size and \
@@ -120,25 +97,16 @@ def dino_cross_entropy(student: torch.Tensor, teacher_p: torch.Tensor, student_t
     return total / pairs
 
 
-class Objective(base.Objective):
+class Objective(ssl.Objective):
     def __init__(self, cfg, ctx: base.RunContext) -> None:
         super().__init__(cfg, ctx)
         o = cfg.objective
-        backbone = create_backbone(cfg.model, cfg.data.image_size, 0)
-        builders = {"backbone": lambda: create_backbone(cfg.model, cfg.data.image_size, 0),
-                    **self.head_builders(backbone.num_features)}
-        self.student = nn.ModuleDict({"backbone": backbone,
-                                      **{name: build() for name, build in builders.items() if name != "backbone"}})
-        self.teacher = MomentumTeacher(dict(self.student.items()), ctx.dist, builders)
+        self.build_networks(self.head_builders)
         self.register_buffer("center", torch.zeros(1, o.out_dim))
-        photo = dict(jitter=o.jitter, grayscale=o.grayscale)
-        self.photometric = (Photometric(**photo, blur=o.blur[0]),
-                            Photometric(**photo, blur=o.blur[1], solarize=o.solarize),
-                            Photometric(**photo, blur=o.blur[2]))
+        self.photometric = self.photometric_per_crop(o.blur, (0.0, o.solarize, 0.0))
         spe = ctx.steps_per_epoch
         self.freeze_last_layer_steps = round(o.freeze_last_layer_epochs * spe)
         self.teacher_temp_warmup_steps = round(o.teacher_temp_warmup_epochs * spe)
-        self.watch = CollapseWatch(cfg.train.log_every, ctx.dist.is_main)
 
     def head_builders(self, in_dim: int) -> dict:
         """Builders of the heads the student and the teacher hold next to the backbone, by name; each
@@ -148,9 +116,6 @@ class Objective(base.Objective):
                                          o.norm_last_layer)}
 
     # -- schedules -------------------------------------------------------------------------------------
-    def momentum(self, step: int) -> float:
-        return cosine(step, self.ctx.total_steps, self.cfg.objective.momentum, 1.0)
-
     def teacher_temp(self, step: int) -> float:
         o = self.cfg.objective
         if step >= self.teacher_temp_warmup_steps:
@@ -163,24 +128,25 @@ class Objective(base.Objective):
         return MultiCropView(self.cfg.data.image_size, o.global_scale, o.local_size, o.local_scale, o.local_crops,
                              o.hflip, o.interpolation)
 
-    def _inputs(self, images: torch.Tensor, photometric: Photometric) -> torch.Tensor:
-        """uint8 crops -> augmented, normalized crops in the backbone's dtype."""
-        d = self.cfg.data
-        dtype = self.student["head"].mlp[0].weight.dtype
-        return normalize(photometric(images).mul_(255.0), d.mean, d.std, dtype)
+    def global_inputs(self, batch: dict) -> torch.Tensor:
+        """The two global crops of every image, augmented, crop-major (2B x C x H x W)."""
+        crops = batch["global"]
+        return torch.cat([self._inputs(crops[:, 0], self.photometric[0]),
+                          self._inputs(crops[:, 1], self.photometric[1])])
+
+    def and_local_features(self, global_features: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The student backbone's ``global_features`` followed by its features of the local crops."""
+        if "local" not in batch:
+            return global_features
+        local = batch["local"].transpose(0, 1).flatten(0, 1)  # crop-major, like the global crops
+        return torch.cat([global_features, self.student["backbone"](self._inputs(local, self.photometric[2]))])
 
     # -- training --------------------------------------------------------------------------------------
     def forward(self, batch: dict, step: int):
         o = self.cfg.objective
-        crops = batch["global"]
-        global_crops = torch.cat([self._inputs(crops[:, 0], self.photometric[0]),
-                                  self._inputs(crops[:, 1], self.photometric[1])])
+        global_crops = self.global_inputs(batch)
         teacher_out = self.teacher("head", self.teacher("backbone", global_crops))
-        features = [self.student["backbone"](global_crops)]
-        if "local" in batch:
-            local = batch["local"].transpose(0, 1).flatten(0, 1)  # crop-major, like the global crops
-            features.append(self.student["backbone"](self._inputs(local, self.photometric[2])))
-        features = torch.cat(features)
+        features = self.and_local_features(self.student["backbone"](global_crops), batch)
         # The prototypes are frozen in the first epoch(s): no gradient here, no update (param_groups).
         student_out = self.student["head"](features, freeze_last_layer=step < self.freeze_last_layer_steps)
         loss, teacher_p = dino_loss(student_out, teacher_out, self.center, o.student_temp, self.teacher_temp(step))
@@ -199,9 +165,8 @@ class Objective(base.Objective):
     def _monitors(self, student_out, teacher_out, teacher_p, features) -> dict[str, torch.Tensor]:
         o = self.cfg.objective
         k = math.log(teacher_p.shape[-1])
-        entropy = -(teacher_p * teacher_p.clamp_min(1e-12).log()).sum(-1).mean()
-        mean_p = teacher_p.mean(0)
-        batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        entropy = monitors.entropy(teacher_p).mean()
+        batch_entropy = monitors.entropy(teacher_p.mean(0))
         student_logp = F.log_softmax(student_out[:len(teacher_out)].float() / o.student_temp, dim=-1)
         kl = (teacher_p * (teacher_p.clamp_min(1e-12).log() - student_logp)).sum(-1).mean()
         values = {"teacher_entropy": entropy / k, "teacher_batch_entropy": batch_entropy / k, "kl": kl,
@@ -210,13 +175,11 @@ class Objective(base.Objective):
         self.watch.record(values)
         return values
 
-    def after_step(self, step: int, engine) -> None:
-        self.teacher.update(self.momentum(step), engine)
+    def collapse_limits(self) -> tuple[dict[str, float], dict[str, float]]:
         # Two ways to collapse: every image to one prototype (the batch's mean teacher output has
         # low entropy) or every output uniform (high entropy per image); both leave KL near 0.
-        self.watch.check(step, low={"embedding_std": self.cfg.objective.collapse_std,
-                                    "teacher_batch_entropy": 0.05, "kl": 1e-4},
-                         high={"teacher_entropy": 0.99})
+        return ({"embedding_std": self.cfg.objective.collapse_std, "teacher_batch_entropy": 0.05, "kl": 1e-4},
+                {"teacher_entropy": 0.99})
 
     # -- parameters ------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -244,13 +207,3 @@ class Objective(base.Objective):
             out += [{**group, "params": rest}] if rest else []
             out += [{**group, "params": frozen, "freeze_steps": self.freeze_last_layer_steps}] if frozen else []
         return out
-
-    def backbone(self) -> nn.Module:
-        if self.cfg.objective.export == "teacher":
-            return self.teacher.nets["backbone"]
-        return self.student["backbone"]
-
-    def backbone_state_dict(self, engine, main_only: bool = False) -> dict[str, torch.Tensor]:
-        if self.cfg.objective.export == "teacher":
-            return self.teacher.full_state_dict("backbone", main_only)
-        return super().backbone_state_dict(engine, main_only)

@@ -38,7 +38,7 @@ from pretrain.config import ConfigError
 from pretrain.dist import DistEnv
 from pretrain.models.heads import DINOHead
 from pretrain.models.masked import MaskToken, unpooled
-from pretrain.objectives import dino
+from pretrain.objectives import dino, monitors
 
 
 # -- the pieces, as pure functions -------------------------------------------------------------------
@@ -249,9 +249,7 @@ class Objective(dino.Objective):
 
     def forward(self, batch: dict, step: int):
         o = self.cfg.objective
-        crops = batch["global"]
-        global_crops = torch.cat([self._inputs(crops[:, 0], self.photometric[0]),
-                                  self._inputs(crops[:, 1], self.photometric[1])])
+        global_crops = self.global_inputs(batch)
         side = global_crops.shape[-1] // self.patch_size
         masks = draw_masks(len(global_crops), side, side, o.mask_probability, o.mask_ratio).to(global_crops.device)
         flat = masks.flatten(1)
@@ -267,11 +265,7 @@ class Objective(dino.Objective):
             teacher_patch_p = self._teacher_p(teacher_patch_out, self.ibot_center, temp)
 
         student_cls, student_patches = self._tokens(self.student["backbone"], global_crops, masks)
-        features = [student_cls]
-        if "local" in batch:
-            local = batch["local"].transpose(0, 1).flatten(0, 1)  # crop-major, like the global crops
-            features.append(self.student["backbone"](self._inputs(local, self.photometric[2])))
-        features = torch.cat(features)
+        features = self.and_local_features(student_cls, batch)
         student_out = self.student["head"](features, freeze_last_layer=frozen)
         student_patch_out = self.student[self._ibot_head()](student_patches[flat], freeze_last_layer=frozen)
 
@@ -283,7 +277,7 @@ class Objective(dino.Objective):
         metrics = self._monitors(student_out, teacher_out, teacher_p, features)
         with torch.no_grad():
             k = math.log(teacher_patch_p.shape[-1])
-            patch_entropy = -(teacher_patch_p * teacher_patch_p.clamp_min(1e-12).log()).sum(-1).mean() / k \
+            patch_entropy = monitors.entropy(teacher_patch_p).mean() / k \
                 if len(teacher_patch_p) else teacher_patch_p.new_zeros(())
         metrics.update(dino_loss=dino_part.detach(), ibot_loss=ibot_part.detach(), koleo_loss=koleo_part.detach(),
                        ibot_teacher_entropy=patch_entropy, masked_ratio=flat.float().mean())

@@ -15,53 +15,34 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, ObjectiveConfig
-from pretrain.data.transforms import normalize
-from pretrain.data.views import Photometric, TwoView
-from pretrain.models.backbone import create_backbone
+from pretrain.config import ConfigError
+from pretrain.data.views import TwoView
 from pretrain.models.heads import MoBYMLP
-from pretrain.models.teacher import MomentumTeacher
-from pretrain.objectives import base
-from pretrain.objectives.monitors import CollapseWatch, embedding_std
-from pretrain.schedules import cosine
+from pretrain.objectives import base, ssl
+from pretrain.objectives.monitors import embedding_std
 
 
 @dataclass
-class Config(ObjectiveConfig):
+class Config(ssl.Config):
     name: str = "moby"
-    follows_fp32_masters = True  # the momentum teacher
+    scale: tuple[float, float] = (0.08, 1.0)  # of both views
+    # BYOL's asymmetric photometric augmentation: (first view, second view).
+    blur: tuple[float, float] = (1.0, 0.1)
+    solarize: tuple[float, float] = (0.0, 0.2)
     proj_dim: int = 256
     hidden_dim: int = 4096
     queue_size: int = 4096
     temperature: float = 0.2
     momentum: float = 0.99  # target EMA momentum, cosine to 1
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    # BYOL's asymmetric photometric augmentation, on the device: (first view, second view).
-    jitter: float = 0.8
-    grayscale: float = 0.2
-    blur: tuple[float, float] = (1.0, 0.1)
-    solarize: tuple[float, float] = (0.0, 0.2)
     export: Literal["online", "target"] = "online"
-    collapse_std: float = 0.05
 
     def validate(self) -> None:
-        for key in ("proj_dim", "hidden_dim", "queue_size", "temperature"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be positive")
-        if not 0.0 <= self.momentum <= 1.0:
-            raise ConfigError(f"objective.momentum={self.momentum!r}: must be in [0, 1]")
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ConfigError(f"objective.scale={list(self.scale)}: need 0 < min <= max <= 1")
-        for key, value in (("hflip", self.hflip), ("jitter", self.jitter), ("grayscale", self.grayscale),
-                           ("blur[0]", self.blur[0]), ("blur[1]", self.blur[1]),
-                           ("solarize[0]", self.solarize[0]), ("solarize[1]", self.solarize[1])):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"objective.{key}={value!r}: must be in [0, 1]")
+        super().validate()
+        self.require_positive("proj_dim", "hidden_dim", "queue_size", "temperature")
+        self.require_scales("scale")
+        self.require_fractions("blur[0]", "blur[1]", "solarize[0]", "solarize[1]")
 
     def validate_run(self, cfg) -> None:
         # Whole global batches enter the queue, so the write position wraps around exactly.
@@ -84,7 +65,10 @@ def moby_loss(q1, q2, k1, k2, queue1, queue2, temperature: float) -> torch.Tenso
     return contrastive_loss(q1, k2, queue2, temperature) + contrastive_loss(q2, k1, queue1, temperature)
 
 
-class Objective(base.Objective):
+class Objective(ssl.Objective):
+    student_name, teacher_name, backbone_name = "online", "target", "encoder"
+    teacher_export = "target"
+
     def __init__(self, cfg, ctx: base.RunContext) -> None:
         super().__init__(cfg, ctx)
         o = cfg.objective
@@ -92,34 +76,16 @@ class Objective(base.Objective):
         if o.queue_size % (cfg.data.batch_size * world):
             raise ConfigError(f"objective.queue_size={o.queue_size}: must be a multiple of the global batch "
                               f"({cfg.data.batch_size} x {world} processes)")
-        encoder = create_backbone(cfg.model, cfg.data.image_size, 0)
-        builders = {"encoder": lambda: create_backbone(cfg.model, cfg.data.image_size, 0),
-                    "projector": lambda: MoBYMLP(encoder.num_features, o.hidden_dim, o.proj_dim)}
-        self.online = nn.ModuleDict({
-            "encoder": encoder,
-            "projector": builders["projector"](),
-            "predictor": MoBYMLP(o.proj_dim, o.hidden_dim, o.proj_dim)})
-        self.target = MomentumTeacher({"encoder": self.online["encoder"], "projector": self.online["projector"]},
-                                      ctx.dist, builders)
+        self.build_networks(lambda in_dim: {"projector": lambda: MoBYMLP(in_dim, o.hidden_dim, o.proj_dim)},
+                            {"predictor": lambda: MoBYMLP(o.proj_dim, o.hidden_dim, o.proj_dim)})
         for name in ("queue1", "queue2"):
             self.register_buffer(name, F.normalize(torch.randn(o.proj_dim, o.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        photo = dict(jitter=o.jitter, grayscale=o.grayscale)
-        self.photometric = (Photometric(**photo, blur=o.blur[0], solarize=o.solarize[0]),
-                            Photometric(**photo, blur=o.blur[1], solarize=o.solarize[1]))
-        self.watch = CollapseWatch(cfg.train.log_every, ctx.dist.is_main)
-
-    def momentum(self, step: int) -> float:
-        return cosine(step, self.ctx.total_steps, self.cfg.objective.momentum, 1.0)
+        self.photometric = self.photometric_per_crop(o.blur, o.solarize)
 
     def train_view(self):
         o = self.cfg.objective
         return TwoView(self.cfg.data.image_size, o.scale, o.hflip, o.interpolation)
-
-    def _inputs(self, images: torch.Tensor, photometric: Photometric) -> torch.Tensor:
-        d = self.cfg.data
-        dtype = self.online["projector"].net[0].weight.dtype
-        return normalize(photometric(images).mul_(255.0), d.mean, d.std, dtype)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         net = self.online
@@ -166,15 +132,6 @@ class Objective(base.Objective):
                 queue.copy_(torch.roll(queue, -ptr, dims=1))
             self.queue_ptr.zero_()
 
-    def after_step(self, step: int, engine) -> None:
-        self.target.update(self.momentum(step), engine)
-        self.watch.check(step, low={"embedding_std": self.cfg.objective.collapse_std,
-                                    "key_std": self.cfg.objective.collapse_std})
-
-    def backbone(self) -> nn.Module:
-        return self.online["encoder"] if self.cfg.objective.export == "online" else self.target.nets["encoder"]
-
-    def backbone_state_dict(self, engine, main_only: bool = False) -> dict[str, torch.Tensor]:
-        if self.cfg.objective.export == "target":
-            return self.target.full_state_dict("encoder", main_only)
-        return super().backbone_state_dict(engine, main_only)
+    def collapse_limits(self) -> tuple[dict[str, float], dict[str, float]]:
+        o = self.cfg.objective
+        return {"embedding_std": o.collapse_std, "key_std": o.collapse_std}, {}

@@ -23,6 +23,11 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean() * math.sqrt(z.shape[-1])
 
 
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of each distribution along the last dimension of the probabilities ``p``."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
 class CollapseWatch:
     """Remembers the latest monitor values and warns when one crosses its limit."""
 

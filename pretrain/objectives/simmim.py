@@ -137,11 +137,10 @@ class Objective(base.Objective):
     # -- training --------------------------------------------------------------------------------------
     def forward(self, batch: dict, step: int):
         o, d = self.cfg.objective, self.cfg.data
-        dtype = self.decoder[0].weight.dtype
         target = normalize(batch["image"], d.mean, d.std, torch.float32)
         mask = random_block_mask(len(target), target.shape[-1], o.mask_patch_size, self.patch_size, o.mask_ratio,
                                  target.device)
-        reconstruction = self.reconstruct(target.to(dtype), mask)
+        reconstruction = self.reconstruct(target.to(self.ctx.compute_dtype), mask)
         pixels = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)[:, None]
         loss = masked_l1(reconstruction, target, pixels)
         with torch.no_grad():  # how well the visible pixels are copied: a learning monitor, not trained

@@ -103,13 +103,13 @@ class Objective(base.Objective):
             targets = F.one_hot(labels, self.ctx.num_classes).float()
             smoothing = self.cfg.objective.label_smoothing
             targets = targets * (1.0 - smoothing) + smoothing / self.ctx.num_classes
-        logits = self.model(images.to(self.model.patch_embed.proj.weight.dtype))
+        logits = self.model(images.to(self.ctx.compute_dtype))
         return self.soft_ce(logits.float(), targets), {}
 
     @torch.no_grad()
     def val_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images, labels = self._inputs(batch["image"]), batch["label"]
-        logits = self.model(images.to(self.model.patch_embed.proj.weight.dtype)).float()
+        logits = self.model(images.to(self.ctx.compute_dtype)).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5.eq(labels[:, None])
         return {"loss": F.cross_entropy(logits, labels, reduction="sum"),

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.engine import Engine
+from tests.helpers import finish_worker
 
 LR, EPS, WORLD = 1.0, 1.0, 2
 
@@ -106,10 +107,7 @@ def main() -> None:
         stage, precision = case.split("-")
         weights = run_case(dist, initial, clip, int(stage), precision)
         results[case] = max((weights[n] - clipped[n]).abs().max().item() for n in start) / scale
-    if dist.is_main:
-        with open(result_path, "w") as f:
-            json.dump(results, f)
-    leave_process_group()
+    finish_worker(dist, result_path, results)
 
 
 if __name__ == "__main__":

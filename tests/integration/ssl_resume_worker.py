@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.trainer import Trainer
+from tests.helpers import finish_worker
 
 
 def train(dist, overrides: list[str]) -> dict:
@@ -51,10 +52,7 @@ def main() -> None:
                 Path(f"{split}/export/backbone.safetensors").read_bytes(),
                 "whole": {r["step"]: r["train/loss"] for r in lines["whole"] if "train/loss" in r},
                 "split": {r["step"]: r["train/loss"] for r in lines["split"] if "train/loss" in r}}
-    if dist.is_main:
-        with open(result_path, "w") as f:
-            json.dump(results, f)
-    leave_process_group()  # together, or a rank may abort at exit
+    finish_worker(dist, result_path, results)
 
 
 if __name__ == "__main__":

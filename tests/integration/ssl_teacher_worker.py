@@ -16,9 +16,10 @@ import deepspeed
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.schedules import cosine
 from pretrain.trainer import Trainer
+from tests.helpers import finish_worker
 
 
 def student_and_teacher(objective):
@@ -69,10 +70,7 @@ def main() -> None:
     results = {}
     for case, overrides in json.loads(cases).items():
         results[case] = run_case(dist, f"{out_dir}/{case}", overrides)
-    if dist.is_main:
-        with open(result_path, "w") as f:
-            json.dump(results, f)
-    leave_process_group()  # together, or a rank may abort at exit
+    finish_worker(dist, result_path, results)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from pretrain.dist import DistEnv
 from pretrain.objectives.dinov2 import sinkhorn_knopp
 from tests.conftest import REPO, TINY_VIT, load_export, python_env
+from tests.helpers import ZERO3_SMALL_PERSISTENCE
 from tests.integration.dinov2_worker import SINKHORN_SPLIT, sinkhorn_logits
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ EXACT = [*TINY_VIT, "model.kwargs.dynamic_img_size=true", "run.threads=1", "trai
          "objective.out_dim=64", "objective.ibot_out_dim=48",
          "objective.hidden_dim=32", "objective.bottleneck_dim=16", "objective.local_crops=2",
          "objective.local_size=16", "objective.freeze_last_layer_epochs=0", "objective.momentum=0.9",
-         "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
+         ZERO3_SMALL_PERSISTENCE]
 
 
 @pytest.fixture(scope="module")

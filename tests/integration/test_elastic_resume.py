@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.conftest import REPO, python_env
+from tests.helpers import RESUME_DINO, RESUME_MOBY, ZERO3_SMALL_PERSISTENCE
 from tests.faults import fault_env
 from tests.unit.data_samples import write_counted_shards
 
@@ -25,14 +26,7 @@ COMMON = ["run.threads=1", "train.progress=false", "data.workers=0", "data.image
           "data.batch_size=4", "data.shuffle_buffer=6", "data.num_classes=3", "data.mean=[0.5,0.5,0.5]",
           "data.std=[0.5,0.5,0.5]", "train.log_every=1", "train.ckpt_every=0", "optim.lr=0.003",
           "engine.precision=fp32", f"train.steps={STEPS}"]
-DINO = ["objective.name=dino", "engine.zero_stage=3", *TINY_VIT, "model.kwargs.dynamic_img_size=true",
-        "objective.out_dim=64", "objective.hidden_dim=48", "objective.bottleneck_dim=16", "objective.local_crops=2",
-        "objective.local_size=16", "objective.momentum=0.9", "objective.freeze_last_layer_epochs=0",
-        "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
-MOBY = ["objective.name=moby", "engine.zero_stage=2", *TINY_SWIN, "objective.proj_dim=16", "objective.hidden_dim=32",
-        "objective.queue_size=48", "objective.momentum=0.9", "objective.export=target"]
-MOBY3 = [*MOBY, "engine.zero_stage=3",
-         "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
+MOBY3 = [*RESUME_MOBY, "engine.zero_stage=3", ZERO3_SMALL_PERSISTENCE]
 
 
 def torchrun(nproc: int, out: Path, jobs: list) -> None:
@@ -57,7 +51,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_resume_on_another_number_of_processes(tmp_path):
     shards = tmp_path / "shards"
     write_counted_shards(shards, COUNTS)
-    cases = {"dino": (2, 1, DINO), "moby": (1, 2, MOBY), "moby3": (1, 2, MOBY3)}
+    cases = {"dino": (2, 1, RESUME_DINO), "moby": (1, 2, RESUME_MOBY), "moby3": (1, 2, MOBY3)}
 
     def job(kind: str, name: str, run: str, *extra: str) -> list:
         return [kind, name, [f"data.train={shards}", *COMMON, *cases[name][2], f"run.dir={tmp_path / run}", *extra]]

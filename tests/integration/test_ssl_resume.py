@@ -9,25 +9,20 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.conftest import REPO, python_env
+from tests.helpers import RESUME_DINO, RESUME_MOBY
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["run.threads=1", "train.progress=false", "data.workers=1", "data.image_size=32", "data.batch_size=8",
           "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "train.log_every=1", "train.ckpt_every=0",
           "optim.lr=0.01", "engine.precision=bf16"]
-DINO = ["objective.name=dino", "engine.zero_stage=3", *TINY_VIT, "model.kwargs.dynamic_img_size=true",
-        "objective.out_dim=64", "objective.hidden_dim=48", "objective.bottleneck_dim=16", "objective.local_crops=2",
-        "objective.local_size=16", "objective.momentum=0.9", "objective.freeze_last_layer_epochs=0",
-        "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
-MOBY = ["objective.name=moby", "engine.zero_stage=2", *TINY_SWIN, "objective.proj_dim=16", "objective.hidden_dim=32",
-        "objective.queue_size=48", "objective.momentum=0.9", "objective.export=target"]
 
 
 def test_resume_equals_uninterrupted(tmp_path, digits_dir):
     result = tmp_path / "result.json"
-    cases = json.dumps({"dino": [f"data.train={digits_dir}", *COMMON, *DINO],
-                        "moby": [f"data.train={digits_dir}", *COMMON, *MOBY]})
+    cases = json.dumps({"dino": [f"data.train={digits_dir}", *COMMON, *RESUME_DINO],
+                        "moby": [f"data.train={digits_dir}", *COMMON, *RESUME_MOBY]})
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/ssl_resume_worker.py"), str(tmp_path), str(result), "4", cases]
     done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)

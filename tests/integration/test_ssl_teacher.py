@@ -8,25 +8,17 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.conftest import REPO, python_env
+from tests.helpers import RUN_DINO, RUN_MOBY, ZERO3_SMALL_PERSISTENCE
 
 pytestmark = pytest.mark.slow
 
-# Tiny heads; a low persistence threshold so that ZeRO-3 partitions the weights and keeps the
-# biases whole ("persistent"): both ways of holding a teacher parameter are exercised.
 COMMON = ["run.threads=1", "train.progress=false", "data.workers=0", "data.image_size=32", "data.batch_size=8",
           "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "train.steps=3", "train.export=false",
-          "train.ckpt_every=0", "optim.lr=0.01", "model.drop_path=0.1",
-          "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 100}}"]
-DINO = ["objective.out_dim=64", "objective.hidden_dim=48", "objective.bottleneck_dim=16", "objective.local_crops=2",
-        "objective.local_size=16", "objective.momentum=0.9", "objective.freeze_last_layer_epochs=0"]
-MOBY = ["objective.proj_dim=16", "objective.hidden_dim=32", "objective.queue_size=64", "objective.momentum=0.9"]
-
-
-CASES = {f"dino-{stage}-{precision}": ["objective.name=dino", *TINY_VIT, "model.kwargs.dynamic_img_size=true", *DINO,
-                                          f"engine.zero_stage={stage}", f"engine.precision={precision}"]
+          "train.ckpt_every=0", "optim.lr=0.01", "model.drop_path=0.1", ZERO3_SMALL_PERSISTENCE]
+CASES = {f"dino-{stage}-{precision}": [*RUN_DINO, f"engine.zero_stage={stage}", f"engine.precision={precision}"]
          for stage, precision in ((0, "fp32"), (0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"))}
-CASES.update({f"moby-{stage}-bf16": ["objective.name=moby", *TINY_SWIN, *MOBY, f"engine.zero_stage={stage}",
+CASES.update({f"moby-{stage}-bf16": [*RUN_MOBY, "objective.queue_size=64", f"engine.zero_stage={stage}",
                                      "engine.precision=bf16"] for stage in (3,)})
 
 

@@ -56,7 +56,7 @@ class WholeElements(TorchFunctionMode):
 def build(overrides: list[str], dist, zero_init: bool) -> tuple[torch.nn.Module, int]:
     cfg = load_config(None, overrides + [f"engine.zero_init={str(zero_init).lower()}"])
     torch.manual_seed(cfg.run.seed)
-    ctx = RunContext(num_classes=10, total_steps=10, steps_per_epoch=10, dist=dist)
+    ctx = RunContext(num_classes=10, total_steps=10, steps_per_epoch=10, dist=dist, precision=cfg.engine.precision)
     with WholeElements() as whole:
         module = build_module(lambda: build_objective(cfg, ctx), cfg, dist)
     return module, whole.most

@@ -8,16 +8,13 @@ from pretrain.data.shards import ShardSet
 from pretrain.models.backbone import create_backbone
 from pretrain.plan import make_plan
 from tests.conftest import TINY_SWIN, TINY_VIT
-
-
-def model_config(*overrides):
-    return load_config(None, ["data.synthetic=true", "train.steps=1", *overrides]).model
+from tests.helpers import synthetic_config
 
 
 @pytest.mark.parametrize("model", [TINY_VIT, TINY_SWIN], ids=["vit", "swin"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_attention_switch_reaches_every_attention_layer(model, fused):
-    backbone = create_backbone(model_config(*model, f"model.fused_attn={fused}"), 32, 10)
+    backbone = create_backbone(synthetic_config(*model, f"model.fused_attn={fused}").model, 32, 10)
     flags = {m.fused_attn for m in backbone.modules() if hasattr(m, "fused_attn")}
     assert flags == {fused}  # Swin's window attention included (timm's "experimental" level)
 
@@ -28,8 +25,8 @@ def test_activation_checkpointing_changes_memory_not_results(model):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        backbone = create_backbone(model_config(*model, f"model.grad_checkpointing={checkpointing}",
-                                                "model.drop_path=0"), 32, 10)
+        backbone = create_backbone(synthetic_config(*model, f"model.grad_checkpointing={checkpointing}",
+                                                    "model.drop_path=0").model, 32, 10)
         backbone(images).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in backbone.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -37,7 +34,7 @@ def test_activation_checkpointing_changes_memory_not_results(model):
 
 def test_unknown_timm_kwargs_are_a_config_error():
     with pytest.raises(ConfigError, match="model.name"):
-        create_backbone(model_config(*TINY_VIT, "model.kwargs={patch_size: 4, depthh: 2}"), 32, 10)
+        create_backbone(synthetic_config(*TINY_VIT, "model.kwargs={patch_size: 4, depthh: 2}").model, 32, 10)
 
 
 def test_plan_scales_lr_with_the_global_batch_and_counts_epochs():

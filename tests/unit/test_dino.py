@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY_VIT
+from tests.helpers import TINY_DINO, tiny_config, tiny_objective
 from pretrain.config import ConfigError, load_config
-from pretrain.dist import DistEnv
-from pretrain.objectives.base import RunContext, build_objective
 from pretrain.objectives.dino import dino_loss
 
 
@@ -50,26 +49,19 @@ def test_loss_matches_the_paper(local_crops):
     assert torch.allclose(probs.sum(-1), torch.ones(2 * batch))
 
 
-def tiny_config(tmp_path, *extra):
-    return load_config(None, [*TINY_VIT, "model.kwargs.dynamic_img_size=true", "objective.name=dino",
-                              "data.synthetic=true", "data.image_size=32", "data.batch_size=4", "train.steps=10",
-                              f"run.dir={tmp_path}", "objective.out_dim=32", "objective.hidden_dim=16",
-                              "objective.bottleneck_dim=8", "objective.local_crops=2", "objective.local_size=16",
-                              "engine.precision=fp32", *extra])
-
-
 def test_local_crops_of_another_size_need_dynamic_img_size(tmp_path):
     with pytest.raises(ConfigError, match="model.kwargs.dynamic_img_size"):
         load_config(None, [*TINY_VIT, "objective.name=dino", "data.synthetic=true", "train.steps=1",
                            "data.image_size=32", "objective.local_size=16"])
     with pytest.raises(ConfigError, match="objective.blur\\[2\\]"):
-        tiny_config(tmp_path, "objective.blur=[1.0, 0.1, 1.5]")
+        tiny_config(tmp_path, *TINY_DINO, "objective.blur=[1.0, 0.1, 1.5]")
 
 
 def test_forward_centre_and_schedules(tmp_path):
-    cfg = tiny_config(tmp_path, "objective.teacher_temp_warmup_epochs=1", "objective.freeze_last_layer_epochs=1")
+    cfg = tiny_config(tmp_path, *TINY_DINO, "objective.teacher_temp_warmup_epochs=1",
+                      "objective.freeze_last_layer_epochs=1")
     torch.manual_seed(0)
-    objective = build_objective(cfg, RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    objective = tiny_objective(cfg)
     batch = {"global": torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8),
              "local": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8)}
     loss, metrics = objective(batch, step=0)
@@ -92,10 +84,19 @@ def test_forward_centre_and_schedules(tmp_path):
     assert objective.momentum(0) == pytest.approx(0.996) and objective.momentum(10) == pytest.approx(1.0)
 
 
+def test_crops_enter_in_the_run_contexts_compute_dtype(tmp_path):
+    """The run context, not a module's weights, says what the backbone computes in: under bf16 the
+    engine casts the objective after it is built."""
+    crops = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        objective = tiny_objective(tiny_config(tmp_path, *TINY_DINO, f"engine.precision={precision}"))
+        assert objective.ctx.compute_dtype == dtype
+        assert objective._inputs(crops, objective.photometric[0]).dtype == dtype
+
+
 def test_export_choice(tmp_path):
-    ctx = RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv())
-    teacher = build_objective(tiny_config(tmp_path), ctx)
-    student = build_objective(tiny_config(tmp_path, "objective.export=student"), ctx)
+    teacher = tiny_objective(tiny_config(tmp_path, *TINY_DINO))
+    student = tiny_objective(tiny_config(tmp_path, *TINY_DINO, "objective.export=student"))
     assert teacher.backbone() is teacher.teacher.nets["backbone"]
     assert student.backbone() is student.student["backbone"]
     assert teacher.backbone_prefix() == "teacher.nets.backbone."
@@ -109,9 +110,8 @@ def test_prototypes_are_frozen_like_parameters_without_gradients(tmp_path):
 
     from pretrain.engine import Engine, SkippableAdamW
 
-    cfg = tiny_config(tmp_path, "objective.freeze_last_layer_epochs=1", "objective.norm_last_layer=false")
-    ctx = RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv())
-    objective = build_objective(cfg, ctx)
+    cfg = tiny_config(tmp_path, *TINY_DINO, "objective.freeze_last_layer_epochs=1", "objective.norm_last_layer=false")
+    objective = tiny_objective(cfg)
     groups = objective.param_groups()
     last = {id(p) for p in objective.student["head"].last_layer.parameters()}
     frozen = [g for g in groups if g.get("freeze_steps")]

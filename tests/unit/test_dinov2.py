@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_SWIN, TINY_VIT
+from tests.conftest import TINY_SWIN
+from tests.helpers import TINY_DINOV2, tiny_config, tiny_objective
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
 from pretrain.dist import DistEnv
-from pretrain.objectives.base import RunContext, build_objective
 from pretrain.objectives.dinov2 import block_mask, draw_masks, ibot_loss, koleo_loss, sinkhorn_knopp
 
 
@@ -119,15 +119,6 @@ def test_half_the_crops_are_masked_at_ratios_in_their_strata():
     assert not torch.equal(masks, draw_masks(8, 16, 16, 0.5, (0.1, 0.5), rng))
 
 
-def tiny_config(tmp_path, *extra):
-    return load_config(None, [*TINY_VIT, "model.kwargs.dynamic_img_size=true", "objective.name=dinov2",
-                              "data.synthetic=true", "data.image_size=32", "data.batch_size=4", "train.steps=10",
-                              f"run.dir={tmp_path}", "objective.out_dim=32", "objective.ibot_out_dim=24",
-                              "objective.hidden_dim=16", "objective.bottleneck_dim=8", "objective.local_crops=2",
-                              "objective.local_size=16", "objective.freeze_last_layer_epochs=0",
-                              "engine.precision=fp32", *extra])
-
-
 def _images(*shape, seed):
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -139,8 +130,7 @@ BATCH = {"global": _images(4, 2, 3, 32, 32, seed=0), "local": _images(4, 2, 3, 1
 def test_forward_weighs_dino_ibot_and_koleo_and_trains_the_mask_token(tmp_path, centering):
     torch.manual_seed(0)
     random.seed(0)
-    objective = build_objective(tiny_config(tmp_path, f"objective.centering={centering}"),
-                                RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    objective = tiny_objective(tiny_config(tmp_path, *TINY_DINOV2, f"objective.centering={centering}"))
     loss, metrics = objective(BATCH, step=0)
     assert 0 < metrics["masked_ratio"] < 0.5
     # DINOv2's default weights: 1, 1 and 0.1.
@@ -160,9 +150,9 @@ def test_forward_weighs_dino_ibot_and_koleo_and_trains_the_mask_token(tmp_path, 
 
 def test_the_teacher_sees_unmasked_crops_and_share_head_keeps_one_head(tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_config(tmp_path, "objective.share_head=true", "objective.jitter=0", "objective.grayscale=0",
-                      "objective.blur=[0, 0, 0]", "objective.solarize=0")
-    objective = build_objective(cfg, RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    cfg = tiny_config(tmp_path, *TINY_DINOV2, "objective.share_head=true", "objective.jitter=0",
+                      "objective.grayscale=0", "objective.blur=[0, 0, 0]", "objective.solarize=0")
+    objective = tiny_objective(cfg)
     assert "ibot_head" not in objective.student and "ibot_head" not in objective.teacher.nets
     seen = []
     objective.teacher.nets["head"].register_forward_hook(lambda _m, _i, out: seen.append(out))
@@ -181,14 +171,12 @@ def test_the_teacher_sees_unmasked_crops_and_share_head_keeps_one_head(tmp_path)
 
 def test_dinov2_needs_a_vit(tmp_path):
     with pytest.raises(ConfigError, match="needs a ViT"):
-        build_objective(tiny_config(tmp_path, *TINY_SWIN, "model.kwargs.dynamic_img_size=false",
-                                    "objective.local_crops=0"),
-                        RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+        tiny_objective(tiny_config(tmp_path, *TINY_DINOV2, *TINY_SWIN, "model.kwargs.dynamic_img_size=false",
+                                   "objective.local_crops=0"))
 
 
 def test_layerwise_lr_decay_and_patch_embedding_multiplier_as_dinov2(tmp_path):
-    objective = build_objective(tiny_config(tmp_path, "objective.freeze_last_layer_epochs=1"),
-                                RunContext(num_classes=10, total_steps=10, steps_per_epoch=4, dist=DistEnv()))
+    objective = tiny_objective(tiny_config(tmp_path, *TINY_DINOV2, "objective.freeze_last_layer_epochs=1"))
     # The tiny ViT has 2 blocks: layers 0 (embeddings, tokens), 1, 2 (blocks), 3 (final norm, heads).
     expected = {"student.backbone.cls_token": 0.9 ** 3, "student.backbone.pos_embed": 0.9 ** 3,
                 "student.backbone.patch_embed.proj.weight": 0.9 ** 3 * 0.2, "mask_token.token": 0.9 ** 3,

@@ -14,16 +14,15 @@ from tests.conftest import REPO, python_env
 FIRST_STEP_CHECK = """
 import sys
 import torch
-from pretrain.config import load_config
 from pretrain.dist import init_distributed
 from pretrain.engine import Engine
 from pretrain.objectives.base import RunContext, build_objective
 from tests.conftest import TINY_VIT
-cfg = load_config(None, ["data.synthetic=true", "train.steps=1", f"engine.precision={sys.argv[1]}",
-                         f"engine.zero_stage={sys.argv[2]}", "data.image_size=32", "objective.mixup=0",
-                         "objective.cutmix=0", "objective.reprob=0", *TINY_VIT])
+from tests.helpers import synthetic_config
+cfg = synthetic_config(f"engine.precision={sys.argv[1]}", f"engine.zero_stage={sys.argv[2]}", "data.image_size=32",
+                       "objective.mixup=0", "objective.cutmix=0", "objective.reprob=0", *TINY_VIT)
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 assert not engine.optimizer.state, "the optimizer stepped during start-up"
 engine.set_hyperparameters(1e-3, 0.05)

@@ -9,24 +9,21 @@ import sys
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
+from pretrain.config import ConfigError
 from pretrain.models.backbone import create_backbone
 from tests.conftest import REPO, python_env
+from tests.helpers import synthetic_config
 
 # Two blocks per stage: the second of each is shifted, i.e. takes timm's masked attention path.
 SWIN = ["model.name=swin_tiny_patch4_window7_224", "model.drop_path=0",
         "model.kwargs={patch_size: 2, window_size: 4, embed_dim: 16, depths: [2, 2], num_heads: [1, 2]}"]
 
 
-def config(*overrides):
-    return load_config(None, ["data.synthetic=true", "train.steps=1", *overrides])
-
-
 def test_swin_fused_attention_matches_the_unfused_path_with_shifted_windows():
     outputs, grads = [], []
     for fused in (True, False):
         torch.manual_seed(0)
-        model = create_backbone(config(*SWIN, f"model.fused_attn={fused}").model, 32, 10)
+        model = create_backbone(synthetic_config(*SWIN, f"model.fused_attn={fused}").model, 32, 10)
         attention = [m for m in model.modules() if hasattr(m, "fused_attn")]
         assert attention and all(m.fused_attn is fused for m in attention)
         shifted = [b for b in model.modules() if getattr(b, "shift_size", 0) and b.attn_mask is not None]
@@ -45,20 +42,20 @@ def test_swin_fused_attention_matches_the_unfused_path_with_shifted_windows():
 BF16_SWIN_CHECK = """
 import torch
 import torch.nn.functional as F
-from pretrain.config import load_config
 from pretrain.dist import init_distributed
 from pretrain.engine import Engine
 from pretrain.objectives.base import RunContext, build_objective
+from tests.helpers import synthetic_config
 from tests.unit.test_fast_path import SWIN
 attention = F.scaled_dot_product_attention
 def same_dtypes(q, k, v, attn_mask=None, **kwargs):
     assert attn_mask is None or attn_mask.dtype == q.dtype, (q.dtype, attn_mask.dtype)
     return attention(q, k, v, attn_mask=attn_mask, **kwargs)
 F.scaled_dot_product_attention = same_dtypes
-cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.precision=bf16", "data.image_size=32",
-                         "objective.mixup=0", "objective.cutmix=0", "objective.reprob=0", *SWIN])
+cfg = synthetic_config("engine.precision=bf16", "data.image_size=32", "objective.mixup=0", "objective.cutmix=0",
+                       "objective.reprob=0", *SWIN)
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 masks = [m.attn_mask for m in engine.module.modules() if getattr(m, "attn_mask", None) is not None]
 assert masks and {m.dtype for m in masks} == {torch.bfloat16}
@@ -77,14 +74,14 @@ def test_swin_masks_follow_the_engines_precision():
 
 def test_default_backbones_use_fused_attention():
     for model in (["model.name=vit_tiny_patch16_224", "model.kwargs={depth: 1}"], SWIN):
-        backbone = create_backbone(config(*model).model, 32, 10)
+        backbone = create_backbone(synthetic_config(*model).model, 32, 10)
         assert {m.fused_attn for m in backbone.modules() if hasattr(m, "fused_attn")} == {True}
 
 
 def test_compile_is_validated_and_off_by_default():
-    assert config().engine.compile is False
+    assert synthetic_config().engine.compile is False
     with pytest.raises(ConfigError, match="engine.compile"):
-        config("engine.compile=sometimes")
+        synthetic_config("engine.compile=sometimes")
 
 
 # What the engine does with engine.compile=true, without running the compiled model (compiling even
@@ -92,15 +89,14 @@ def test_compile_is_validated_and_off_by_default():
 # objective around it is not, and parameter names (checkpoints, exports) do not change.
 ENGINE_CHECK = """
 import torch
-from pretrain.config import load_config
 from pretrain.dist import init_distributed
 from pretrain.engine import Engine
 from pretrain.objectives.base import RunContext, build_objective
 from tests.conftest import TINY_VIT
-cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "engine.precision=fp32", "engine.compile=true",
-                         *TINY_VIT])
+from tests.helpers import synthetic_config
+cfg = synthetic_config("engine.precision=fp32", "engine.compile=true", *TINY_VIT)
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 names = [n for n, _ in objective.named_parameters()]
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 assert objective.backbone()._compiled_call_impl is not None

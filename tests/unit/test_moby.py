@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import TINY_SWIN
-from pretrain.config import ConfigError, load_config
+from tests.helpers import TINY_MOBY, tiny_config, tiny_objective
+from pretrain.config import ConfigError
 from pretrain.data.views import TwoView
-from pretrain.dist import DistEnv
-from pretrain.objectives.base import RunContext, build_objective
 from pretrain.objectives.moby import moby_loss
 
 
@@ -41,21 +39,14 @@ def test_loss_matches_the_paper():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def tiny_config(tmp_path, *extra):
-    return load_config(None, [*TINY_SWIN, "objective.name=moby", "data.synthetic=true", "data.image_size=32",
-                              "data.batch_size=4", "train.steps=10", f"run.dir={tmp_path}", "objective.proj_dim=8",
-                              "objective.hidden_dim=16", "objective.queue_size=12", "engine.precision=fp32", *extra])
-
-
 def test_queue_must_hold_whole_batches(tmp_path):
     with pytest.raises(ConfigError, match="objective.queue_size"):
-        tiny_config(tmp_path, "objective.queue_size=10")
+        tiny_config(tmp_path, *TINY_MOBY, "objective.queue_size=10")
 
 
 def test_forward_fills_the_queues_in_order(tmp_path):
     torch.manual_seed(0)
-    objective = build_objective(tiny_config(tmp_path, "model.drop_path=0.2"),
-                                RunContext(num_classes=10, total_steps=10, steps_per_epoch=5, dist=DistEnv()))
+    objective = tiny_objective(tiny_config(tmp_path, *TINY_MOBY, "model.drop_path=0.2"), 5)
     # Asymmetric drop path: the online encoder drops paths, the target never does.
     assert any(m.drop_prob > 0 for m in objective.online["encoder"].modules() if hasattr(m, "drop_prob"))
     assert all(m.drop_prob == 0 for m in objective.target.modules() if hasattr(m, "drop_prob"))

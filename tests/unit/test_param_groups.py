@@ -2,16 +2,15 @@
 
 import pytest
 
-from pretrain.config import ConfigError, load_config
-from pretrain.dist import DistEnv
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.config import ConfigError
 from tests.conftest import TINY_SWIN, TINY_VIT
+from tests.helpers import synthetic_config, tiny_objective
 
 
 def groups_by_name(model_args, no_decay=None):
     rule = [] if no_decay is None else [f"optim.no_decay={no_decay}"]
-    cfg = load_config(None, ["data.synthetic=true", "train.steps=1", "data.image_size=32", *model_args, *rule])
-    objective = build_objective(cfg, RunContext(num_classes=10, total_steps=1, steps_per_epoch=1, dist=DistEnv()))
+    objective = tiny_objective(synthetic_config("data.image_size=32", *model_args, *rule), steps_per_epoch=1,
+                               total_steps=1)
     names = {id(p): n for n, p in objective.named_parameters()}
     decayed, plain = objective.param_groups()
     assert decayed["apply_weight_decay"] and not plain["apply_weight_decay"] and plain["weight_decay"] == 0
@@ -45,4 +44,4 @@ def test_no_decay_globs_name_parameters():
 
 def test_no_decay_rejects_an_empty_entry():
     with pytest.raises(ConfigError, match="optim.no_decay"):
-        load_config(None, ["data.synthetic=true", "train.steps=1", "optim.no_decay=['']"])
+        synthetic_config("optim.no_decay=['']")

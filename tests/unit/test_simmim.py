@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import ConfigError, load_config
-from pretrain.dist import DistEnv
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.config import ConfigError
 from pretrain.objectives.simmim import masked_l1, random_block_mask
 from tests.conftest import TINY_SWIN, TINY_VIT
+from tests.helpers import tiny_config, tiny_objective
 
 
 def tiny(tmp_path, model, *extra):
-    cfg = load_config(None, [*model, "objective.name=simmim", "data.synthetic=true", "data.image_size=32",
-                             "data.num_classes=10", "data.batch_size=4", "train.steps=10", f"run.dir={tmp_path}",
-                             "objective.mask_patch_size=8", "engine.precision=fp32", *extra])
-    return build_objective(cfg, RunContext(num_classes=10, total_steps=10, steps_per_epoch=5, dist=DistEnv()))
+    return tiny_objective(tiny_config(tmp_path, *model, "objective.name=simmim", "data.num_classes=10",
+                                      "objective.mask_patch_size=8", *extra), steps_per_epoch=5)
 
 
 def test_mask_has_the_ratio_and_is_constant_over_each_block():
