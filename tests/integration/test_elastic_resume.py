@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, python_env
-from tests.helpers import RESUME_DINO, RESUME_MOBY, ZERO3_SMALL_PERSISTENCE
 from tests.faults import fault_env
+from tests.helpers import RESUME_DINO, RESUME_MOBY, ZERO3_SMALL_PERSISTENCE
 from tests.unit.data_samples import write_counted_shards
 
 pytestmark = pytest.mark.slow
