@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.spec import SlurmOptions, parse_stages, resolve_options, split_values, sweep_points, time_minutes
+from launch.spec import SlurmOptions, resolve_options, split_values, sweep_points, time_minutes
+from launch.stage import parse_stages, split_stage
 from pretrain.config import ConfigError, for_world_size, load_config
 
 
@@ -46,9 +47,9 @@ def test_sweep_points_are_the_product_each_in_its_own_run_dir(tmp_path):
     label, first = points[0]
     assert label == "optim.lr=0.1_run.seed=0"
     assert first.run_dir() == tmp_path / label
-    cfg = first.resolved()
+    cfg = first.config()
     assert cfg.optim.lr == 0.1 and cfg.run.seed == 0 and cfg.data.mean == (0.5, 0.5, 0.5)
-    assert {p.resolved().run.seed for _, p in points} == {0, 1, 2}
+    assert {p.config().run.seed for _, p in points} == {0, 1, 2}
     no_sweep = parse_stages(["pretrain", f"run.dir={tmp_path}", "data.synthetic=true", "train.steps=1"])[0]
     assert sweep_points(no_sweep) == []
 
@@ -81,3 +82,4 @@ def test_a_global_batch_becomes_the_per_process_batch_for_the_world_size():
         for_world_size(cfg, 5)
     plain = load_config(None, ["data.synthetic=true", "train.steps=1", "data.batch_size=8"])
     assert for_world_size(plain, 3).data.batch_size == 8
+
