@@ -83,3 +83,22 @@ def test_a_global_batch_becomes_the_per_process_batch_for_the_world_size():
     plain = load_config(None, ["data.synthetic=true", "train.steps=1", "data.batch_size=8"])
     assert for_world_size(plain, 3).data.batch_size == 8
 
+
+def test_the_event_log_is_the_launchers_and_old_run_dirs_still_read(tmp_path, capsys):
+    import json
+
+    from launch import events
+    from launch.status import show
+
+    old = tmp_path / "slurm" / "events.jsonl"  # where run dirs written before the move keep it
+    old.parent.mkdir()
+    old.write_text(json.dumps({"time": "t", "event": "submitted", "job_id": "1", "command": "python -m pretrain"})
+                   + "\n")
+    events.record(tmp_path, "failed", job_id="1", error="RuntimeError: boom")
+    assert (tmp_path / "launch" / "events.jsonl").is_file()
+    assert [e["event"] for e in events.read(tmp_path)] == ["submitted", "failed"]  # oldest first
+    assert show(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "job 1:" in out and "(last event: failed" in out and "last failure: job 1: RuntimeError: boom" in out
+    assert show(str(tmp_path / "never-submitted")) == 2
+    assert "launch/events.jsonl not found" in capsys.readouterr().err
