@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launch.spec import SlurmOptions, resolve_options, split_values, sweep_points, time_minutes
-from launch.stage import parse_stages, split_stage
+from launch.stage import parse_stages
 from pretrain.config import ConfigError, for_world_size, load_config
 
 
