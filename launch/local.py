@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.backend import reported
+from launch.backend import Backend, reported
 from launch.stage import split_stage
 from pretrain.config import ConfigError
 from pretrain.processes import spawn_local
@@ -28,7 +28,7 @@ class LocalBackend:
         return run(args.nproc, args.stage)
 
 
-BACKEND = LocalBackend()
+BACKEND: Backend = LocalBackend()
 
 
 def run(nproc: int, stage_tokens: list[str]) -> int:

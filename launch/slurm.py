@@ -24,6 +24,7 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from launch import events
+from launch.backend import Backend
 from launch.spec import (SlurmOptions, check_partition, check_stage, resolve_options, sweep_base, sweep_points,
                          time_minutes)
 from launch.stage import Stage, parse_stages
@@ -67,7 +68,7 @@ A job that reaches its time limit or is preempted saves, requeues itself and res
         return run(resolve_options(args.profile, flags), args.stage, dry_run=args.dry_run)
 
 
-BACKEND = SlurmBackend()
+BACKEND: Backend = SlurmBackend()
 
 
 class StageJob:

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from launch.backend import Backend
 from launch.stage import split_stage
 from pretrain.config import ConfigError
 from pretrain.dist import LAUNCHER_ENV, SAVE_NOW, STOPPED_EXIT_CODE, end_with_launcher
@@ -65,7 +66,7 @@ second SIGTERM/SIGINT stops that node at once. A node that dies ends the run on 
         return run(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.node_rank, args.rdzv_id, args.stage)
 
 
-BACKEND = TorchrunBackend()
+BACKEND: Backend = TorchrunBackend()
 
 
 def run(nnodes: int, nproc_per_node: int, endpoint: str, node_rank: int, rdzv_id: str | None,
