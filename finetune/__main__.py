@@ -66,13 +66,29 @@ def preflight(stage: str, cfg, world_size: int) -> None:
     resolve_sources(cfg)
 
 
-def check(argv: list[str], world_size: int) -> None:
-    """For launchers: ``STAGE CONFIG [key=value ...]`` parsed, loaded and checked (ConfigError/ShardError)."""
+def _command(argv: list[str]) -> tuple[str, str, list[str]]:
+    """``STAGE CONFIG [key=value ...]`` as (stage, recipe, overrides), or a ConfigError saying what is missing."""
     if not argv or argv[0] not in STAGE_MODULES:
         raise ConfigError(f"finetune needs a stage, one of {sorted(STAGE_MODULES)}: finetune STAGE CONFIG ...")
     if len(argv) < 2:
         raise ConfigError(f"finetune {argv[0]}: a CONFIG (recipe) is required")
-    preflight(argv[0], load(argv[0], argv[1], argv[2:]), world_size)
+    return argv[0], argv[1], argv[2:]
+
+
+def config(argv: list[str]):
+    """For launchers: the config of ``STAGE CONFIG [key=value ...]``, checked on its own but not against
+    the world (``pretrained`` may name what an earlier stage of a chain will write)."""
+    stage, recipe, overrides = _command(argv)
+    return load_config(recipe, overrides, root=ROOTS[stage])
+
+
+def check(argv: list[str], world_size: int):
+    """For launchers: ``STAGE CONFIG [key=value ...]`` loaded (the pre-trained weights found) and checked
+    for ``world_size`` processes before any starts (ConfigError/ShardError naming the key or file); the config."""
+    stage, recipe, overrides = _command(argv)
+    cfg = load(stage, recipe, overrides)
+    preflight(stage, cfg, world_size)
+    return cfg
 
 
 def run(stage: str, cfg):

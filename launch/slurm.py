@@ -12,26 +12,63 @@ and requeues the job; the requeued job resumes from the run dir's latest checkpo
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import os
 import shlex
 import shutil
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from launch import events
-from launch.spec import (SlurmOptions, Stage, check_partition, check_stage, parse_stages, sweep_base, sweep_points,
+from launch.backend import Backend
+from launch.spec import (SlurmOptions, check_partition, check_stage, resolve_options, sweep_base, sweep_points,
                          time_minutes)
+from launch.stage import Stage, parse_stages
 from pretrain.config import ConfigError
 from pretrain.dist import STOPPED_EXIT_CODE, leave_process_group
+from pretrain.processes import SaveForwarder
 
-SAVE_NOW_SIGNAL = signal.SIGUSR1  # what pretrain's trainer (and every stage built on it) listens to
+
+class SlurmBackend:
+    name = "slurm"
+    help = "submitit jobs on Slurm (chains, sweeps, requeue)"
+    epilog = """\
+Each STAGE after '--' is a job; several stages ('-- pretrain A.yaml -- finetune linear B.yaml') form a
+chain, each starting after the previous one succeeded. An override with several values
+('optim.lr=1e-3,2e-3') makes a sweep: a job array with one run dir per point under run.dir.
+A job that reaches its time limit or is preempted saves, requeues itself and resumes.
+"""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--profile", help="cluster profile: configs/launch/NAME.yaml or a path; flags override it")
+        parser.add_argument("--nodes", type=int)
+        parser.add_argument("--gpus-per-node", type=int, help="default 0 (CPU, gloo)")
+        parser.add_argument("--tasks-per-node", type=int, help="default: --gpus-per-node, or 1 without GPUs")
+        parser.add_argument("--cpus-per-task", type=int)
+        parser.add_argument("--mem", help="memory per node, e.g. 64G")
+        parser.add_argument("--partition")
+        parser.add_argument("--account")
+        parser.add_argument("--qos")
+        parser.add_argument("--constraint")
+        parser.add_argument("--time", help="time limit per job: minutes or [D-]HH:MM[:SS] (default 60)")
+        parser.add_argument("--exclude", help="nodes to avoid")
+        parser.add_argument("--max-requeues", type=int, help="requeues after time limits or preemptions (default 3)")
+        parser.add_argument("--signal-delay-s", type=int,
+                            help="seconds before the time limit to save and requeue (default 120)")
+        parser.add_argument("--job-name")
+        parser.add_argument("--dry-run", action="store_true", help="print the sbatch scripts and configs; submit nothing")
+        parser.add_argument("stage", nargs=argparse.REMAINDER, help="-- STAGE [-- STAGE ...]")
+
+    def run(self, args: argparse.Namespace) -> int:
+        flags = {name: getattr(args, name) for name in SlurmOptions.__dataclass_fields__ if hasattr(args, name)}
+        return run(resolve_options(args.profile, flags), args.stage, dry_run=args.dry_run)
+
+
+BACKEND: Backend = SlurmBackend()
 
 
 class StageJob:
@@ -52,7 +89,7 @@ class StageJob:
             events.record(self.run_dir, "started", job_id=env.job_id, requeues=self.requeues,
                           tasks=env.num_tasks, nodes=env.hostnames, stderr=str(env.paths.stderr))
         try:
-            code = importlib.import_module(f"{self.stage.package}.__main__").main(list(self.stage.argv))
+            code = self.stage.main()
             if code not in (0, STOPPED_EXIT_CODE):
                 raise RuntimeError(f"{self.stage.command_line()} exited with status {code}")
         except BaseException as e:
@@ -89,30 +126,21 @@ class StageJob:
 
 
 class SaveRequest:
-    """SIGUSR2 (submitit's time-limit and preemption signal) and SIGTERM become the stage's save-now signal.
+    """SIGUSR2 (submitit's time-limit and preemption signal) and SIGTERM become the stage's save request
+    (pretrain.processes.SaveForwarder, to this process: the stage runs in it, and gets the request once
+    it handles it, so a signal during start-up waits for that instead of killing the process).
 
     After SIGUSR2 the job requeues itself. SIGTERM comes from a cancellation (which must stay final)
-    or from a preemption that Slurm requeues itself, so it only saves. The handlers only set flags;
-    a thread forwards them as SIGUSR1 once the stage has installed its handler for it (a signal
-    during start-up waits for that instead of killing the process)."""
+    or from a preemption that Slurm requeues itself, so it only saves."""
 
     def __init__(self) -> None:
-        self.received = threading.Event()
-        self.requeue = False
         self._submitit_handler = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, self._on_usr2)
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.received.set())
-        threading.Thread(target=self._forward, name="save-request", daemon=True).start()
+        self._forwarder = SaveForwarder(lambda: [os.getpid()], listen=(signal.SIGUSR2, signal.SIGTERM),
+                                        escalate=False)
 
-    def _on_usr2(self, signum, frame) -> None:
-        self.requeue = True
-        self.received.set()
-
-    def _forward(self) -> None:
-        self.received.wait()
-        while not callable(signal.getsignal(SAVE_NOW_SIGNAL)):
-            time.sleep(0.1)
-        os.kill(os.getpid(), SAVE_NOW_SIGNAL)
+    @property
+    def requeue(self) -> bool:
+        return signal.SIGUSR2 in self._forwarder.received
 
     def hand_over_to_submitit(self) -> None:
         self._submitit_handler(signal.SIGUSR2, None)

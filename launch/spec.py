@@ -1,17 +1,14 @@
-"""What a Slurm submission runs and where: cluster options (flags over a profile), stages, sweeps,
-and the checks that must pass before anything is submitted. No submitit here.
+"""What a Slurm submission runs and where: cluster options (flags over a profile), sweeps, and the
+checks that must pass before anything is submitted. No submitit here.
 
-A stage is a command line of one of the package entry points (``pretrain CONFIG k=v ...``,
-``finetune linear CONFIG k=v ...``); it runs in-process inside the job through that package's
-``__main__.main(argv)``. Several stages separated by ``--`` form a chain of dependent jobs; an
-override whose value lists several values (``optim.lr=1e-3,2e-3``) makes a sweep: a job array
-with one run directory per point.
+A stage (launch.stage) runs in-process inside the job through its package's ``__main__.main(argv)``.
+Several stages separated by ``--`` form a chain of dependent jobs; an override whose value lists
+several values (``optim.lr=1e-3,2e-3``) makes a sweep: a job array with one run directory per point.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import re
 import shutil
@@ -21,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from launch.stage import Stage  # also where pickles of jobs submitted before it moved find it
 from pretrain import CONFIGS
-from pretrain.config import ConfigError, apply_overrides, build, dump_config, load_config, load_yaml, read_recipe
+from pretrain.config import ConfigError, build, load_yaml
 
 PROFILES_DIR = CONFIGS / "launch"
-STAGE_PACKAGES = ("pretrain", "finetune")
 
 
 @dataclass
@@ -126,69 +123,7 @@ def resolve_options(profile: str | None, flags: dict) -> SlurmOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stages and sweeps
-
-
-@dataclass
-class Stage:
-    """One entry point's command line: ``package [mode] CONFIG key=value ...``."""
-
-    package: str
-    argv: list[str]  # what the package's main(argv) receives
-
-    @property
-    def config_path(self) -> str | None:
-        return next((a for a in self.argv if a.endswith((".yaml", ".yml"))), None)
-
-    @property
-    def overrides(self) -> list[str]:
-        return [a for a in self.argv if "=" in a and not a.startswith("-")]
-
-    def with_overrides(self, overrides: list[str]) -> "Stage":
-        """The same command line with ``overrides`` in place of its own."""
-        kept = [a for a in self.argv if a not in self.overrides]
-        return Stage(self.package, kept + overrides)
-
-    def command_line(self) -> str:
-        import shlex
-
-        return " ".join(shlex.quote(a) for a in ["python", "-m", self.package, *self.argv])
-
-    def resolved(self):
-        """The stage's config: a checked pretrain Config, or for other stages the merged recipe dict."""
-        if self.package == "pretrain":
-            return load_config(self.config_path, self.overrides)
-        raw = read_recipe(self.config_path) if self.config_path else {}
-        return apply_overrides(raw, self.overrides)
-
-    def run_dir(self) -> Path:
-        cfg = self.resolved()
-        run_dir = cfg.run.dir if self.package == "pretrain" else (cfg.get("run") or {}).get("dir")
-        if not run_dir:
-            raise ConfigError(f"{self.command_line()}: set run.dir: the launcher keeps the job's logs there")
-        return Path(run_dir).expanduser().resolve()
-
-    def describe_config(self) -> str:
-        cfg = self.resolved()
-        return dump_config(cfg) if self.package == "pretrain" else yaml.safe_dump(cfg, sort_keys=False)
-
-
-def parse_stages(tokens: list[str]) -> list[Stage]:
-    """``[--] STAGE [-- STAGE ...]``: a chain, each stage a package name and its arguments."""
-    stages, current = [], []
-    for token in [*tokens, "--"]:
-        if token != "--":
-            current.append(token)
-            continue
-        if current:
-            if current[0] not in STAGE_PACKAGES:
-                raise ConfigError(f"stage {' '.join(current)!r}: must start with one of {', '.join(STAGE_PACKAGES)} "
-                                  "(e.g. `-- pretrain configs/pretrain/demo.yaml`)")
-            stages.append(Stage(current[0], current[1:]))
-        current = []
-    if not stages:
-        raise ConfigError("no stage given: python -m launch slurm [options] -- pretrain CONFIG [key=value ...]")
-    return stages
+# Sweeps
 
 
 def split_values(text: str) -> list[str]:
@@ -236,25 +171,10 @@ def sweep_points(stage: Stage) -> list[tuple[str, Stage]]:
 
 
 def check_stage(stage: Stage, options: SlurmOptions, first: bool = True) -> None:
-    """What can be checked before submission, for the job's world size: a pretrain stage as
-    `launch local` checks it (config, model, shards, batch arithmetic); another stage through its
-    package's ``__main__.check(argv, world_size)`` when it has one. A later stage of a chain may
-    read what an earlier one will write (``pretrained=RUN_DIR``), so only its config is read."""
-    if not first:
-        stage.run_dir()
-    elif stage.package == "pretrain":
-        from pretrain.__main__ import preflight
-
-        preflight(stage.resolved(), options.world_size)
-    else:
-        try:
-            module = importlib.import_module(f"{stage.package}.__main__")
-        except ModuleNotFoundError as e:
-            raise ConfigError(f"stage {stage.package!r}: cannot import it here ({e})") from None
-        check = getattr(module, "check", None)
-        if check is not None:
-            check(list(stage.argv), options.world_size)
-        stage.run_dir()
+    """What can be checked before submission: the stage's own checks for the job's world size. A later
+    stage of a chain may read what an earlier one will write (``pretrained=RUN_DIR``), so only its
+    config is read."""
+    stage.run_dir(stage.check(options.world_size) if first else None)
 
 
 def slurm_partitions() -> list[str]:

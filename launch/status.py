@@ -1,9 +1,9 @@
 """python -m launch status RUN_DIR: the run's Slurm jobs and where training stands.
 
-Job ids and requeues come from the launcher's record (``RUN_DIR/slurm/events.jsonl``), live states from
-``squeue`` (or ``scontrol`` for jobs that ended recently), the last step from ``metrics.jsonl``, how the
-last invocation ended from ``run.json``, the last checkpoint from ``checkpoints/latest``, and the last
-error lines from the newest job's logs.
+Job ids and requeues come from the launcher's record (launch.events: ``RUN_DIR/launch/events.jsonl``,
+or ``RUN_DIR/slurm/events.jsonl`` in older run dirs), live states from ``scontrol``, the last step
+from ``metrics.jsonl``, how the last invocation ended from ``run.json``, the last checkpoint from
+``checkpoints/latest``, and the last error lines from the newest job's logs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One node of a multi-node run under torchrun's elastic agent (c10d rendezvous), for clusters without
+"""The ``torchrun`` backend: one node of a multi-node run under torchrun's elastic agent (c10d rendezvous), for clusters without
 Slurm (Kubernetes, cloud VMs): start the same command on every node, each with its --node-rank.
 
 The launcher checks the stage for the whole run's world size (nnodes x nproc-per-node) before anything
@@ -13,7 +13,7 @@ that a node cannot reliably recognize as itself. Every node tells its ranks that
 run dir is refused, naming the holder.
 
 Save signals: the launcher takes SIGUSR1/SIGTERM/SIGINT as a save request and sends SIGUSR1 to the
-agent, which forwards it to its ranks. torchrun's agent itself never gets SIGTERM for a save (it
+agent, which forwards it to its ranks (both through pretrain.processes, as every backend does). torchrun's agent itself never gets SIGTERM for a save (it
 would SIGTERM its ranks and SIGKILL them after its shutdown timeout, mid-save); the agent and its ranks
 run in their own sessions, so a terminal's Ctrl-C reaches only the launcher. The ranks agree at the
 next step boundary (a max-all-reduce of the stop flag), so one node's signal stops every node; they
@@ -22,54 +22,79 @@ save, and every launcher exits with STOPPED_EXIT_CODE. A second SIGTERM/SIGINT s
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
-from launch.local import STAGES, split_stage
+from launch.backend import Backend
+from launch.stage import split_stage
 from pretrain.config import ConfigError
-from pretrain.data.shards import ShardError
-from pretrain.dist import (LAUNCHER_ENV, SAVE_NOW, STOPPED_EXIT_CODE, describe_failure, end_with_launcher,
-                           stopped_together, supervise)
-from pretrain.rundir import HELD_ENV, RunDirBusy, hold
+from pretrain.dist import LAUNCHER_ENV, SAVE_NOW, STOPPED_EXIT_CODE, end_with_launcher
+from pretrain.processes import SaveForwarder, describe_failure, stopped_together, supervise
+from pretrain.rundir import HELD_ENV, hold
 
 LOCK_NODE = 0  # the node rank whose launcher holds the run dir
 
 
+class TorchrunBackend:
+    name = "torchrun"
+    help = "one node of a multi-node run under torchrun's elastic agent (c10d rendezvous): run it on every node"
+    epilog = """\
+Start the same command on every node, each with its --node-rank. The stage is checked for the whole
+run (nnodes x nproc-per-node processes) before anything starts. Node 0's launcher holds the run dir,
+which every node must see at the same path (a shared file system). SIGUSR1/SIGTERM/SIGINT to any
+node's launcher make every rank save and stop (exit code 75: rerun the same commands to resume); a
+second SIGTERM/SIGINT stops that node at once. A node that dies ends the run on the others.
+"""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--nnodes", type=int, required=True, help="number of nodes")
+        parser.add_argument("--nproc-per-node", type=int, default=1, help="processes on each node (default 1)")
+        parser.add_argument("--rdzv-endpoint", required=True, metavar="HOST:PORT",
+                            help="the rendezvous: a host every node reaches (typically node 0's) and a free port")
+        parser.add_argument("--node-rank", type=int, default=0,
+                            help="this node's rank, 0 to N-1 (default 0); node 0 holds the run dir")
+        parser.add_argument("--rdzv-id", help="the run's rendezvous id (default: derived from run.dir)")
+        parser.add_argument("stage", nargs=argparse.REMAINDER,
+                            help="-- [pretrain] CONFIG [key=value ...] or -- finetune {full,linear,knn} CONFIG ...")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run(args.nnodes, args.nproc_per_node, args.rdzv_endpoint, args.node_rank, args.rdzv_id, args.stage)
+
+
+BACKEND: Backend = TorchrunBackend()
+
+
 def run(nnodes: int, nproc_per_node: int, endpoint: str, node_rank: int, rdzv_id: str | None,
-        stage_args: list[str]) -> int:
-    stage, args = split_stage(stage_args)
-    try:
-        for flag, value, low in (("--nnodes", nnodes, 1), ("--nproc-per-node", nproc_per_node, 1),
-                                 ("--node-rank", node_rank, 0)):
-            if value < low:
-                raise ConfigError(f"{flag} {value}: must be at least {low}")
-        if node_rank >= nnodes:
-            raise ConfigError(f"--node-rank {node_rank}: must be below --nnodes {nnodes}")
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT")
-        if not args:
-            raise ConfigError("a CONFIG (recipe) is required: python -m launch torchrun --nnodes N "
-                              "--nproc-per-node G --rdzv-endpoint HOST:PORT -- [STAGE] CONFIG [key=value ...]")
-        run_dir = STAGES[stage](args, nnodes * nproc_per_node)  # a bad config fails here, on every node
-        held = str(Path(run_dir).expanduser().absolute())
-        # Both nodes derive the same id from the run dir: two runs on one endpoint never join each other.
-        rdzv_id = rdzv_id or "vitscale-" + hashlib.sha256(held.encode()).hexdigest()[:16]
-        command = [sys.executable, "-m", "launch.torchrun", f"--nnodes={nnodes}",
-                   f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-                   f"--rdzv-id={rdzv_id}", "--max-restarts=0", "-m", stage, *args]
-        with hold(run_dir) if node_rank == LOCK_NODE else contextlib.nullcontext():
-            env = dict(os.environ, **{HELD_ENV: held})
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-            return supervise([(command, env)], names=[f"node {node_rank}'s torchrun agent"])
-    except (ConfigError, ShardError, RunDirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        stage_tokens: list[str]) -> int:
+    stage = split_stage(stage_tokens)
+    for flag, value, low in (("--nnodes", nnodes, 1), ("--nproc-per-node", nproc_per_node, 1),
+                             ("--node-rank", node_rank, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    if node_rank >= nnodes:
+        raise ConfigError(f"--node-rank {node_rank}: must be below --nnodes {nnodes}")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--rdzv-endpoint {endpoint!r}: expected HOST:PORT")
+    if not stage.argv:
+        raise ConfigError("a CONFIG (recipe) is required: python -m launch torchrun --nnodes N "
+                          "--nproc-per-node G --rdzv-endpoint HOST:PORT -- [STAGE] CONFIG [key=value ...]")
+    run_dir = stage.check(nnodes * nproc_per_node).run.dir  # a bad config fails here, on every node
+    held = str(Path(run_dir).expanduser().absolute())
+    # Both nodes derive the same id from the run dir: two runs on one endpoint never join each other.
+    rdzv_id = rdzv_id or "vitscale-" + hashlib.sha256(held.encode()).hexdigest()[:16]
+    command = [sys.executable, "-m", "launch.torchrun", f"--nnodes={nnodes}",
+               f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+               f"--rdzv-id={rdzv_id}", "--max-restarts=0", "-m", stage.package, *stage.argv]
+    with hold(run_dir) if node_rank == LOCK_NODE else contextlib.nullcontext():
+        env = dict(os.environ, **{HELD_ENV: held})
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+        return supervise([(command, env)], names=[f"node {node_rank}'s torchrun agent"])
 
 
 def agent(argv: list[str]) -> int:
@@ -79,7 +104,8 @@ def agent(argv: list[str]) -> int:
     pretrain.dist.end_with_launcher); it forwards SIGUSR1 to its ranks; it exits with
     STOPPED_EXIT_CODE when its ranks saved and stopped, 1 with a message naming the first rank that
     failed otherwise."""
-    signal.signal(SAVE_NOW, _forward_to_ranks)  # first: a save request must never kill the agent
+    # First: a save request must never kill the agent. It goes to the ranks once they handle it.
+    SaveForwarder(_ranks, listen=(SAVE_NOW,), escalate=False)
     end_with_launcher()
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # inherited by the ranks: they end with this agent
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -128,14 +154,11 @@ def _wait_for_the_other_nodes(args, timeout_s: float = 30.0) -> None:
         pass
 
 
-def _forward_to_ranks(signum, frame) -> None:
+def _ranks() -> list[int]:
+    """The agent's children: the ranks torchrun started on this node."""
     import psutil
 
-    for child in psutil.Process().children():
-        try:
-            child.send_signal(SAVE_NOW)
-        except psutil.NoSuchProcess:
-            pass
+    return [child.pid for child in psutil.Process().children()]
 
 
 if __name__ == "__main__":

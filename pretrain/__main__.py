@@ -68,6 +68,21 @@ def preflight(cfg: Config, world_size: int) -> None:
                                        DistEnv(world_size=world_size), cfg.engine.precision))
 
 
+def config(argv: list[str]) -> Config:
+    """For launchers: the stage's config from its command line (``[CONFIG] [key=value ...]``), checked
+    on its own but not against the world (a chain's later stage may read what an earlier one writes)."""
+    args = parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def check(argv: list[str], world_size: int) -> Config:
+    """For launchers: the command line's config, checked for ``world_size`` processes before any
+    starts (ConfigError or ShardError naming the key, file or value)."""
+    cfg = config(argv)
+    preflight(cfg, world_size)
+    return cfg
+
+
 def train(cfg: Config) -> str:
     """Train in this process (one rank of a distributed run, or alone); how it ended (Trainer.state)."""
     import contextlib
@@ -96,7 +111,7 @@ def train(cfg: Config) -> str:
 
 
 def run_demo() -> int:
-    from pretrain.dist import spawn_local
+    from pretrain.processes import spawn_local
     from pretrain.rundir import hold
 
     cfg = load_config(DEMO_RECIPE)

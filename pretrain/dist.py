@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -153,115 +152,12 @@ def leave_process_group() -> None:
         tdist.destroy_process_group()
 
 
-LAUNCHER_ENV = "VITSCALE_LAUNCHER_PID"  # set for the ranks of `python -m launch local`
-STOP_GRACE_S = 10.0  # how long stopped ranks get before SIGKILL
+LAUNCHER_ENV = "VITSCALE_LAUNCHER_PID"  # set by a launcher for the processes it starts (pretrain.processes)
 SAVE_NOW = signal.SIGUSR1  # what the stages take as "save at the next step boundary and stop"
 
 
-def spawn_local(nproc: int, module: str, args: list[str]) -> int:
-    """Run ``python -m module args`` in ``nproc`` local processes (ranks) and wait for them.
-
-    Each rank runs in its own session, so a terminal's Ctrl-C reaches only this launcher, which
-    forwards SIGUSR1, SIGTERM and SIGINT to every rank as the save-now signal (SIGUSR1); a second
-    SIGTERM or SIGINT stops the ranks at once. Ranks end when this launcher dies, however it dies
-    (see :func:`end_with_launcher`). When a rank fails, the others get a few seconds to end on their
-    own (every rank may be failing on the same thing), then are stopped. Returns the ranks' common
-    exit code (STOPPED_EXIT_CODE when they saved and stopped on a signal), or 1 when one failed
-    alone (named on stderr).
-    """
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return supervise([([sys.executable, "-m", module, *args], dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
-                      for rank in range(nproc)])
-
-
-def supervise(commands: list[tuple[list[str], dict]], names: list[str] | None = None) -> int:
-    """Start ``commands`` (each an argv and its environment) as this launcher's processes and wait
-    for them, as :func:`spawn_local` describes: save signals forwarded as SIGUSR1, each in its own
-    session, ended with this launcher (``VITSCALE_LAUNCHER_PID``). ``names`` name them in a failure
-    message (default: ``rank N``)."""
-    ranks: list[subprocess.Popen] = []
-    signals = _Forwarder(ranks)
-    try:
-        for command, env in commands:
-            ranks.append(subprocess.Popen(command, start_new_session=True,
-                                          env={**env, LAUNCHER_ENV: str(os.getpid())}))
-        return _wait(ranks, signals, names or [f"rank {rank}" for rank in range(len(ranks))])
-    finally:
-        signals.restore()
-        _stop(ranks)
-
-
-def _wait(ranks: list[subprocess.Popen], signals: "_Forwarder", names: list[str]) -> int:
-    first, failed_at = None, 0.0  # the rank that failed first: killed by a signal rather than its peers
-    while not signals.hard_stop:
-        codes = [p.poll() for p in ranks]
-        if first is None and any(codes):
-            first = min((rank for rank, code in enumerate(codes) if code), key=lambda r: (codes[r] > 0, r))
-            failed_at = time.monotonic()
-        if all(code is not None for code in codes):
-            if stopped_together(set(codes)):
-                print(f"stopped: the ranks saved and stopped before the end of the run (exit code "
-                      f"{STOPPED_EXIT_CODE}); rerun the same command to resume", file=sys.stderr)
-                return STOPPED_EXIT_CODE
-            if len(set(codes)) == 1 and codes[0] >= 0:
-                return codes[0]  # every rank ended the same way on its own (done, or the same error)
-            break
-        if first is not None and time.monotonic() - failed_at > STOP_GRACE_S / 2:
-            break
-        time.sleep(0.1)
-    _stop(ranks)
-    if first is not None:
-        others = "; the other ranks were stopped" if len(ranks) > 1 else ""
-        print(f"error: {describe_failure(names[first], ranks[first].pid, ranks[first].returncode)}{others}",
-              file=sys.stderr)
-    return 1
-
-
-def _stop(ranks: list[subprocess.Popen]) -> None:
-    """SIGTERM to ranks still running, SIGKILL to those alive after STOP_GRACE_S."""
-    for p in ranks:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
-    for p in ranks:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-class _Forwarder:
-    """The launcher's handlers: the first SIGUSR1/SIGTERM/SIGINT asks every rank to save and stop;
-    a second SIGTERM or SIGINT stops them at once."""
-
-    def __init__(self, ranks: list[subprocess.Popen]) -> None:
-        self.ranks = ranks
-        self.hard_stop = False
-        self.asked = False
-        self.previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-
-    def _on_signal(self, signum, frame) -> None:
-        if signum != signal.SIGUSR1 and self.asked:
-            self.hard_stop = True
-            return
-        self.asked = self.asked or signum != signal.SIGUSR1
-        print(f"launcher: {signal.Signals(signum).name}: asking the ranks to save and stop"
-              + (" (send it again to stop them at once)" if signum != signal.SIGUSR1 else ""), file=sys.stderr,
-              flush=True)
-        for p in self.ranks:
-            if p.poll() is None:
-                p.send_signal(SAVE_NOW)
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 def end_with_launcher() -> None:
-    """In a rank of `python -m launch local`: die with the launcher (SIGKILL), so that no rank
+    """In a process started by a launcher (pretrain.processes): die with it (SIGKILL), so that no rank
     outlives it and writes a run dir another run may take over. On Linux through the kernel
     (prctl PR_SET_PDEATHSIG), elsewhere by a thread that watches the parent."""
     launcher = os.environ.get(LAUNCHER_ENV)
@@ -283,27 +179,3 @@ def _watch_launcher(launcher: int) -> None:
     while os.getppid() == launcher:
         time.sleep(0.5)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def stopped_together(exit_codes: set[int]) -> bool:
-    """Whether ranks ending with ``exit_codes`` saved and stopped on a signal. A rank exits with
-    STOPPED_EXIT_CODE only after every rank agreed to stop, saved and left the process group, so
-    the others were done too: torch's launcher may still have ended them with SIGTERM (or SIGKILL)
-    on seeing the first one exit."""
-    import signal
-
-    return STOPPED_EXIT_CODE in exit_codes and exit_codes <= {STOPPED_EXIT_CODE, -signal.SIGTERM, -signal.SIGKILL}
-
-
-def describe_failure(rank: int | str, pid: int, exitcode: int) -> str:
-    """One line naming a lost rank (a number, or a name) and how it ended (a negative exit code is the
-    signal that killed it)."""
-    if exitcode < 0:
-        try:
-            how = f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            how = f"killed by signal {-exitcode}"
-    else:
-        how = f"exited with code {exitcode}"
-    who = f"rank {rank}" if isinstance(rank, int) else rank
-    return f"{who} (pid {pid}) died: {how}"

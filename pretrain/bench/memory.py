@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.dist import init_distributed, leave_process_group, spawn_local
+from pretrain.dist import init_distributed, leave_process_group
+from pretrain.processes import spawn_local
 
 OFFLOADS = ("none", "optimizer", "all")
 

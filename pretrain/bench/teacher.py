@@ -28,8 +28,9 @@ import time
 
 import torch
 
-from pretrain.dist import init_distributed, leave_process_group, spawn_local
+from pretrain.dist import init_distributed, leave_process_group
 from pretrain.engine import refresh_gathered
+from pretrain.processes import spawn_local
 
 
 def gathered_update(teacher, students: dict, state: dict):

@@ -100,7 +100,7 @@ def logged_step(run_dir: Path) -> int:
 
 
 def events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "slurm" / "events.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "launch" / "events.jsonl").read_text().splitlines()]
 
 
 def logs(run_dir: Path) -> str:

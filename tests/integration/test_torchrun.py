@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pretrain.dist import STOPPED_EXIT_CODE, free_port
 from tests.conftest import QUIET, REPO, TINY_VIT, python_env
@@ -104,23 +105,31 @@ def test_sigterm_to_one_node_saves_and_stops_every_node(tmp_path):
     assert 2 <= step < 5000 and f"stopped on request at step {step}" in nodes.output(), nodes.output()
 
 
-def test_a_killed_node_ends_the_run_on_the_other_with_a_message(tmp_path):
+@pytest.mark.parametrize("victim", ["launcher", "rank"])
+def test_a_killed_node_ends_the_run_on_the_other_with_a_message(tmp_path, victim):
+    """SIGKILL of node 1's launcher (the machine goes away: its agent and rank end with it) or of its
+    rank alone (its agent stays, and reports it): node 0 ends within seconds, saying so."""
     nodes = Nodes(tmp_path, steps=5000)
     try:
         nodes.wait_training()
         launcher, *agent_and_rank = nodes.family(1)
-        launcher.kill()  # node 1 goes away; its launcher's process group is the launcher alone
+        (launcher.children()[0].children()[0] if victim == "rank" else launcher).kill()  # launcher > agent > rank
         killed_at = time.monotonic()
-        _, orphans = psutil.wait_procs(agent_and_rank, timeout=10)  # they end with their launcher
+        if victim == "launcher":  # its process group is the launcher alone
+            _, orphans = psutil.wait_procs(agent_and_rank, timeout=10)  # they end with their launcher
+            assert not orphans, [p.cmdline()[:5] for p in orphans]
         code = nodes.launchers[0].wait(timeout=60)
         took = time.monotonic() - killed_at
+        if victim == "rank":
+            assert nodes.launchers[1].wait(timeout=30) == 1, nodes.output(1)
     finally:
         nodes.close()
-    assert not orphans, [p.cmdline()[:5] for p in orphans]
     assert code not in (0, STOPPED_EXIT_CODE), nodes.output(0)
     errors = [line for line in nodes.output(0).splitlines() if line.startswith("error: ")]
     assert errors and ("rendezvous" in errors[-1] or "died" in errors[-1]), nodes.output(0)
     assert took < 30, took
+    if victim == "rank":  # node 1 names its rank and how it died
+        assert "killed by SIGKILL" in nodes.output(1), nodes.output(1)
 
 
 def test_a_config_wrong_for_the_whole_world_size_fails_before_anything_starts(tmp_path, capsys):

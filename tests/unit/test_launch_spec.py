@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.spec import SlurmOptions, parse_stages, resolve_options, split_values, sweep_points, time_minutes
+from launch.spec import SlurmOptions, resolve_options, split_values, sweep_points, time_minutes
+from launch.stage import parse_stages
 from pretrain.config import ConfigError, for_world_size, load_config
 
 
@@ -46,9 +47,9 @@ def test_sweep_points_are_the_product_each_in_its_own_run_dir(tmp_path):
     label, first = points[0]
     assert label == "optim.lr=0.1_run.seed=0"
     assert first.run_dir() == tmp_path / label
-    cfg = first.resolved()
+    cfg = first.config()
     assert cfg.optim.lr == 0.1 and cfg.run.seed == 0 and cfg.data.mean == (0.5, 0.5, 0.5)
-    assert {p.resolved().run.seed for _, p in points} == {0, 1, 2}
+    assert {p.config().run.seed for _, p in points} == {0, 1, 2}
     no_sweep = parse_stages(["pretrain", f"run.dir={tmp_path}", "data.synthetic=true", "train.steps=1"])[0]
     assert sweep_points(no_sweep) == []
 
@@ -81,3 +82,23 @@ def test_a_global_batch_becomes_the_per_process_batch_for_the_world_size():
         for_world_size(cfg, 5)
     plain = load_config(None, ["data.synthetic=true", "train.steps=1", "data.batch_size=8"])
     assert for_world_size(plain, 3).data.batch_size == 8
+
+
+def test_the_event_log_is_the_launchers_and_old_run_dirs_still_read(tmp_path, capsys):
+    import json
+
+    from launch import events
+    from launch.status import show
+
+    old = tmp_path / "slurm" / "events.jsonl"  # where run dirs written before the move keep it
+    old.parent.mkdir()
+    old.write_text(json.dumps({"time": "t", "event": "submitted", "job_id": "1", "command": "python -m pretrain"})
+                   + "\n")
+    events.record(tmp_path, "failed", job_id="1", error="RuntimeError: boom")
+    assert (tmp_path / "launch" / "events.jsonl").is_file()
+    assert [e["event"] for e in events.read(tmp_path)] == ["submitted", "failed"]  # oldest first
+    assert show(str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "job 1:" in out and "(last event: failed" in out and "last failure: job 1: RuntimeError: boom" in out
+    assert show(str(tmp_path / "never-submitted")) == 2
+    assert "launch/events.jsonl not found" in capsys.readouterr().err
