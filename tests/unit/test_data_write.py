@@ -188,7 +188,7 @@ def test_pipe_http_and_fsspec_sources_read_the_same_samples(tmp_path, http_root)
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 def test_the_lean_tar_reader_reads_what_tarfile_reads(fmt):
-    from pretrain.data.shards import _tarfile_members, tar_members
+    from pretrain.data.readers.tar import _tarfile_members, tar_members
 
     rng = np.random.default_rng(fmt)
     buffer = io.BytesIO()
