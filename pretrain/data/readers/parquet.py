@@ -35,7 +35,6 @@ def samples(url: str, start: int = 0, timeout: float | None = None) -> Iterator[
     """
     import pyarrow as pa
 
-    read = start
     try:
         shard, columns = _open(url, timeout)
         if shard.metadata.num_rows == 0:
@@ -54,13 +53,12 @@ def samples(url: str, start: int = 0, timeout: float | None = None) -> Iterator[
                     for ext, column in values.items():
                         if column[row] is not None:
                             sample[ext] = _as_bytes(column[row])
-                    read = first + row + 1
                     yield sample
             first += rows
     except ShardStalled as e:
         raise BrokenShard("stalled_shard", str(e)) from e
     except (OSError, pa.ArrowException) as e:  # a page that fails its checksum or does not decode
-        raise BrokenShard("corrupt_shard", f"{type(e).__name__} after {read} samples: {e}") from e
+        raise BrokenShard("corrupt_shard", str(e)) from e
 
 
 def _open(url: str, timeout: float | None):
