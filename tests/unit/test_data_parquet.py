@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from itertools import islice
 from pathlib import Path
@@ -20,6 +21,7 @@ from pretrain.data.stream import Loader, ShardDataset, SkipRateError
 from pretrain.data.transforms import EvalView
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import bad_samples, shard_bytes, tiny_jpeg, write_counted_shards
+from tests.unit.test_data_faults import running
 from tests.unit.test_data_write import photo_folder, read_everything  # noqa: F401 (photo_folder: a fixture)
 
 
@@ -132,3 +134,24 @@ def test_bad_images_in_parquet_rows_are_skipped_and_counted(tmp_path, capsys):
     assert check.main([str(url)]) == 1
     out = capsys.readouterr().out
     assert f"{url}: undecodable: case-corrupt_jpeg" in out and f"{url}: no_label: case-missing_cls" in out
+
+
+def test_stalled_short_and_failing_parquet_pipes_are_skipped_and_counted(tmp_path, caplog):
+    """A pipe: Parquet shard is read whole before its rows (its index is at its end): one cut short
+    has lost its footer, and one that stalls is given up after data.shard_timeout."""
+    urls = write_counted_shards(tmp_path, [4, 4], fmt="parquet")
+    size = Path(urls[1]).stat().st_size
+    pause = f"{2000 + os.getpid() % 1000}.5"  # a sleep that names this test, to look for it afterwards
+    sources = [f"pipe:sleep {pause}; cat {urls[1]}",  # stalls before its first byte
+               f"pipe:head -c {size // 2} {urls[1]}; sleep {pause}",  # stalls half-way
+               f"pipe:head -c {size // 2} {urls[1]}",  # ends early
+               f"pipe:cat {urls[1]}; exit 3",  # fails after sending it all
+               f"pipe:cat {urls[0]}"]
+    loader = Loader(ShardDataset(sources, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=False,
+                                 shard_timeout=0.5), 0)
+    with caplog.at_level(logging.WARNING):
+        read = [k for batch in loader for k in batch["__keys__"]]
+    assert read == [f"s0-{i}" for i in range(4)]
+    assert dict(loader.skipped) == {"stalled_shard": 2, "truncated_shard": 1, "unreadable_shard": 1}
+    assert "no data for 0.5 s (data.shard_timeout)" in caplog.text and "exited with status 3" in caplog.text
+    assert running(f"sleep {pause}") == [], "a stalled command outlived its shard"

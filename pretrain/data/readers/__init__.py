@@ -21,8 +21,8 @@ from pretrain.data.readers import parquet, tar
 FORMATS: dict[str, ModuleType] = {"tar": tar, "parquet": parquet}
 DEFAULT = "tar"  # WebDataset shards may be named anything (and pipe: commands end in "-")
 
-# A format's suffix at the end of a path, or before a URL's query or a pipe: command's next word.
-_SUFFIX = re.compile("(" + "|".join(re.escape(s) for f in FORMATS.values() for s in f.SUFFIXES) + r")(?=$|[\s?#])")
+# A format's suffix at the end of a name: of a path, before a URL's query, inside a pipe: command.
+_SUFFIX = re.compile("(" + "|".join(re.escape(s) for f in FORMATS.values() for s in f.SUFFIXES) + r")(?![\w.])")
 
 
 def format_of(url: str) -> str:
