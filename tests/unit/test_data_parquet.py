@@ -84,6 +84,17 @@ def flip_a_byte_in_row_group(url: str, group: int) -> None:
     Path(url).write_bytes(bytes(data))
 
 
+def test_a_reader_starting_inside_a_shard_reads_from_its_row_group_on(tmp_path):
+    """Row groups are the unit of reading: a share or a resume starting at sample 4 of 8 (row groups of
+    3) never reads the first row group, so a corrupt one there does not touch it."""
+    (url,) = write_counted_shards(tmp_path, [8], fmt="parquet", index=False)
+    flip_a_byte_in_row_group(url, 0)
+    assert [s["__key__"] for s in readers.parquet.samples(url, start=4)] == [f"s0-{i}" for i in range(4, 8)]
+    with pytest.raises(BrokenShard, match="CRC checksum verification failed") as error:
+        list(readers.parquet.samples(url, start=2))
+    assert error.value.reason == "corrupt_shard"
+
+
 def test_broken_parquet_shards_are_skipped_counted_and_named(tmp_path, caplog, capsys):
     counts = [6, 6, 6, 6, 6]  # row groups of 3
     urls = write_counted_shards(tmp_path, counts, fmt="parquet")

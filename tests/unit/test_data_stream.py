@@ -216,3 +216,33 @@ def test_a_training_share_without_samples_is_an_error_not_a_hang(tmp_path, fmt):
     urls = write_counted_shards(tmp_path, [0, 0], index=False, fmt=fmt)
     with pytest.raises(ShardError, match="no samples in epoch 0"):
         next(iter(Loader(ShardDataset(urls, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=True), 1)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_runs_loaders_are_built_from_its_config_and_sources(tmp_path, fmt):
+    """pretrain.data.loaders: what the trainer gets for its config, the shards plan.resolve_sources
+    found (either format) and its rank: the training stream of this rank, the val share, or none."""
+    from pretrain.config import load_config
+    from pretrain.data.loaders import build_train_loader, build_val_loader
+    from pretrain.dist import DistEnv
+    from pretrain.plan import resolve_sources
+
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
+    overrides = [f"data.train={tmp_path}", f"data.val=[{','.join(urls[:3])}]", "data.batch_size=4", "data.workers=0",
+                 "data.shuffle_buffer=8", "data.max_skip_rate=0.3", "data.val_batch_size=5", "train.steps=1"]
+    cfg = load_config(None, overrides)
+    train_set, val_set = resolve_sources(cfg)
+    dist = DistEnv(rank=1, world_size=RANKS)
+    train = build_train_loader(cfg, train_set, KeyOnlyView(), dist, 3)
+    assert train.max_skip_rate == 0.3 and train.dataset.counts == COUNTS
+    assert [b["__keys__"] for b in islice(train, 7)] == consume(urls, 1, 7, workers=0)[0]
+    val = build_val_loader(cfg, val_set, KeyOnlyView(), dist)
+    keys = [k for b in val for k in b["__keys__"]]
+    others = [k for b in build_val_loader(cfg, val_set, KeyOnlyView(), DistEnv(0, RANKS)) for k in b["__keys__"]]
+    assert sorted(keys + others) == sorted(all_keys(urls[:3])) and not set(keys) & set(others)
+    assert build_val_loader(cfg, val_set, None, dist) is None and build_val_loader(cfg, None, KeyOnlyView(), dist) is None
+    synthetic = build_train_loader(load_config(None, [*overrides, "data.synthetic=true", "data.image_size=8"]), None,
+                                   SupervisedTrainView(8, (0.3, 1.0), (0.75, 1.33), 0.5, None, 0.0, "random",
+                                                       (0.5,) * 3), dist, 3)
+    batch = next(iter(synthetic))
+    assert batch["image"].shape == (4, 3, 8, 8) and set(batch["label"].tolist()) <= {0, 1, 2}
