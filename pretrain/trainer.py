@@ -23,9 +23,9 @@ from torch.utils.data._utils.collate import default_collate
 from pretrain import hooks
 from pretrain.checkpoint import CheckpointError, Checkpoints, export_backbone
 from pretrain.config import Config, save_config
-from pretrain.data.device_decode import DeviceDecodedView
+from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
-from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
+from pretrain.data.stream import Loader
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.files import atomic_write
@@ -71,30 +71,10 @@ class Trainer:
 
     # -- data ---------------------------------------------------------------------------------------
     def _train_loader(self, train_set) -> Loader:
-        d = self.cfg.data
-        if d.synthetic:
-            dataset = SyntheticDataset(self.objective.train_view(), d.batch_size, d.image_size,
-                                       self.plan.num_classes, self.cfg.run.seed)
-        else:
-            view = self.objective.train_view()
-            if d.decode_on_device:
-                view = DeviceDecodedView(view)
-            dataset = ShardDataset(train_set.urls, view, d.batch_size, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, seed=self.cfg.run.seed, train=True,
-                                   shuffle_buffer=d.shuffle_buffer, counts=train_set.counts, resampled=d.resampled,
-                                   shard_timeout=d.shard_timeout)
-        return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda",
-                      max_skip_rate=d.max_skip_rate)
+        return build_train_loader(self.cfg, train_set, self.objective.train_view(), self.dist, self.plan.num_classes)
 
     def _val_loader(self, val_set) -> Loader | None:
-        view = self.objective.eval_view()
-        if val_set is None or view is None:
-            return None
-        d = self.cfg.data
-        dataset = ShardDataset(val_set.urls, view, d.val_batch_size or d.batch_size, rank=self.dist.rank,
-                               world_size=self.dist.world_size, seed=self.cfg.run.seed, train=False,
-                               counts=val_set.counts, shard_timeout=d.shard_timeout)
-        return Loader(dataset, d.workers, pin_memory=d.pin_memory and self.dist.device.type == "cuda")
+        return build_val_loader(self.cfg, val_set, self.objective.eval_view(), self.dist)
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.data.shards import tar_bytes
+from pretrain.data.readers.tar import shard_bytes as tar_bytes
 from pretrain.data.stream import ShardDataset
 from pretrain.data.transforms import SupervisedTrainView
 

@@ -3,7 +3,8 @@
     python -m pretrain.data.check SOURCE [SOURCE ...] [--decode all|none|N] [--workers K]
 
 SOURCE is a writer's output directory (all its splits; counts are compared with its index), a
-directory of ``.tar`` shards, a brace pattern, or shard URLs (``pipe:``, ``http(s)://``, fsspec).
+directory of ``.tar`` or ``.parquet`` shards, a brace pattern, or shard URLs (``pipe:``, ``http(s)://``,
+fsspec). Each shard is read by its format's reader, as a run reads it.
 ``--decode N`` decodes every N-th sample of each shard (default: all). The exit code is 1 when
 there is any problem, 0 otherwise.
 """
@@ -14,13 +15,13 @@ import argparse
 import json
 import statistics
 import sys
-import tarfile
 from collections import Counter
 from contextlib import closing
 from multiprocessing import get_context
 from pathlib import Path
 
-from pretrain.data.shards import INDEX_NAME, ShardError, is_local, iter_tar_samples, read_index, resolve
+from pretrain.data import readers
+from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, is_local, read_index, resolve
 from pretrain.data.stream import BadSample, decode
 
 MAX_LISTED = 50
@@ -38,10 +39,10 @@ def shards_of(sources: list[str]) -> tuple[list[tuple[str, int | None]], list[st
                 shards += list(zip(found.urls, found.counts))
                 classes = found.classes
         elif is_local(source) and path.is_dir():
-            tars = sorted(str(p) for p in path.glob("*.tar"))
-            if not tars:
-                raise ShardError(f"{path}: no {INDEX_NAME} and no .tar shards")
-            shards += [(t, None) for t in tars]
+            found = sorted(str(p) for suffix in (".tar", ".parquet") for p in path.glob(f"*{suffix}"))
+            if not found:
+                raise ShardError(f"{path}: no {INDEX_NAME} and no .tar or .parquet shards")
+            shards += [(f, None) for f in found]
         else:
             shards += [(url, None) for url in resolve(source, "train").urls]
     return shards, classes
@@ -54,7 +55,7 @@ def check_shard(job: tuple[str, int | None, int]) -> dict:
     problems: list[str] = []
     samples = decoded = 0
     try:
-        with closing(iter_tar_samples(url)) as stream:
+        with closing(readers.reader_for(url).samples(url)) as stream:
             for sample in stream:
                 samples += 1
                 try:
@@ -66,10 +67,11 @@ def check_shard(job: tuple[str, int | None, int]) -> dict:
                     labels[label] += 1
                 except BadSample as e:
                     problems.append(f"{url}: {e}")
-    except (OSError, tarfile.TarError) as e:
-        problems.append(f"{url}: unreadable after {samples} samples: {type(e).__name__}: {e}")
-    if samples == 0 and not problems:
-        problems.append(f"{url}: empty shard")
+    except BrokenShard as e:
+        if e.reason == "empty_shard":
+            problems.append(f"{url}: empty shard ({e})")
+        else:  # named by the reader's own error (ReadError, ArrowInvalid, ...)
+            problems.append(f"{url}: unreadable after {samples} samples: {type(e.__cause__ or e).__name__}: {e}")
     if expected is not None and samples != expected:
         problems.append(f"{url}: {samples} samples, the index says {expected}")
     return {"url": url, "samples": samples, "decoded": decoded, "labels": labels, "problems": problems}
@@ -106,7 +108,8 @@ def histogram_lines(labels: Counter, classes: list[str] | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.data.check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sources", nargs="+", help="writer output dir, dir of .tar shards, brace pattern or URLs")
+    parser.add_argument("sources", nargs="+",
+                        help="writer output dir, dir of .tar or .parquet shards, brace pattern or URLs")
     parser.add_argument("--decode", default="all", help="'all' (default), 'none', or N: decode every N-th sample")
     parser.add_argument("--workers", type=int, default=1, help="shards checked in parallel (default 1)")
     args = parser.parse_args(argv)

@@ -1,4 +1,6 @@
-"""Where samples live: shard URL lists, the writer's index file, and opening one shard.
+"""Where samples live: shard URL lists, the writer's index file, and opening one shard's bytes.
+
+What a shard holds, and how it is read, is its format's (:mod:`pretrain.data.readers`).
 
 A source (``data.train`` / ``data.val``) is one of:
 - a directory written by ``pretrain.data.write`` (its ``index.json`` names shards, counts and classes);
@@ -15,10 +17,9 @@ import os
 import select
 import signal
 import subprocess
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import braceexpand
 
@@ -33,6 +34,24 @@ log = logging.getLogger(__name__)
 
 class ShardError(ValueError):
     """A shard source that cannot be used; the message names the shards or the file."""
+
+
+# Why a shard (or the rest of one) could not be read: the counters a reader files it under. They
+# count the samples the shard took away, not samples read.
+SHARD_REASONS = frozenset({"empty_shard", "unreadable_shard", "truncated_shard", "corrupt_shard", "stalled_shard"})
+
+
+class BrokenShard(ShardError):
+    """A shard that broke while a reader read it (after the samples it yielded, which are kept).
+
+    ``reason`` is one of SHARD_REASONS; the message says what is wrong, the reader's original error
+    is the ``__cause__``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in SHARD_REASONS, reason
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass
@@ -171,135 +190,3 @@ def open_shard(url: str, timeout: float | None = None) -> IO[bytes]:
     import fsspec  # object stores: s3://, gs://, ... through whatever backend the user installed
 
     return fsspec.open(url, "rb").open()
-
-
-COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-_BLOCK = 512
-_REGULAR = (b"0", b"\0", b"7")
-# tar_members' messages that say what is wrong with a shard (its readers file them under a reason)
-EMPTY, NOT_A_TAR, BAD_HEADER = "empty file", "not a tar file", "bad tar header"
-
-
-def iter_tar_samples(url: str, stream: IO[bytes] | None = None, timeout: float | None = None) -> Iterator[dict]:
-    """Samples of one shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``, in tar order.
-
-    Files are grouped by their name up to the first dot after the last slash, as WebDataset does.
-    A truncated or corrupt tar raises ``tarfile.TarError`` after the samples read so far; a
-    ``pipe:`` shard silent for ``timeout`` seconds raises ShardStalled.
-    """
-    stream = stream if stream is not None else open_shard(url, timeout)
-    try:
-        current: dict | None = None
-        members = _tarfile_members(stream) if url.endswith(COMPRESSED_SUFFIXES) else tar_members(stream)
-        for name, data in members:
-            directory, _, base = name.rpartition("/")
-            key, dot, ext = base.partition(".")
-            if not dot or key.startswith("__"):
-                continue
-            key = f"{directory}/{key}" if directory else key
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": url}
-            current[ext.lower()] = data
-        if current is not None:
-            yield current
-    finally:
-        stream.close()
-
-
-def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular files of an uncompressed tar stream: ustar, GNU and pax names.
-
-    A lean reader: Python's ``tarfile`` costs about 50 us per member in a stream, a third of the
-    work of a small sample besides its decoding. Errors are ``tarfile.ReadError``, as tarfile's.
-    """
-    long_name: str | None = None
-    offset = 0
-    while True:
-        header = stream.read(_BLOCK)
-        if not header:
-            if offset == 0:
-                raise tarfile.ReadError(EMPTY)
-            return  # ends without end-of-archive blocks: tolerated, as tarfile does
-        if len(header) < _BLOCK:
-            raise tarfile.ReadError("unexpected end of data")
-        if header.count(0) == _BLOCK:
-            return  # end of archive
-        try:  # a header's numbers are octal text: anything else is a corrupt header, not a crash
-            stored = int(header[148:156].rstrip(b" \0") or b"-1", 8)
-            size = _number(header[124:136])
-        except ValueError:
-            stored = size = -1
-        unsigned = sum(header[:148]) + 256 + sum(header[156:])
-        if stored != unsigned or size < 0:
-            raise tarfile.ReadError(f"{BAD_HEADER} at byte {offset}" if offset else NOT_A_TAR)
-        data = stream.read(size)
-        padding = -size % _BLOCK
-        if len(data) < size or len(stream.read(padding)) < padding:
-            raise tarfile.ReadError("unexpected end of data")
-        offset += _BLOCK + size + padding
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name: the next member's name
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            continue
-        if kind == b"x":  # pax extended header: its path overrides the next member's name
-            long_name = _pax_path(data) or long_name
-            continue
-        if kind in _REGULAR:
-            name = long_name or _ustar_name(header)
-            yield name, data
-        long_name = None
-
-
-def _number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    digits = field.rstrip(b" \0")
-    return int(digits, 8) if digits else 0
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "surrogateescape")
-
-
-def _pax_path(records: bytes) -> str | None:
-    position = 0
-    while position < len(records):
-        length, _, rest = records[position:position + 32].partition(b" ")
-        if not length.isdigit():
-            break
-        record = records[position:position + int(length)]
-        key, _, value = record[len(length) + 1:].rstrip(b"\n").partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        position += int(length)
-    return None
-
-
-def _tarfile_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if member.isreg():
-                yield member.name, tar.extractfile(member).read()
-
-
-def tar_bytes(samples: list[dict]) -> bytes:
-    """A tar shard in memory from ``[{"__key__": k, ext: bytes, ...}]`` (used by the writer and tests)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext.startswith("__"):
-                    continue
-                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                info.size = len(data)
-                info.mode = 0o444
-                tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()

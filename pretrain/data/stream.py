@@ -1,5 +1,8 @@
 """The sample stream: shards -> split by rank and worker -> shuffle -> decode -> views -> batches.
 
+The same for every shard format: a shard's raw samples come from its format's reader
+(:mod:`pretrain.data.readers`), by position, and everything here works on those positions.
+
 Every random choice is a function of (seed, epoch, rank, worker role, position), so a stream can be
 resumed exactly: the loader records, per worker role, how far into which epoch the trainer has
 consumed, and a resumed worker skips that many raw samples without decoding them.
@@ -22,17 +25,11 @@ epochs differ by at most one sample). Validation streams are finite and see each
 
 from __future__ import annotations
 
-import atexit
 import io
 import logging
 import os
 import random
-import signal
-import tarfile
-import threading
-import time
 import warnings
-import weakref
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass
@@ -46,11 +43,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain import hooks
+from pretrain.data import readers
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
-from pretrain.data.shards import (BAD_HEADER, EMPTY, IMAGE_EXTENSIONS, NOT_A_TAR, ShardError, ShardStalled,
-                                  iter_tar_samples)
+from pretrain.data.shards import IMAGE_EXTENSIONS, SHARD_REASONS, BrokenShard, ShardError
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
+from pretrain.data.workers import end_workers_at_exit, shield_worker
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +65,6 @@ class BadSample(Exception):
 
 class SkipRateError(ShardError):
     """Too many samples were skipped: the data is broken, and training on the rest would mislead."""
-
-
-# Reasons that file a whole (rest of a) shard: counted as the samples it took away, not as read ones.
-SHARD_REASONS = frozenset({"empty_shard", "unreadable_shard", "truncated_shard", "corrupt_shard", "stalled_shard"})
 
 
 def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage, int]:
@@ -102,7 +96,7 @@ _seed = seed_of
 
 @dataclass(frozen=True)
 class Piece:
-    """Samples ``[start, stop)`` (in tar order) of one shard; ``stop=None``: to its end; with
+    """Samples ``[start, stop)`` (in shard order) of one shard; ``stop=None``: to its end; with
     ``keep``, only those sample numbers of the range."""
 
     url: str
@@ -202,36 +196,27 @@ class ShardDataset(IterableDataset):
                     yield sample
 
     def _read(self, pieces: list[Piece], counters: Counter) -> Iterator[dict]:
-        """Samples of ``pieces``; a broken, vanished or stalled shard is counted, logged, and left
-        for the next one (the samples read before the problem are kept). It is counted as the
-        samples of the piece it took away when the index gives the shard's count, else as one."""
+        """Samples of ``pieces``, each read by its shard's format; a broken, vanished or stalled shard
+        is counted, logged, and left for the next one (the samples read before the problem are kept).
+        It is counted as the samples of the piece it took away when the index gives the shard's
+        count, else as one."""
         for piece in pieces:
-            read = 0
+            read = piece.start  # the position after the last sample read
             reason = None
             try:
-                with closing(iter_tar_samples(piece.url, timeout=self.shard_timeout)) as samples:
-                    for i, sample in enumerate(samples):
-                        read = i + 1
-                        if i >= piece.start and (piece.keep is None or i in piece.keep):
+                samples = readers.reader_for(piece.url).samples(piece.url, piece.start, self.shard_timeout)
+                with closing(samples):
+                    for position, sample in enumerate(samples, piece.start):
+                        read = position + 1
+                        if piece.keep is None or position in piece.keep:
                             yield sample
                         if piece.stop is not None and read >= piece.stop:
                             break
-            except tarfile.ReadError as e:
-                reason = {EMPTY: "empty_shard", NOT_A_TAR: "unreadable_shard"}.get(str(e), "truncated_shard")
-                if str(e).startswith(BAD_HEADER):
-                    reason = "corrupt_shard"
-                log.warning("%s: %s (%d samples read)", piece.url, e, read)
-            except ShardStalled as e:
-                reason = "stalled_shard"
-                log.warning("skipping the rest of shard %s: %s (%d samples read)", piece.url, e, read)
-            except (OSError, tarfile.TarError) as e:
-                reason = "unreadable_shard"
-                log.warning("skipping the rest of shard %s: %s", piece.url, e)
+            except BrokenShard as e:
+                reason = e.reason
+                log.warning("skipping the rest of shard %s: %s (%s; %d samples read)", piece.url, e, reason, read)
             expected = self._expected(piece)
-            if reason is None and read == 0:
-                reason = "empty_shard"
-                log.warning("%s: no samples", piece.url)
-            elif reason is None and expected is not None and read < expected:  # cut at a block boundary
+            if reason is None and expected is not None and read < expected:  # cut at a block boundary
                 reason = "truncated_shard"
                 log.warning("%s: ends after %d samples, the index says %d", piece.url, read, expected)
             if reason is not None:
@@ -345,85 +330,6 @@ class SyntheticDataset(IterableDataset):
                    "__seen__": len(self.batch["label"])}
 
 
-SAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-
-
-def shield_worker(worker_id: int = 0, rank_pid: int | None = None) -> None:
-    """A data worker's ``worker_init_fn``: the save signals are its rank's to act on, not its own.
-
-    ``scancel``, a preemption or a terminal's Ctrl-C signal every process of a job or a process
-    group, workers included; a worker that died of it would crash its rank in the DataLoader before
-    the rank could save. So workers ignore them (so do the ``pipe:`` commands they start: an ignored
-    signal stays ignored across exec), and end when their rank is gone, however it died. The
-    DataLoader's own shutdown does not need signals (its terminate() is a last resort for a hung
-    worker, which now ends with its rank instead). A mask would not do: torch starts a thread in
-    each worker before this runs, and a process-wide signal goes to any thread that does not block it.
-
-    ``rank_pid`` is the process that started the loader, passed from there: a worker may start after
-    its rank died, and its parent by then is whoever adopted it.
-    """
-    for signum in SAVE_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    threading.Thread(target=_end_with_rank, args=(rank_pid or os.getppid(), os.getppid()), name="rank-watch",
-                     daemon=True).start()
-
-
-def _end_with_rank(rank_pid: int, parent: int) -> None:
-    """Exit once the rank is gone, or the parent at start (the rank, or a fork server that ends with
-    it under the "forkserver" start method) is."""
-    while os.getppid() == parent and _exists(rank_pid):
-        time.sleep(0.5)
-    os._exit(1)  # nothing will read this worker's batches
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process by now: the pid was reused
-        return False
-    return True
-
-
-# The data workers this process started, and the DataLoader iterators still open over them, for the
-# exit hook below.
-_open_iterators: "weakref.WeakSet" = weakref.WeakSet()
-_started_workers: "weakref.WeakSet" = weakref.WeakSet()
-_exit_hook_registered = False
-
-
-def _end_workers_at_exit(batches: Iterator) -> None:
-    """Make sure the workers behind a DataLoader iterator cannot keep this process from exiting.
-
-    The workers ignore SIGTERM (:func:`shield_worker`), and multiprocessing's own exit hook
-    terminates its daemonic children with SIGTERM and then joins them: a process that exits with a
-    worker still alive would wait for it forever, and the worker for its parent. That happens with a
-    loader still open at exit (a generator kept alive by a reference cycle, an exception), and with
-    a closed one whose worker was busy (the DataLoader's shutdown waits 5 s for a worker, then only
-    sends SIGTERM). This hook, registered after multiprocessing's and so run before it, shuts open
-    loaders down as the DataLoader does and kills every worker still alive: nothing will read its
-    batches, and it holds nothing that needs a clean end.
-    """
-    global _exit_hook_registered
-    workers = getattr(batches, "_workers", None)
-    if workers:
-        _open_iterators.add(batches)
-        _started_workers.update(workers)  # multiprocessing holds each until it is joined
-    if not _exit_hook_registered:
-        atexit.register(_end_workers)
-        _exit_hook_registered = True
-
-
-def _end_workers() -> None:
-    for batches in list(_open_iterators):
-        batches._shutdown_workers()  # tells torch not to report the workers' end as a failure
-    for worker in list(_started_workers):
-        if worker.exitcode is None:
-            os.kill(worker.pid, signal.SIGKILL)
-            worker.join()
-
-
 class Loader:
     """A DataLoader over a stream dataset that remembers what the trainer consumed.
 
@@ -461,7 +367,7 @@ class Loader:
                             pin_memory=self.pin_memory, persistent_workers=False,
                             worker_init_fn=partial(shield_worker, rank_pid=os.getpid()) if self.workers else None)
         batches = iter(loader)
-        _end_workers_at_exit(batches)
+        end_workers_at_exit(batches)
         for batch in batches:
             self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
             self.skipped.update(batch.pop("__skipped__"))

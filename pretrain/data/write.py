@@ -1,13 +1,15 @@
-"""Write globally shuffled WebDataset shards and their index from an image folder or ImageNet-21K tars.
+"""Write globally shuffled shards and their index from an image folder or ImageNet-21K tars.
 
     python -m pretrain.data.write SRC OUT [--per-shard N | --shard-bytes B] [--workers K]
-                                  [--max-side S] [--val-fraction F] [--seed S]
+                                  [--max-side S] [--val-fraction F] [--seed S] [--format tar|parquet]
 
 SRC is a folder with one sub-folder per class, or a folder of per-class tars (ImageNet-21K's
 ``n01440764.tar`` ...: the class is the tar's name). Each sample holds the image under its own
 extension (``jpg``, ``png``, ``webp``: the original bytes, unless ``--max-side`` shrinks it or its
 format must be re-encoded as JPEG), ``cls`` (the class index as text) and ``json`` (class name,
-source name, stored size). ``OUT/index.json`` lists shards, sample counts and class names;
+source name, stored size). ``--format`` picks the shards' format: WebDataset tars (default; one
+file per extension) or Parquet (one row per sample, one column per extension;
+:mod:`pretrain.data.readers.parquet`). ``OUT/index.json`` lists shards, sample counts and class names;
 readers take epoch lengths and the class count from it. ``OUT/report.json`` lists the inputs that
 could not be read.
 
@@ -34,8 +36,9 @@ from typing import Iterable
 
 from PIL import Image
 
+from pretrain.data import readers
 from pretrain.data.decode import load_rgb
-from pretrain.data.shards import tar_bytes, write_index
+from pretrain.data.shards import write_index
 from pretrain.files import atomic_write
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -173,6 +176,7 @@ class ShardJob:
     items: list[Item]
     classes: list[str]
     max_side: int | None
+    format: str = "tar"
 
 
 def plan_shards(items: list[Item], per_shard: int | None, shard_bytes: int | None) -> list[list[Item]]:
@@ -202,9 +206,9 @@ def write_shard(job: ShardJob) -> dict:
             skipped.append({"source": item.source, "error": f"{type(e).__name__}: {e}"})
             continue
         meta = {"class": job.classes[item.label], "source": item.source, "size": list(size)}
-        samples.append({"__key__": f"{job.name[:-4]}-{len(samples):06d}", ext: data,
+        samples.append({"__key__": f"{job.name.split('.', 1)[0]}-{len(samples):06d}", ext: data,
                         "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
-    payload = tar_bytes(samples)
+    payload = readers.FORMATS[job.format].shard_bytes(samples)
     atomic_write(out / job.name, payload)  # a shard is either whole or absent
     record = {"name": job.name, "samples": len(samples), "bytes": len(payload), "skipped": skipped,
               "inputs": len(job.items)}
@@ -230,15 +234,18 @@ def _done(out: Path, name: str) -> dict | None:
 def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_shard: int | None = 1000,
                  shard_bytes: int | None = None, val_fraction: float = 0.0, seed: int = 0,
                  max_side: int | None = None, workers: int = 0, problems: list[dict] | None = None,
-                 progress: bool = False, pool=None, split: str = "train") -> dict:
+                 progress: bool = False, pool=None, split: str = "train", shard_format: str = "tar") -> dict:
     """Shuffle ``items`` with ``seed``, hold out ``val_fraction``, write both splits, the index and
     the report. Finished shards of an earlier run with the same inputs and options are kept.
     ``split`` names what is not held out: ``val`` writes a separate validation set (ImageNet's val/).
+    ``shard_format`` is a shard format of :mod:`pretrain.data.readers` (``tar`` or ``parquet``).
 
     Returns ``{"splits": {split: [{name, samples}, ...]}, "skipped": [...], "written": n, "kept": n}``.
     """
     if split not in ("train", "val") or (split == "val" and val_fraction):
         raise WriteError(f"split={split!r}: must be 'train', or 'val' without a held-out fraction")
+    if shard_format not in readers.FORMATS:
+        raise WriteError(f"shard_format={shard_format!r}: must be one of {sorted(readers.FORMATS)}")
     items = list(items)
     random.Random(seed).shuffle(items)
     n_val = int(round(len(items) * val_fraction))
@@ -248,6 +255,8 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
                "max_side": max_side, "classes": classes}
     if split != "train":  # only then, so that earlier writes keep their fingerprint and resume
         options["split"] = split
+    if shard_format != "tar":  # likewise
+        options["format"] = shard_format
     plan_path = out / PROGRESS_DIR / "plan.json"
     fingerprint = _fingerprint(items, options)
     if plan_path.exists() and json.loads(plan_path.read_text())["fingerprint"] != fingerprint:
@@ -259,8 +268,9 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
     parts = [(split, items[n_val:])] + ([("val", items[:n_val])] if split == "train" else [])
     for name, part in parts:
         shards = plan_shards(part, per_shard, shard_bytes)
-        split_names[name] = [f"{name}-{i:06d}.tar" for i in range(len(shards))]
-        jobs += [ShardJob(str(out), shard_name, shard, classes, max_side)
+        suffix = readers.FORMATS[shard_format].SUFFIXES[0]
+        split_names[name] = [f"{name}-{i:06d}{suffix}" for i in range(len(shards))]
+        jobs += [ShardJob(str(out), shard_name, shard, classes, max_side, shard_format)
                  for shard_name, shard in zip(split_names[name], shards)]
     records = {}
     for job in jobs:
@@ -352,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the split the images become (default train); --split val writes a separate "
                              "validation folder, such as ImageNet's val/, into its own directory")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    parser.add_argument("--format", choices=sorted(readers.FORMATS), default="tar",
+                        help="shard format: tar (WebDataset, default) or parquet (one row per image)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if not args.src.is_dir():
@@ -370,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(items)} images in {len(classes)} classes", file=sys.stderr)
         result = write_shards(items, classes, args.out, per_shard=per_shard, shard_bytes=args.shard_bytes,
                               val_fraction=args.val_fraction, seed=args.seed, max_side=args.max_side,
-                              problems=problems, progress=not args.no_progress, pool=pool, split=args.split)
+                              problems=problems, progress=not args.no_progress, pool=pool, split=args.split,
+                              shard_format=args.format)
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

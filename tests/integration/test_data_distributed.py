@@ -1,4 +1,5 @@
-"""Two real processes (torch.distributed, gloo), each with 2 DataLoader workers: what the ranks read together."""
+"""Two real processes (torch.distributed, gloo), each with 2 DataLoader workers: what the ranks read together,
+from shards of every format."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -15,7 +17,7 @@ from pretrain.dist import free_port, init_distributed
 from pretrain.data.shards import resolve
 from pretrain.data.stream import Loader, ShardDataset
 from tests.helpers import KeyOnlyView
-from tests.unit.data_samples import write_counted_shards
+from tests.unit.data_samples import FORMATS, write_counted_shards
 
 COUNTS = [5, 9, 3, 8, 6, 7, 10, 2]  # 50 samples: shares of 12 and 13 over 2 ranks x 2 workers
 WORKERS, BATCH = 2, 4
@@ -48,8 +50,9 @@ def rank_main(rank: int, world_size: int, port: int, shards: str, out: str) -> N
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_two_workers(tmp_path):
-    write_counted_shards(tmp_path / "shards", COUNTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_ranks_two_workers(tmp_path, fmt):
+    write_counted_shards(tmp_path / "shards", COUNTS, fmt=fmt)
     out = tmp_path / "keys.json"
     # Forked, not spawned: a spawned rank (and each of its DataLoader workers) would import torch anew.
     mp.start_processes(rank_main, args=(2, free_port(), str(tmp_path / "shards"), str(out)), nprocs=2, join=True,

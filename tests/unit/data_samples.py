@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pretrain.data.shards import tar_bytes, write_index
+from pretrain.data import readers
+from pretrain.data.readers.tar import shard_bytes as tar_bytes
+from pretrain.data.shards import write_index
+
+FORMATS = sorted(readers.FORMATS)  # the shard formats the stream tests run on
+PARQUET_ROW_GROUP = 3  # tiny row groups: shares, resumes and breaks fall inside and between them
 
 
 def image_bytes(pixels: np.ndarray | Image.Image, fmt: str = "JPEG", **save) -> bytes:
@@ -23,15 +28,30 @@ def tiny_jpeg(seed: int, size: int = 8) -> bytes:
     return image_bytes(pixels, quality=90)
 
 
-def write_counted_shards(directory: Path, counts: list[int], classes: int = 3, index: bool = True) -> list[str]:
-    """Shards ``s{shard}-{i}`` with ``counts[shard]`` tiny JPEGs each; an index too unless ``index=False``."""
+def shard_bytes(samples: list[dict], fmt: str) -> bytes:
+    """A shard of ``fmt`` holding ``samples``; Parquet ones in row groups of PARQUET_ROW_GROUP samples."""
+    if fmt == "parquet":
+        return readers.parquet.shard_bytes(samples, row_group=PARQUET_ROW_GROUP)
+    return readers.FORMATS[fmt].shard_bytes(samples)
+
+
+def shard_number(url: str) -> int:
+    """3 for ``.../train-000003.tar`` or ``.parquet``."""
+    return int(Path(url).name.split(".", 1)[0].rsplit("-", 1)[1])
+
+
+def write_counted_shards(directory: Path, counts: list[int], classes: int = 3, index: bool = True,
+                         fmt: str = "tar") -> list[str]:
+    """Shards ``s{shard}-{i}`` of format ``fmt`` with ``counts[shard]`` tiny JPEGs each; an index too
+    unless ``index=False``."""
     directory.mkdir(parents=True, exist_ok=True)
     entries, urls = [], []
+    suffix = readers.FORMATS[fmt].SUFFIXES[0]
     for shard, count in enumerate(counts):
         samples = [{"__key__": f"s{shard}-{i}", "jpg": tiny_jpeg(shard * 1000 + i),
                     "cls": str((shard + i) % classes).encode()} for i in range(count)]
-        name = f"train-{shard:06d}.tar"
-        (directory / name).write_bytes(tar_bytes(samples))
+        name = f"train-{shard:06d}{suffix}"
+        (directory / name).write_bytes(shard_bytes(samples, fmt))
         entries.append({"name": name, "samples": count})
         urls.append(str(directory / name))
     if index:
@@ -113,7 +133,7 @@ def write_bad_shards(directory: Path, good_per_shard: int = 10) -> dict:
 def _readable_keys(path: Path):
     import tarfile
 
-    from pretrain.data.shards import iter_tar_samples
+    from pretrain.data.readers.tar import iter_tar_samples
 
     try:
         for sample in iter_tar_samples(str(path)):

@@ -16,6 +16,7 @@ from pretrain.bench import elastic as bench
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, consumed, shuffle_rng
 from pretrain.data.stream import Piece, pieces_at
 from tests.helpers import KeyOnlyView
+from tests.unit.data_samples import FORMATS
 
 
 @pytest.mark.parametrize("n,buffer,handed", [(10, 4, 3), (10, 4, 8), (10, 4, 10), (7, 20, 5), (50, 8, 45),
@@ -154,9 +155,11 @@ def test_resuming_elsewhere_without_shard_counts_is_refused_before_start(tmp_pat
         check_resume(cfg, 1, uncounted)
 
 
-def test_loader_finishes_the_epoch_of_two_ranks_with_one_rank_and_two_workers(tmp_path):
-    """The stream itself (shards, shuffle buffers, DataLoader workers): 2 ranks x 1 worker read 2 batches
-    each; 1 rank x 2 workers read the rest of the epoch, every sample once, then an ordinary epoch."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_loader_finishes_the_epoch_of_two_ranks_with_one_rank_and_two_workers(tmp_path, fmt):
+    """The stream itself (shards of either format, shuffle buffers, DataLoader workers): 2 ranks x 1 worker
+    read 2 batches each; 1 rank x 2 workers read the rest of the epoch, every sample once, then an
+    ordinary epoch."""
     from itertools import islice
 
     from pretrain.data.shards import resolve
@@ -164,7 +167,7 @@ def test_loader_finishes_the_epoch_of_two_ranks_with_one_rank_and_two_workers(tm
     from tests.unit.data_samples import write_counted_shards
 
     counts = [9, 5, 7, 4, 8, 7]
-    write_counted_shards(tmp_path, counts)
+    write_counted_shards(tmp_path, counts, fmt=fmt)
     source = resolve(str(tmp_path), "train")
 
     def loader(rank: int, world: int, workers: int) -> Loader:

@@ -195,7 +195,7 @@ def test_a_data_worker_that_starts_after_its_rank_died_ends_at_once():
     it is then the adopted child of another process, and must still see that its rank is gone."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    script = (f"import time\nfrom pretrain.data.stream import shield_worker\n"
+    script = (f"import time\nfrom pretrain.data.workers import shield_worker\n"
               f"shield_worker(0, rank_pid={gone.pid})\ntime.sleep(60)\n")
     started = time.monotonic()
     worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)

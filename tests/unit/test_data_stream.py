@@ -2,6 +2,8 @@
 
 Both ranks live in this process (a ShardDataset is told its rank); the DataLoader workers are real
 processes. tests/integration/test_data_distributed.py repeats the central checks with 2 processes.
+Splitting, order and resume are the stream's, whatever the shards' format: those tests run on every
+format (``fmt``; Parquet shards in row groups of 3 samples).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pretrain.data.shards import ShardError, resolve
 from pretrain.data.stream import Loader, ShardDataset, SkipRateError
 from pretrain.data.transforms import EvalView, SupervisedTrainView
 from tests.helpers import KeyOnlyView
-from tests.unit.data_samples import write_bad_shards, write_counted_shards
+from tests.unit.data_samples import FORMATS, shard_number, write_bad_shards, write_counted_shards
 
 COUNTS = [5, 9, 3, 8, 6, 7, 10]  # 48 samples, unequal shards
 RANKS, WORKERS = 2, 2
@@ -29,14 +31,14 @@ def dataset(urls, rank, *, counts=None, train=True, batch_size=4, seed=0, view=N
 
 
 def all_keys(urls) -> list[str]:
-    return [key for url in urls for key in
-            (f"s{int(url[-10:-4])}-{i}" for i in range(COUNTS[int(url[-10:-4])]))]
+    return [f"s{shard_number(url)}-{i}" for url in urls for i in range(COUNTS[shard_number(url)])]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("split", ["index", "whole_shards", "by_sample"])
-def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path, split):
+def test_each_sample_once_per_epoch_across_ranks_and_workers(tmp_path, split, fmt):
     counts = COUNTS if split != "by_sample" else COUNTS[:3]  # 3 shards < 4 slots: split by sample
-    urls = write_counted_shards(tmp_path, counts)
+    urls = write_counted_shards(tmp_path, counts, fmt=fmt)
     shard_counts = counts if split == "index" else None
     orders = []
     for epoch in range(3):
@@ -62,8 +64,9 @@ def consume(urls, rank, batches, *, seed=0, counts=COUNTS, workers=WORKERS, stat
     return [b["__keys__"] for b in islice(iter(loader), batches)], loader
 
 
-def test_epochs_equal_batches_order_and_seed(tmp_path):
-    urls = write_counted_shards(tmp_path, COUNTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epochs_equal_batches_order_and_seed(tmp_path, fmt):
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
     # 48 samples / 4 slots = 12 per worker = 3 batches of 4: one epoch is 6 batches per rank.
     per_rank = {rank: consume(urls, rank, 12)[0] for rank in range(RANKS)}
     epochs = [[k for rank in range(RANKS) for batch in per_rank[rank][e * 6:(e + 1) * 6] for k in batch]
@@ -75,19 +78,21 @@ def test_epochs_equal_batches_order_and_seed(tmp_path):
     assert consume(urls, 0, 12, seed=1)[0] != per_rank[0]
 
 
-def test_uneven_ranks_stay_in_step(tmp_path):
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_uneven_ranks_stay_in_step(tmp_path, fmt):
     # 49 samples over 4 slots: shares of 12 and 13; the endless stream never leaves a rank short,
     # and after many epochs the ranks' positions still differ by less than one epoch's share.
     counts = COUNTS[:-1] + [11]
-    urls = write_counted_shards(tmp_path, counts)
+    urls = write_counted_shards(tmp_path, counts, fmt=fmt)
     loaders = [consume(urls, rank, 40, counts=counts, workers=0)[1] for rank in range(RANKS)]
     epochs = [loader.positions[0][0] for loader in loaders]
     assert all(e >= 6 for e in epochs) and max(epochs) - min(epochs) <= 1
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("stop", [5, 7])  # odd: the resumed DataLoader starts with the other worker
-def test_resume_equals_uninterrupted(tmp_path, stop):
-    urls = write_counted_shards(tmp_path, COUNTS)
+def test_resume_equals_uninterrupted(tmp_path, stop, fmt):
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
     for rank in range(RANKS):
         uninterrupted, _ = consume(urls, rank, 14)
         first, loader = consume(urls, rank, stop)
@@ -96,8 +101,9 @@ def test_resume_equals_uninterrupted(tmp_path, stop):
         assert first + rest == uninterrupted
 
 
-def test_resume_gives_the_same_pixels_and_decodes_only_new_samples(tmp_path, monkeypatch):
-    urls = write_counted_shards(tmp_path, COUNTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resume_gives_the_same_pixels_and_decodes_only_new_samples(tmp_path, monkeypatch, fmt):
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
     view = SupervisedTrainView(8, (0.3, 1.0), (0.75, 1.33), 0.5, "rand-m5-mstd0.5", 0.0, "random", (0.5,) * 3)
     def images(batches, state=None):
         loader = Loader(dataset(urls, 1, counts=COUNTS, shuffle_buffer=8, view=view), 0)
@@ -114,8 +120,9 @@ def test_resume_gives_the_same_pixels_and_decodes_only_new_samples(tmp_path, mon
     assert len(calls) == 2 * 4, "samples consumed before the resume must not be decoded again"
 
 
-def test_validation_sees_every_sample_once(tmp_path):
-    urls = write_counted_shards(tmp_path, COUNTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_validation_sees_every_sample_once(tmp_path, fmt):
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
     for counts in (COUNTS, None):
         batches = {rank: list(Loader(dataset(urls, rank, counts=counts, train=False, batch_size=5), WORKERS))
                    for rank in range(RANKS)}
@@ -130,8 +137,9 @@ def test_validation_sees_every_sample_once(tmp_path):
         assert sorted(again) == sorted(k for b in batches[0] for k in b["__keys__"])
 
 
-def test_resampled_draws_shards_with_replacement(tmp_path):
-    urls = write_counted_shards(tmp_path, COUNTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resampled_draws_shards_with_replacement(tmp_path, fmt):
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
     def epoch_keys(rank, epoch):
         return [s["__key__"] for role in range(WORKERS)
                 for s in dataset(urls, rank, resampled=True).raw_samples(epoch, role, WORKERS)]
@@ -164,11 +172,12 @@ def test_skip_rate_stops_with_a_clear_message(tmp_path):
     assert len(list(islice(Loader(ds, 0, max_skip_rate=0.9, min_samples=20), 30))) == 30
 
 
-def test_sources_resolve_to_the_same_shards(tmp_path):
-    urls = write_counted_shards(tmp_path, COUNTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sources_resolve_to_the_same_shards(tmp_path, fmt):
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
     from_index = resolve(str(tmp_path), "train")
     assert from_index.urls == urls and from_index.counts == COUNTS and from_index.samples == 48
-    assert resolve(str(tmp_path / "train-{000000..000006}.tar"), "train").urls == urls
+    assert resolve(str(tmp_path / f"train-{{000000..000006}}.{fmt}"), "train").urls == urls
     assert resolve(urls, "train").urls == urls
 
 
@@ -206,3 +215,33 @@ def test_a_training_share_without_samples_is_an_error_not_a_hang(tmp_path):
     urls = write_counted_shards(tmp_path, [0, 0], index=False)
     with pytest.raises(ShardError, match="no samples in epoch 0"):
         next(iter(Loader(ShardDataset(urls, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=True), 1)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_runs_loaders_are_built_from_its_config_and_sources(tmp_path, fmt):
+    """pretrain.data.loaders: what the trainer gets for its config, the shards plan.resolve_sources
+    found (either format) and its rank: the training stream of this rank, the val share, or none."""
+    from pretrain.config import load_config
+    from pretrain.data.loaders import build_train_loader, build_val_loader
+    from pretrain.dist import DistEnv
+    from pretrain.plan import resolve_sources
+
+    urls = write_counted_shards(tmp_path, COUNTS, fmt=fmt)
+    overrides = [f"data.train={tmp_path}", f"data.val=[{','.join(urls[:3])}]", "data.batch_size=4", "data.workers=0",
+                 "data.shuffle_buffer=8", "data.max_skip_rate=0.3", "data.val_batch_size=5", "train.steps=1"]
+    cfg = load_config(None, overrides)
+    train_set, val_set = resolve_sources(cfg)
+    dist = DistEnv(rank=1, world_size=RANKS)
+    train = build_train_loader(cfg, train_set, KeyOnlyView(), dist, 3)
+    assert train.max_skip_rate == 0.3 and train.dataset.counts == COUNTS
+    assert [b["__keys__"] for b in islice(train, 7)] == consume(urls, 1, 7, workers=0)[0]
+    val = build_val_loader(cfg, val_set, KeyOnlyView(), dist)
+    keys = [k for b in val for k in b["__keys__"]]
+    others = [k for b in build_val_loader(cfg, val_set, KeyOnlyView(), DistEnv(0, RANKS)) for k in b["__keys__"]]
+    assert sorted(keys + others) == sorted(all_keys(urls[:3])) and not set(keys) & set(others)
+    assert build_val_loader(cfg, val_set, None, dist) is None and build_val_loader(cfg, None, KeyOnlyView(), dist) is None
+    synthetic = build_train_loader(load_config(None, [*overrides, "data.synthetic=true", "data.image_size=8"]), None,
+                                   SupervisedTrainView(8, (0.3, 1.0), (0.75, 1.33), 0.5, None, 0.0, "random",
+                                                       (0.5,) * 3), dist, 3)
+    batch = next(iter(synthetic))
+    assert batch["image"].shape == (4, 3, 8, 8) and set(batch["label"].tolist()) <= {0, 1, 2}

@@ -20,7 +20,7 @@ from pretrain.data import check, write
 from pretrain.data.shards import resolve
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView
-from tests.unit.data_samples import image_bytes, write_counted_shards
+from tests.unit.data_samples import FORMATS, image_bytes, write_counted_shards
 
 # scikit-image's sample photos, saved in the formats users have: kept as they are, or re-encoded.
 PHOTOS = {"animals": [("chelsea", "JPEG"), ("cat", "PNG"), ("horse", "BMP")],
@@ -170,14 +170,15 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_pipe_http_and_fsspec_sources_read_the_same_samples(tmp_path, http_root):
-    urls = write_counted_shards(tmp_path, [3, 4])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pipe_http_and_fsspec_sources_read_the_same_samples(tmp_path, http_root, fmt):
+    urls = write_counted_shards(tmp_path, [3, 4], fmt=fmt)
     names = [Path(u).name for u in urls]
     sources = {"local": urls,
                "pipe": [f"pipe:cat {u}" for u in urls],
                "http": [f"{http_root}/{n}" for n in names],
                "fsspec": [f"file://{u}" for u in urls],
-               "brace": [f"pipe:cat {tmp_path}/train-{{000000..000001}}.tar"]}
+               "brace": [f"pipe:cat {tmp_path}/train-{{000000..000001}}.{fmt}"]}
     keys = {}
     for name, source in sources.items():
         shard_set = resolve(source, "train")
@@ -188,7 +189,7 @@ def test_pipe_http_and_fsspec_sources_read_the_same_samples(tmp_path, http_root)
 
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 def test_the_lean_tar_reader_reads_what_tarfile_reads(fmt):
-    from pretrain.data.shards import _tarfile_members, tar_members
+    from pretrain.data.readers.tar import _tarfile_members, tar_members
 
     rng = np.random.default_rng(fmt)
     buffer = io.BytesIO()
