@@ -48,7 +48,7 @@ from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffl
 from pretrain.data.shards import IMAGE_EXTENSIONS, SHARD_REASONS, BrokenShard, ShardError
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
-from pretrain.data.workers import end_workers_at_exit, shield_worker
+from pretrain.data.workers import end_workers_at_exit, end_workers_now, shield_worker
 
 log = logging.getLogger(__name__)
 
@@ -368,15 +368,19 @@ class Loader:
                             worker_init_fn=partial(shield_worker, rank_pid=os.getpid()) if self.workers else None)
         batches = iter(loader)
         end_workers_at_exit(batches)
-        for batch in batches:
-            self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
-            self.skipped.update(batch.pop("__skipped__"))
-            self.broken = (self.broken + batch.pop("__broken__"))[-MAX_BROKEN_NAMED:]
-            self.seen += batch.pop("__seen__")
-            self.consumed += 1
-            hooks.fire("batch", rank=getattr(self.dataset, "rank", 0), keys=batch.get("__keys__", ()))
-            self._check_skip_rate()
-            yield batch
+        try:
+            for batch in batches:
+                self.positions[batch.pop("__role__")] = tuple(batch.pop("__position__"))
+                self.skipped.update(batch.pop("__skipped__"))
+                self.broken = (self.broken + batch.pop("__broken__"))[-MAX_BROKEN_NAMED:]
+                self.seen += batch.pop("__seen__")
+                self.consumed += 1
+                hooks.fire("batch", rank=getattr(self.dataset, "rank", 0), keys=batch.get("__keys__", ()))
+                self._check_skip_rate()
+                yield batch
+        except Exception:
+            end_workers_now(batches)  # they ignore SIGTERM: torch's shutdown of a failed loader leaves them
+            raise
 
     def _check_skip_rate(self) -> None:
         # Samples a broken shard took away were never read: they count on both sides of the rate.

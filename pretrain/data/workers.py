@@ -81,10 +81,24 @@ def end_workers_at_exit(batches: Iterator) -> None:
         _exit_hook_registered = True
 
 
+def end_workers_now(batches: Iterator) -> None:
+    """End the workers behind one DataLoader iterator (a stream that failed): shut it down as the
+    DataLoader does, then kill any worker still alive."""
+    workers = list(getattr(batches, "_workers", ()))
+    if hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()  # tells torch not to report the workers' end as a failure
+    _open_iterators.discard(batches)
+    _kill_alive(workers)
+
+
 def _end_workers() -> None:
     for batches in list(_open_iterators):
-        batches._shutdown_workers()  # tells torch not to report the workers' end as a failure
-    for worker in list(_started_workers):
+        batches._shutdown_workers()
+    _kill_alive(list(_started_workers))
+
+
+def _kill_alive(workers: list) -> None:
+    for worker in workers:
         if worker.exitcode is None:
             os.kill(worker.pid, signal.SIGKILL)
             worker.join()

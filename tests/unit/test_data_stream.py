@@ -8,6 +8,7 @@ format (``fmt``; Parquet shards in row groups of 3 samples).
 
 from __future__ import annotations
 
+import multiprocessing
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -211,10 +212,14 @@ def test_data_benchmark_prints_its_table_and_ratio(capsys):
     assert main(["nonsense"]) == 2
 
 
-def test_a_training_share_without_samples_is_an_error_not_a_hang(tmp_path):
-    urls = write_counted_shards(tmp_path, [0, 0], index=False)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_training_share_without_samples_is_an_error_not_a_hang(tmp_path, fmt):
+    """...and its data worker ends with the error (workers ignore SIGTERM, torch's last resort)."""
+    urls = write_counted_shards(tmp_path, [0, 0], index=False, fmt=fmt)
+    before = {p.pid for p in multiprocessing.active_children()}
     with pytest.raises(ShardError, match="no samples in epoch 0"):
         next(iter(Loader(ShardDataset(urls, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=True), 1)))
+    assert {p.pid for p in multiprocessing.active_children()} <= before
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
