@@ -25,7 +25,6 @@ from pretrain.checkpoint import CheckpointError, Checkpoints, export_backbone
 from pretrain.config import Config, save_config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
-from pretrain.data.stream import Loader
 from pretrain.dist import DistEnv
 from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.files import atomic_write
@@ -57,9 +56,9 @@ class Trainer:
         build = lambda: make_objective(cfg, ctx)  # noqa: E731
         self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
-        self.train_loader = self._train_loader(train_set)
+        self.train_loader = build_train_loader(cfg, train_set, self.objective.train_view(), dist, self.plan.num_classes)
         self.batches: DeviceBatches | None = None  # the training batches on the device, while fit() runs
-        self.val_loader = self._val_loader(val_set)
+        self.val_loader = build_val_loader(cfg, val_set, self.objective.eval_view(), dist)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist, every=cfg.train.ckpt_every)
         self.step = 0
         self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest)
@@ -70,12 +69,6 @@ class Trainer:
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
     # -- data ---------------------------------------------------------------------------------------
-    def _train_loader(self, train_set) -> Loader:
-        return build_train_loader(self.cfg, train_set, self.objective.train_view(), self.dist, self.plan.num_classes)
-
-    def _val_loader(self, val_set) -> Loader | None:
-        return build_val_loader(self.cfg, val_set, self.objective.eval_view(), self.dist)
-
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items() if not k.startswith("__")}
