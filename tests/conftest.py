@@ -52,6 +52,12 @@ def python_env(threads: int = 1) -> dict:
     return env
 
 
+def worker_env() -> dict:
+    """:func:`python_env` for a worker script of tests/integration: it imports the tests package,
+    which only the checkout has (the installed project does not ship it)."""
+    return dict(python_env(), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
 def run_module(module: str, *args: str, timeout: float = 600, check: bool = True,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m module args`` from the repository root, as a user would run it (in ``env``, by

@@ -9,7 +9,7 @@ import sys
 import pytest
 from deepspeed.accelerator import get_accelerator
 
-from tests.conftest import REPO, python_env
+from tests.conftest import REPO, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_per_param_clipping_matches_dino_on_every_zero_stage(tmp_path):
     result = tmp_path / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/clip_worker.py"), str(result), json.dumps(sorted(TOLERANCE))]
-    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-8000:]
     r = json.loads(result.read_text())
     # The check can fail: clipping moves the reference by far more than any tolerance.

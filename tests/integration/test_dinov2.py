@@ -15,7 +15,7 @@ import torch
 
 from pretrain.dist import DistEnv
 from pretrain.objectives.dinov2 import sinkhorn_knopp
-from tests.conftest import REPO, TINY_VIT, load_export, python_env
+from tests.conftest import REPO, TINY_VIT, load_export, worker_env
 from tests.helpers import ZERO3_SMALL_PERSISTENCE
 from tests.integration.dinov2_worker import SINKHORN_SPLIT, sinkhorn_logits
 
@@ -41,9 +41,7 @@ def results(tmp_path_factory, digits_dir):
     result = tmp / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/dinov2_worker.py"), str(tmp), str(result), json.dumps(cases)]
-    # The worker imports simmim_worker's loop from the tests package, which only the checkout has.
-    env = dict(python_env(), PYTHONPATH=str(REPO))
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
     return {**json.loads(result.read_text()), "tmp": str(tmp)}

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_SWIN, TINY_VIT, python_env
+from tests.conftest import REPO, TINY_SWIN, TINY_VIT, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def results(tmp_path_factory, digits_dir):
     result = tmp / "result.json"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/simmim_worker.py"), str(tmp), str(result), json.dumps(cases)]
-    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
     return json.loads(result.read_text())

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, python_env
+from tests.conftest import REPO, worker_env
 from tests.helpers import RESUME_DINO, RESUME_MOBY
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def test_resume_equals_uninterrupted(tmp_path, digits_dir):
                         "moby": [f"data.train={digits_dir}", *COMMON, *RESUME_MOBY]})
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/ssl_resume_worker.py"), str(tmp_path), str(result), "4", cases]
-    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
     results = json.loads(result.read_text())

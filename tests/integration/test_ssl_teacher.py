@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, python_env
+from tests.conftest import REPO, worker_env
 from tests.helpers import RUN_DINO, RUN_MOBY, ZERO3_SMALL_PERSISTENCE
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_teacher_is_ema_of_fp32_masters_on_every_zero_stage(tmp_path, digits_dir
     cases = {name: [f"data.train={digits_dir}", *COMMON, *overrides] for name, overrides in CASES.items()}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
             str(REPO / "tests/integration/ssl_teacher_worker.py"), str(tmp_path), str(result), json.dumps(cases)]
-    done = subprocess.run(args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
     assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
     results = json.loads(result.read_text())
