@@ -58,6 +58,16 @@ def worker_env() -> dict:
     return dict(python_env(), PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
+def run_worker(name: str, *args: str, nproc: int = 2, env: dict | None = None, timeout: float = 600) -> None:
+    """``tests/integration/NAME.py args`` on ``nproc`` processes under torchrun (standalone), in ``env``
+    (default :func:`worker_env`); a failure shows the ranks' error lines, or the end of stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(REPO / "tests/integration" / f"{name}.py"), *args]
+    done = subprocess.run(command, cwd=REPO, env=env or worker_env(), capture_output=True, text=True, timeout=timeout)
+    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
+    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+
+
 def run_module(module: str, *args: str, timeout: float = 600, check: bool = True,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m module args`` from the repository root, as a user would run it (in ``env``, by

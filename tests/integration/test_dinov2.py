@@ -6,8 +6,6 @@ backbone loads into timm."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 from pretrain.dist import DistEnv
 from pretrain.objectives.dinov2 import sinkhorn_knopp
-from tests.conftest import REPO, TINY_VIT, load_export, worker_env
+from tests.conftest import REPO, TINY_VIT, load_export, run_worker
 from tests.helpers import ZERO3_SMALL_PERSISTENCE
 from tests.integration.dinov2_worker import SINKHORN_SPLIT, sinkhorn_logits
 
@@ -39,11 +37,7 @@ def results(tmp_path_factory, digits_dir):
              "zero3": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=true"], None),
              "zero3-resumed": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=false"], 2)}
     result = tmp / "result.json"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            str(REPO / "tests/integration/dinov2_worker.py"), str(tmp), str(result), json.dumps(cases)]
-    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
-    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
-    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    run_worker("dinov2_worker", str(tmp), str(result), json.dumps(cases))
     return {**json.loads(result.read_text()), "tmp": str(tmp)}
 
 

@@ -6,14 +6,12 @@ is the new size's ordinary one, and the losses follow an uninterrupted run on th
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_env
+from tests.conftest import python_env, run_worker
 from tests.faults import fault_env
 from tests.helpers import RESUME_DINO, RESUME_MOBY, ZERO3_SMALL_PERSISTENCE
 from tests.unit.data_samples import write_counted_shards
@@ -30,11 +28,7 @@ MOBY3 = [*RESUME_MOBY, "engine.zero_stage=3", ZERO3_SMALL_PERSISTENCE]
 
 
 def torchrun(nproc: int, out: Path, jobs: list) -> None:
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(REPO / "tests/integration/elastic_resume_worker.py"), str(out), json.dumps(jobs)]
-    done = subprocess.run(args, cwd=REPO, env=fault_env(python_env()), capture_output=True, text=True, timeout=600)
-    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
-    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    run_worker("elastic_resume_worker", str(out), json.dumps(jobs), nproc=nproc, env=fault_env(python_env()))
 
 
 def batches(directory: Path) -> dict[int, list[list[str]]]:

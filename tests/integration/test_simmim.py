@@ -5,12 +5,10 @@ export, its probe) is tests/integration/test_mim_learning.py's."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_SWIN, TINY_VIT, worker_env
+from tests.conftest import TINY_SWIN, TINY_VIT, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +30,7 @@ def results(tmp_path_factory, digits_dir):
     cases["vit-zero3-resumed"] = (None, [*data, *EXACT, *TINY_VIT, "engine.zero_stage=3"], 2)
     cases["swin-zero3-bf16"] = (None, [*data, *EXACT, *TINY_SWIN, "engine.zero_stage=3", "engine.precision=bf16"], None)
     result = tmp / "result.json"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            str(REPO / "tests/integration/simmim_worker.py"), str(tmp), str(result), json.dumps(cases)]
-    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
-    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
-    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    run_worker("simmim_worker", str(tmp), str(result), json.dumps(cases))
     return json.loads(result.read_text())
 
 

@@ -4,12 +4,10 @@ teacher, centre, queues, losses and the exported backbone."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, worker_env
+from tests.conftest import run_worker
 from tests.helpers import RESUME_DINO, RESUME_MOBY
 
 pytestmark = pytest.mark.slow
@@ -23,11 +21,7 @@ def test_resume_equals_uninterrupted(tmp_path, digits_dir):
     result = tmp_path / "result.json"
     cases = json.dumps({"dino": [f"data.train={digits_dir}", *COMMON, *RESUME_DINO],
                         "moby": [f"data.train={digits_dir}", *COMMON, *RESUME_MOBY]})
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            str(REPO / "tests/integration/ssl_resume_worker.py"), str(tmp_path), str(result), "4", cases]
-    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
-    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
-    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    run_worker("ssl_resume_worker", str(tmp_path), str(result), "4", cases)
     results = json.loads(result.read_text())
     for name, r in results.items():
         assert r["state_keys"] > 10, name

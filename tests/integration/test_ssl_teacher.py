@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, worker_env
+from tests.conftest import run_worker
 from tests.helpers import RUN_DINO, RUN_MOBY, ZERO3_SMALL_PERSISTENCE
 
 pytestmark = pytest.mark.slow
@@ -27,11 +25,7 @@ def test_teacher_is_ema_of_fp32_masters_on_every_zero_stage(tmp_path, digits_dir
     whose teacher pairs two modules and has batch-norm buffers, on ZeRO-3 (ZeRO-2 in the resume test)."""
     result = tmp_path / "result.json"
     cases = {name: [f"data.train={digits_dir}", *COMMON, *overrides] for name, overrides in CASES.items()}
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            str(REPO / "tests/integration/ssl_teacher_worker.py"), str(tmp_path), str(result), json.dumps(cases)]
-    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
-    errors = [line for line in done.stderr.splitlines() if "Error" in line and "[rank" in line]
-    assert done.returncode == 0, "\n".join(errors[:10]) or done.stderr[-8000:]
+    run_worker("ssl_teacher_worker", str(tmp_path), str(result), json.dumps(cases))
     results = json.loads(result.read_text())
     assert sorted(results) == sorted(CASES)
     for case, r in results.items():

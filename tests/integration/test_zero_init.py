@@ -6,10 +6,8 @@ whose ZeRO-3 runs are built this way."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO, worker_env
+from tests.conftest import run_worker
 
 VIT = ["model.name=vit_small_patch16_224", "model.kwargs={depth: 4}", "data.image_size=32", "data.synthetic=true",
        "data.num_classes=10", "data.batch_size=2", "train.steps=10", "engine.zero_stage=3", "engine.precision=bf16"]
@@ -19,10 +17,7 @@ CASES = {"supervised": VIT, "dino": [*VIT, "objective.name=dino", "objective.out
 
 def test_zero3_builds_the_model_partitioned_on_every_rank(tmp_path):
     result = tmp_path / "result.json"
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            str(REPO / "tests/integration/zero_init_worker.py"), str(result), json.dumps(CASES)]
-    done = subprocess.run(args, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-8000:]
+    run_worker("zero_init_worker", str(result), json.dumps(CASES), timeout=300)
     for case, ranks in json.loads(result.read_text()).items():
         for rank, r in enumerate(ranks):
             where = f"{case}, rank {rank}: {r}"
