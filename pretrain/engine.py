@@ -142,8 +142,8 @@ def build_module(make: Callable[[], nn.Module], cfg: Config, dist: DistEnv) -> n
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dist.world_size), dtype=torch.float32), \
             _InPlaceOnWholeParameters():
         module = make()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
-    if dtype is not None:
+    dtype = compute_dtype(cfg.engine.precision)
+    if dtype != torch.float32:
         for param in module.parameters():
             if hasattr(param, "ds_tensor") and param.dtype != dtype:
                 param.ds_tensor.data = param.ds_tensor.data.to(dtype)
