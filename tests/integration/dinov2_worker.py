@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.objectives.dinov2 import sinkhorn_knopp
+from tests.helpers import end_worker
 from tests.integration.simmim_worker import run_cases
 
 SINKHORN_SPLIT = 7  # rows of rank 0
@@ -28,7 +29,7 @@ def main() -> None:
     part = logits[:SINKHORN_SPLIT] if dist.rank == 0 else logits[SINKHORN_SPLIT:]
     torch.save(sinkhorn_knopp(part, 0.07, dist), Path(out_dir) / f"sinkhorn.{dist.rank}.pt")
     run_cases(dist, out_dir, result_path, cases)
-    leave_process_group()  # together, or a rank may abort at exit
+    end_worker()
 
 
 if __name__ == "__main__":

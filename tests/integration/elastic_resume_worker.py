@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from pretrain.config import for_world_size, load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.trainer import Trainer
 from tests.faults import KEYS_ENV
+from tests.helpers import end_worker
 
 BUFFERS = ("center", "queue1", "queue2", "queue_ptr")
 
@@ -95,7 +96,7 @@ def main() -> None:
                       "teacher_moved": float(max((after[k] - resharded[k]).abs().max() for k in after
                                                  if k.startswith("teacher.")))}
             (out / f"{name}-resume.json").write_text(json.dumps(result))
-    leave_process_group()  # together, or a rank may abort at exit
+    end_worker()
 
 
 if __name__ == "__main__":

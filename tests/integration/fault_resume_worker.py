@@ -10,8 +10,9 @@ import sys
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.trainer import Trainer
+from tests.helpers import end_worker
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
         results[name] = {"error": error, "untouched": untouched, "step": trainer.step}
     with open(result_path, "w") as f:
         json.dump(results, f)
-    leave_process_group()  # together, or a rank may abort at exit
+    end_worker()
 
 
 if __name__ == "__main__":

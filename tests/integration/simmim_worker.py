@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.trainer import Trainer
+from tests.helpers import end_worker
 
 
 def main() -> None:
@@ -20,7 +21,7 @@ def main() -> None:
     dist = init_distributed()
     torch.set_num_threads(1)
     run_cases(dist, out_dir, result_path, cases)
-    leave_process_group()  # together, or a rank may abort at exit
+    end_worker()
 
 
 def run_cases(dist, out_dir: str, result_path: str, cases: str) -> None:

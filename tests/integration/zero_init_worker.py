@@ -17,9 +17,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from pretrain.config import load_config
-from pretrain.dist import init_distributed, leave_process_group
+from pretrain.dist import init_distributed
 from pretrain.engine import build_module, partitioned_numel
 from pretrain.objectives.base import RunContext, build_objective
+from tests.helpers import end_worker
 
 
 class WholeElements(TorchFunctionMode):
@@ -82,7 +83,7 @@ def main() -> None:
         results[name] = everyone
     if dist.is_main:
         Path(out).write_text(json.dumps(results))
-    leave_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":
