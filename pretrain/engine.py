@@ -139,16 +139,39 @@ def build_module(make: Callable[[], nn.Module], cfg: Config, dist: DistEnv) -> n
     # world size from it); deepspeed.initialize does the same later.
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, dist.world_size), dtype=torch.float32), \
+    with deepspeed.zero.Init(config_dict_or_path=merge(deepspeed_config(cfg, dist.world_size), FP32_BUILD)), \
             _InPlaceOnWholeParameters():
         module = make()
+    check_partition_dtypes(module, torch.float32, "as deepspeed.zero.Init built them")
     dtype = compute_dtype(cfg.engine.precision)
     if dtype != torch.float32:
         for param in module.parameters():
             if hasattr(param, "ds_tensor") and param.dtype != dtype:
                 param.ds_tensor.data = param.ds_tensor.data.to(dtype)
                 param.data = torch.empty(0, dtype=dtype, device=param.data.device)
+        check_partition_dtypes(module, dtype, f"cast to engine.precision={cfg.engine.precision}'s compute dtype")
     return module
+
+
+# zero.Init takes its dtype from this config (neither bf16 nor fp16: fp32), never from its ``dtype``
+# argument: DeepSpeed 0.19.8's ``Init._set_dtype`` reads ``dtype or fp16 if fp16_supported else ...``,
+# which Python groups as ``(dtype or fp16) if fp16_supported else (bf16 or fp32)``, so on an
+# accelerator without fp16 (DeepSpeed's CPU accelerator on a CPU whose oneDNN has none) the argument
+# is ignored and the weights are built in bf16. docs/scale.md says how to tell when this is fixed.
+FP32_BUILD = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+
+
+def check_partition_dtypes(module: nn.Module, dtype: torch.dtype, when: str) -> None:
+    """RuntimeError naming the first ZeRO-3 partition of ``module`` that is not in ``dtype``: a build
+    in any other dtype would not equal the unpartitioned one."""
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_tensor") and param.ds_tensor.dtype != dtype:
+            import deepspeed
+
+            raise RuntimeError(f"engine.zero_init: parameter {name!r} is {param.ds_tensor.dtype}, not {dtype}, "
+                               f"{when} (DeepSpeed {deepspeed.__version__}); the partitioned build would differ "
+                               f"from an unpartitioned one. engine.zero_init=false builds the model whole on "
+                               f"each rank instead")
 
 
 class _InPlaceOnWholeParameters(TorchFunctionMode):
