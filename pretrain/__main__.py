@@ -47,7 +47,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     from pretrain.data.builtin import prepare
     from pretrain.dist import DistEnv
-    from pretrain.engine import check_deepspeed_batch, check_offload, check_precision
+    from pretrain.engine import check_accelerator, check_deepspeed_batch, check_offload
     from pretrain.objectives.base import RunContext, check_model_inputs
     from pretrain.rundir import check_run_dir
     from pretrain.plan import check_resume, make_plan, resolve_sources
@@ -56,7 +56,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     check_run_dir(cfg.run.dir)
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
-    check_precision(cfg.engine.precision)
+    check_accelerator(cfg.engine.precision)
     check_offload(cfg)
     check_deepspeed_batch(cfg, world_size)
     if cfg.data.prepare != "none":

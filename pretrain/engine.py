@@ -384,12 +384,18 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def check_precision(precision: str) -> None:
-    """ConfigError unless this machine's accelerator can train in ``precision``."""
+def check_accelerator(precision: str) -> None:
+    """ConfigError unless DeepSpeed's accelerator is the device the run computes on (``init_distributed``
+    picks CUDA where torch sees it, else the CPU) and it can train in ``precision``."""
     import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator.device_name() != device:
+        raise ConfigError(f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}: DeepSpeed's accelerator is "
+                          f"{accelerator.device_name()!r}, but this run computes on {device!r} (with the "
+                          f"{'NCCL' if device == 'cuda' else 'gloo'} backend); unset DS_ACCELERATOR")
     supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
     if not supported[precision]:
         raise ConfigError(f"engine.precision={precision!r}: not supported on {accelerator.device_name()} "
@@ -449,7 +455,7 @@ def cast_attention_masks(module: nn.Module, dtype: torch.dtype) -> None:
 class Engine:
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
         self.cfg, self.dist = cfg, dist
-        check_precision(cfg.engine.precision)
+        check_accelerator(cfg.engine.precision)
         check_offload(cfg)
         if cfg.engine.compile:
             compile_backbone(module)

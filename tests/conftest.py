@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.accelerator import force_accelerator, force_for_session  # noqa: F401 (a fixture)
+
 REPO = Path(__file__).resolve().parent.parent
+force_for_session()
 
 # A tiny ViT and a tiny Swin for 32x32 digits: seconds per run on a CPU.
 TINY_VIT = ["model.name=vit_tiny_patch16_224",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
+from tests.accelerator import answers_of
 from tests.conftest import REPO, python_env
 
 
@@ -27,6 +28,11 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert all("rm -rf .venv" in ci_lines[i - 1] for i in runs)  # a fresh virtual environment each time
     constrained = [i for i, line in enumerate(ci_lines) if "PIP_CONSTRAINT" in line and "constraints-lowest.txt" in line]
     assert constrained and runs[0] < constrained[0] < runs[1]
+    # One pass with DeepSpeed's accelerator denying fp16, one with it offering fp16 (tests/accelerator.py).
+    forced = {i: line.partition("=")[2].strip('"') for i, line in enumerate(ci_lines)
+              if line.startswith("export VITSCALE_TEST_ACCELERATOR=")}
+    first, second = ([answer for i, answer in forced.items() if lo < i < hi] for lo, hi in ((-1, runs[0]), runs))
+    assert [answers_of(a)["fp16"] for a in first + second] == [False, True], forced
     assert demo.endswith(".venv/bin/python -m pretrain")
 
 

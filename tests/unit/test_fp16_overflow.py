@@ -1,7 +1,7 @@
 """fp16 loss-scale underflow: steps that keep overflowing at the minimum loss scale stop the run with a
 message naming the step, instead of being skipped forever.
 
-DeepSpeed refuses fp16 on a CPU without fp16 support (this machine and CI), so the detection is
+DeepSpeed refuses fp16 on a CPU without fp16 support (half of CI's passes deny it), so the detection is
 tested on DeepSpeed's own loss-scale objects driven as its optimizers drive them at each overflow,
 behind an engine that holds nothing else, and the trainer's StepGuard."""
 
