@@ -45,6 +45,7 @@ from torch.utils.data._utils.collate import default_collate
 from pretrain import hooks
 from pretrain.data import readers
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
+from pretrain.data.readers.parquet import Columns
 from pretrain.data.shards import IMAGE_EXTENSIONS, SHARD_REASONS, BrokenShard, ShardError
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
@@ -134,14 +135,15 @@ class ShardDataset(IterableDataset):
     """Batches of views from shards, for one rank; DataLoader workers split the rank's share.
 
     ``counts`` (samples per shard, from the index) give exact, balanced shares. ``resampled``
-    draws each slot's shards with replacement, a fresh draw each epoch. ``roles`` and ``start``
+    draws each slot's shards with replacement, a fresh draw each epoch. ``columns`` names the image and
+    label columns of Parquet shards (``data.image_column``, ``data.label_column``). ``roles`` and ``start``
     (set by :class:`Loader` before each iteration) say which part of the stream each worker plays
     and from which (epoch, raw sample) it starts.
     """
 
     def __init__(self, urls: list[str], view: Callable, batch_size: int, *, rank: int, world_size: int,
                  seed: int, train: bool, shuffle_buffer: int = 0, counts: list[int] | None = None,
-                 resampled: bool = False, shard_timeout: float | None = None) -> None:
+                 resampled: bool = False, shard_timeout: float | None = None, columns: Columns = Columns()) -> None:
         if counts is not None and len(counts) != len(urls):
             raise ValueError(f"{len(counts)} shard counts for {len(urls)} shards")
         self.urls = list(urls)
@@ -155,6 +157,7 @@ class ShardDataset(IterableDataset):
         self.train = train
         self.resampled = resampled and train
         self.shard_timeout = shard_timeout
+        self.columns = columns
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.roles: list[int] = [0]
         self.start: dict[int, tuple[int, int]] = {}
@@ -204,7 +207,8 @@ class ShardDataset(IterableDataset):
             read = piece.start  # the position after the last sample read
             reason = None
             try:
-                samples = readers.reader_for(piece.url).samples(piece.url, piece.start, self.shard_timeout)
+                samples = readers.reader_for(piece.url).samples(piece.url, piece.start, self.shard_timeout,
+                                                               self.columns)
                 with closing(samples):
                     for position, sample in enumerate(samples, piece.start):
                         read = position + 1

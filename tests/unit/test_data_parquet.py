@@ -68,9 +68,13 @@ def test_other_tools_parquet_columns_string_and_integer_read_as_bytes(tmp_path):
     loader = Loader(dataset, 0)
     (batch,) = list(loader)
     assert batch["label"].tolist() == [4, 6] and dict(loader.skipped) == {"no_image": 1}
+    # Without a __key__ column, keys come from the shard and row; without an image column, it is refused.
     pq.write_table(pa.table({"key": ["a"], "jpg": [tiny_jpeg(1)]}), tmp_path / "nokey.parquet")
-    with pytest.raises(BrokenShard, match=r"no '__key__' column \(columns: \['key', 'jpg'\]\)") as error:
-        list(readers.parquet.samples(str(tmp_path / "nokey.parquet")))
+    (sample,) = readers.parquet.samples(str(tmp_path / "nokey.parquet"))
+    assert (sample["__key__"], sample["key"], sample["jpg"]) == ("nokey.parquet/0", b"a", tiny_jpeg(1))
+    pq.write_table(pa.table({"key": ["a"], "pixels": [[1, 2]]}), tmp_path / "noimage.parquet")
+    with pytest.raises(BrokenShard, match=r"no image column .*columns: \['key', 'pixels'\]\)") as error:
+        list(readers.parquet.samples(str(tmp_path / "noimage.parquet")))
     assert error.value.reason == "unreadable_shard"
 
 

@@ -22,8 +22,10 @@ _REGULAR = (b"0", b"\0", b"7")
 EMPTY, NOT_A_TAR, BAD_HEADER = "empty file", "not a tar file", "bad tar header"
 
 
-def samples(url: str, start: int = 0, timeout: float | None = None) -> Iterator[dict]:
+def samples(url: str, start: int = 0, timeout: float | None = None, columns=None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one shard from position ``start``.
+    (``columns``, the image and label columns a user named, are Parquet's: a tar's files are named by
+    their extensions.)
 
     A tar cannot be entered in the middle: the samples before ``start`` are read (not kept). A shard
     that is empty, not a tar, corrupt, truncated, vanished or (``pipe:``) silent for ``timeout``
