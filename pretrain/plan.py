@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pretrain.config import Config, ConfigError
 from pretrain.data import shards
+from pretrain.data.readers.parquet import Columns
 from pretrain.schedules import scaled_lr
 
 
@@ -83,7 +84,7 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
         if source is None or (cfg.data.synthetic and split == "train"):
             found.append(None)
             continue
-        shard_set = shards.resolve(source, split)
+        shard_set = shards.resolve(source, split, Columns(cfg.data.image_column, cfg.data.label_column))
         missing = shards.missing_shards(shard_set.urls)
         if missing:
             listed = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")

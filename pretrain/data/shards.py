@@ -60,22 +60,38 @@ class ShardSet:
     samples: int | None = None  # known when an index describes the shards
     classes: list[str] | None = None
     counts: list[int] | None = field(default=None, repr=False)  # samples per shard, aligned with urls
+    # "class": a class index per sample (or not known: tars); "multi": lists of them; None: no labels
+    labels: str | None = "class"
 
 
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def resolve(source: str | list[str], split: str) -> ShardSet:
+def resolve(source: str | list[str], split: str, columns=None) -> ShardSet:
     """The shards a source names; for a writer directory, those of ``split`` (``train`` or ``val``),
-    or of its only split (a validation folder written on its own)."""
+    or of its only split (a validation folder written on its own); for a directory without an index
+    (a Hub dataset repo) or Parquet files, with what their names and footers say
+    (:mod:`pretrain.data.hub`; ``columns``: the Parquet columns a user named)."""
+    from pretrain.data import hub  # here: hub reads footers through the readers, which import this module
+    from pretrain.data.readers.parquet import Columns
+
+    columns = columns or Columns()
     if isinstance(source, str) and is_local(source) and Path(source).expanduser().is_dir():
-        return read_index(Path(source).expanduser(), split)
+        directory = Path(source).expanduser()
+        if (directory / INDEX_NAME).exists():
+            return read_index(directory, split)
+        return hub.resolve_repo(directory, split, columns)
+    return hub.described(expand(source), columns)
+
+
+def expand(source: str | list[str]) -> list[str]:
+    """The shard URLs a brace pattern or list names; ShardError when there are none."""
     items = [source] if isinstance(source, str) else list(source)
     urls = [url for item in items for url in braceexpand.braceexpand(item)]
     if not urls:
         raise ShardError(f"no shards in {source!r}")
-    return ShardSet([os.path.expanduser(u) if is_local(u) else u for u in urls])
+    return [os.path.expanduser(u) if is_local(u) else u for u in urls]
 
 
 def read_index(directory: Path, split: str) -> ShardSet:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the library must never reach for the network here
@@ -18,11 +21,12 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pretrain.data import readers  # noqa: E402
+from pretrain.data import check, readers  # noqa: E402
 from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
-from pretrain.data.shards import BrokenShard  # noqa: E402
+from pretrain.data.shards import BrokenShard, ShardError, resolve  # noqa: E402
 from pretrain.data.stream import Loader, ShardDataset  # noqa: E402
 from pretrain.data.transforms import EvalView  # noqa: E402
+from tests.helpers import KeyOnlyView  # noqa: E402
 from tests.unit.data_samples import image_bytes, tiny_jpeg  # noqa: E402
 
 CLASSES = ["cat", "dog", "owl"]
@@ -108,3 +112,82 @@ def test_images_stored_as_paths_only_are_refused_saying_the_bytes_are_not_in_the
     embedded = data.with_format("arrow").map(datasets.table.embed_table_storage, batched=True).with_format(None)
     embedded.to_parquet(str(tmp_path / "embedded.parquet"))
     assert [s["cls"] for s in read(tmp_path / "embedded.parquet")] == [b"0", b"1"]
+
+
+def hub_repo(root: Path, counts: dict[str, list[int]], layout_of=lambda split, i, n: f"data/{split}-{i:05d}-of-{n:05d}"
+             ) -> dict[str, list[str]]:
+    """A ``snapshot_download`` copy: ``counts[split]`` rows per file, and the download cache beside it."""
+    keys: dict[str, list[str]] = {}
+    first = 0
+    for split, sizes in counts.items():
+        for i, n in enumerate(sizes):
+            path = hub_parquet(root / f"{layout_of(split, i, len(sizes))}.parquet", first, n)
+            keys.setdefault(split, []).extend(f"{path.name}/{row}" for row in range(n))
+            first += n
+    (root / ".cache" / "huggingface").mkdir(parents=True)
+    (root / ".cache" / "huggingface" / "stale.parquet").write_bytes(b"not the set's")
+    (root / "README.md").write_text("---\nlicense: other\n---\n")
+    return keys
+
+
+@pytest.mark.parametrize("repo_layout", ["data", "conversion"])
+def test_a_hub_repo_on_disk_gives_splits_counts_and_classes_without_an_index(tmp_path, repo_layout):
+    names = {"data": lambda split, i, n: f"data/{split}-{i:05d}-of-{n:05d}",
+             "conversion": lambda split, i, n: f"default/{split}/{i:04d}"}[repo_layout]
+    keys = hub_repo(tmp_path, {"train": [7, 5, 6], "validation": [4]}, names)
+    train, val = resolve(str(tmp_path), "train"), resolve(str(tmp_path), "val")
+    assert [Path(u).relative_to(tmp_path).as_posix() for u in train.urls] == [f"{names('train', i, 3)}.parquet"
+                                                                             for i in range(3)]
+    assert (train.counts, train.samples, train.classes) == ([7, 5, 6], 18, CLASSES)
+    assert (val.counts, val.classes) == ([4], CLASSES)
+    # Splits exactly over 2 ranks x 2 workers, as shards with an index are.
+    shares = [[s["__key__"] for s in ShardDataset(train.urls, KeyOnlyView(), 4, rank=rank, world_size=2, seed=0,
+                                                  train=True, counts=train.counts).raw_samples(0, role, 2)]
+              for rank in range(2) for role in range(2)]
+    assert sorted(k for share in shares for k in share) == sorted(keys["train"])
+    assert {len(share) for share in shares} <= {4, 5}
+    with pytest.raises(ShardError, match=r"no 'test' split among its 4 shards \(their names say: \['train', 'val'\]"):
+        resolve(str(tmp_path), "test")
+
+
+def test_a_hub_repo_resumes_on_another_number_of_processes(tmp_path):
+    """2 ranks read 2 batches each; 1 rank finishes the epoch: every sample once."""
+    keys = hub_repo(tmp_path, {"train": [9, 6, 8]})
+    source = resolve(str(tmp_path), "train")
+
+    def loader(rank: int, world: int) -> Loader:
+        return Loader(ShardDataset(source.urls, KeyOnlyView(), 3, rank=rank, world_size=world, seed=2, train=True,
+                                   shuffle_buffer=4, counts=source.counts), 0)
+
+    before, states = [], []
+    for rank in range(2):
+        old = loader(rank, 2)
+        before += [k for batch in islice(old, 2) for k in batch["__keys__"]]
+        states.append(old.state_dict())
+    new = loader(0, 1)
+    new.resume_elsewhere(states)
+    # 23 - 12 = 11 left: the 4th batch ends with the first sample of the next epoch
+    rest = [k for batch in islice(new, 4) for k in batch["__keys__"]][:11]
+    epoch = Counter(before + rest)
+    assert sorted(epoch) == sorted(keys["train"]) and max(epoch.values()) == 1
+
+
+def test_class_names_that_differ_between_shards_are_refused_naming_both(tmp_path):
+    hub_parquet(tmp_path / "data" / "train-00000-of-00002.parquet", 0, 3)
+    hub_parquet(tmp_path / "data" / "train-00001-of-00002.parquet", 3, 3, classes=["cat", "owl", "dog"])
+    with pytest.raises(ShardError, match=r"train-00001-of-00002\.parquet \(3 classes: \['cat', 'owl', 'dog'\]\) "
+                                         r"differ from those of .*train-00000-of-00002\.parquet"):
+        resolve(str(tmp_path), "train")
+
+
+def test_check_counts_a_hub_repo_and_names_its_classes_from_the_metadata(tmp_path, capsys):
+    hub_repo(tmp_path / "repo", {"train": [4, 5], "validation": [3]})
+    assert check.main([str(tmp_path / "repo")]) == 0
+    out = capsys.readouterr().out
+    assert "12 samples in 3 shards, 12 decoded" in out and "3 classes; samples per class: min 4" in out
+    assert {line.split()[0] for line in out.splitlines() if line.startswith("  ")} == set(CLASSES)
+    hub_parquet(tmp_path / "other" / "train-00000-of-00002.parquet", 0, 2)
+    hub_parquet(tmp_path / "other" / "train-00001-of-00002.parquet", 2, 2, classes=["dog", "cat", "owl"])
+    assert check.main([str(tmp_path / "other")]) == 1
+    assert re.search(r"train-00001-of-00002\.parquet: its ClassLabel names \(3: \['dog', 'cat', 'owl'\]\) differ "
+                     r"from those of .*train-00000-of-00002\.parquet", capsys.readouterr().out)

@@ -63,6 +63,13 @@ class Layout:
     key: bool = True  # the file has a ``__key__`` column
 
     @property
+    def labels(self) -> str | None:
+        """``class`` (a class index per sample), ``multi`` (a list of them) or None (no label column)."""
+        if self.multi_label:
+            return "multi"
+        return "class" if self.label is not None or "cls" in self.files else None
+
+    @property
     def columns(self) -> list[str]:
         """The top-level columns to read."""
         wanted = ([KEY] if self.key else []) + list(self.files)
@@ -160,6 +167,20 @@ def samples(url: str, start: int = 0, timeout: float | None = None, columns: Col
     except ShardStalled as e:
         raise BrokenShard("stalled_shard", str(e)) from e
     except (OSError, pa.ArrowException) as e:  # a page that fails its checksum or does not decode
+        raise BrokenShard("corrupt_shard", str(e)) from e
+
+
+def footer(url: str, columns: Columns = Columns(), timeout: float | None = None) -> tuple[int, Layout]:
+    """(rows, layout) of a shard from its footer alone (its rows are not read); BrokenShard as
+    :func:`samples` raises it."""
+    import pyarrow as pa
+
+    try:
+        shard = _open(url, timeout)
+        return shard.metadata.num_rows, layout(shard.schema_arrow, columns, os.path.basename(url))
+    except ShardStalled as e:
+        raise BrokenShard("stalled_shard", str(e)) from e
+    except (OSError, pa.ArrowException) as e:
         raise BrokenShard("corrupt_shard", str(e)) from e
 
 
