@@ -150,6 +150,9 @@ class ObjectiveConfig:
     # Whether the objective keeps a momentum teacher that follows the student's fp32 master weights
     # in place (DINO, MoBY): those must then stay in memory (a class attribute, not a key).
     follows_fp32_masters = False
+    # Whether the objective trains on the class labels (a class attribute): those must then be one
+    # class index per image, not lists (multi-label) or absent.
+    uses_labels = False
 
     def validate(self) -> None:
         pass

@@ -91,5 +91,12 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
             raise shards.ShardError(f"data.{split}: {len(missing)} of {len(shard_set.urls)} shards are missing "
                                     f"or unreadable:\n  {listed}")
         found.append(shard_set)
+    train = found[0]
+    if train is not None and cfg.objective.uses_labels and train.labels != "class":
+        what = ("holds lists of classes (multi-label)" if train.labels == "multi" else
+                "has no label column (looked for label, labels, cls, fine_label, ...)")
+        raise ConfigError(f"data.train={cfg.data.train!r}: its Parquet label column {what}; "
+                          f"objective.name={cfg.objective.name!r} needs one class per image: name such a column "
+                          f"with data.label_column, or train a self-supervised objective")
     shards.check_train_and_val(found[0], found[1], cfg.data.train, cfg.data.val)
     return found[0], found[1]

@@ -25,7 +25,7 @@ from pretrain.data import readers
 from pretrain.data.hub import repo_shards
 from pretrain.data.readers.parquet import Columns, footer
 from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, expand, is_local, read_index
-from pretrain.data.stream import BadSample, decode
+from pretrain.data.stream import BadSample, decode, label_of
 
 MAX_LISTED = 50
 
@@ -69,7 +69,7 @@ def check_shard(job: tuple[str, int | None, int, Columns]) -> dict:
                         _, label = decode(sample)
                         decoded += 1
                     else:
-                        label = _label(sample)
+                        label = label_of(sample)
                     labels[label] += 1
                 except BadSample as e:
                     problems.append(f"{url}: {e}")
@@ -82,16 +82,6 @@ def check_shard(job: tuple[str, int | None, int, Columns]) -> dict:
         problems.append(f"{url}: {samples} samples, the index says {expected}")
     return {"url": url, "samples": samples, "decoded": decoded, "labels": labels, "problems": problems,
             "classes": classes}
-
-
-def _label(sample: dict) -> int:
-    """The class index of a sample that is counted but not decoded (BadSample when it has none)."""
-    if "cls" not in sample:
-        raise BadSample("no_label", sample["__key__"])
-    try:
-        return int(sample["cls"])
-    except ValueError:
-        raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
 
 
 def histogram_lines(labels: Counter, classes: list[str] | None) -> list[str]:

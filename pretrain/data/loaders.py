@@ -25,7 +25,7 @@ def build_train_loader(cfg: Config, source: ShardSet | None, view: Callable, dis
         dataset = ShardDataset(source.urls, view, d.batch_size, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.run.seed, train=True, shuffle_buffer=d.shuffle_buffer, counts=source.counts,
                                resampled=d.resampled, shard_timeout=d.shard_timeout,
-                               columns=Columns(d.image_column, d.label_column))
+                               columns=Columns(d.image_column, d.label_column), labelled=cfg.objective.uses_labels)
     return Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda",
                   max_skip_rate=d.max_skip_rate)
 

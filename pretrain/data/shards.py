@@ -27,7 +27,8 @@ from pretrain.files import atomic_write
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vitscale-shards/1"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# "image": a Hub image column's bytes in another format than these (GIF, BMP, TIFF), which PIL reads
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image")
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,14 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import check, readers  # noqa: E402
 from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
 from pretrain.data.shards import BrokenShard, ShardError, resolve  # noqa: E402
-from pretrain.data.stream import Loader, ShardDataset  # noqa: E402
+from pretrain.data.stream import BadSample, Loader, ShardDataset, decode  # noqa: E402
 from pretrain.data.transforms import EvalView  # noqa: E402
-from tests.helpers import KeyOnlyView  # noqa: E402
+from pretrain.plan import resolve_sources  # noqa: E402
+from tests.helpers import TINY_DINO, KeyOnlyView  # noqa: E402
 from tests.unit.data_samples import image_bytes, tiny_jpeg  # noqa: E402
 
 CLASSES = ["cat", "dog", "owl"]
@@ -191,3 +193,24 @@ def test_check_counts_a_hub_repo_and_names_its_classes_from_the_metadata(tmp_pat
     assert check.main([str(tmp_path / "other")]) == 1
     assert re.search(r"train-00001-of-00002\.parquet: its ClassLabel names \(3: \['dog', 'cat', 'owl'\]\) differ "
                      r"from those of .*train-00000-of-00002\.parquet", capsys.readouterr().out)
+
+
+def test_multi_label_columns_are_refused_for_the_supervised_objective_and_fine_for_self_supervised(tmp_path):
+    path = tmp_path / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({"image": [tiny_jpeg(i, 16) for i in range(4)],
+                             "labels": pa.array([[0, 2], [1], [], [2, 1]], pa.list_(pa.int64()))}), path)
+    assert resolve(str(tmp_path), "train").labels == "multi"
+    supervised = load_config(None, [f"data.train={tmp_path}", "data.num_classes=3", "train.steps=1"])
+    with pytest.raises(ConfigError, match=r"label column holds lists of classes \(multi-label\); "
+                                          r"objective.name='supervised' needs one class per image"):
+        resolve_sources(supervised)
+    ssl = load_config(None, [f"data.train={tmp_path}", "data.num_classes=3", "train.steps=1", *TINY_DINO])
+    (train, _) = resolve_sources(ssl)
+    loader = Loader(ShardDataset(train.urls, EvalView(8, 1.0), 4, rank=0, world_size=1, seed=0, train=False,
+                                 counts=train.counts, labelled=ssl.objective.uses_labels), 0)
+    (batch,) = list(loader)
+    assert batch["label"].tolist() == [-1] * 4 and not loader.skipped, "no label: used, not skipped"
+    # A stream that trains on labels skips them as unlabelled.
+    with pytest.raises(BadSample, match="no_label: train-00000-of-00001.parquet/0"):
+        decode(next(readers.parquet.samples(str(path))))
