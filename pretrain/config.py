@@ -106,7 +106,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     resampled: bool = False  # draw training shards with replacement (no exact epochs)
     max_skip_rate: float = 0.05  # stop when a rank has skipped more than this share of its samples
-    shard_timeout: float = 300.0  # seconds a pipe: shard may send nothing before it is skipped (and counted)
+    shard_timeout: float = 300.0  # seconds a pipe: shard or remote request may stay silent before it is skipped
     # Parquet's image and label columns, when not under a name the reader looks for (image, img, jpg,
     # ...; label, labels, cls, fine_label, ...); "outer.inner" names a field of a struct column
     image_column: str | None = None

@@ -84,7 +84,8 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
         if source is None or (cfg.data.synthetic and split == "train"):
             found.append(None)
             continue
-        shard_set = shards.resolve(source, split, Columns(cfg.data.image_column, cfg.data.label_column))
+        shard_set = shards.resolve(source, split, Columns(cfg.data.image_column, cfg.data.label_column),
+                                   cfg.data.shard_timeout)
         missing = shards.missing_shards(shard_set.urls)
         if missing:
             listed = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")

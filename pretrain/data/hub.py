@@ -13,16 +13,19 @@ class counts from ``data.train_samples`` and ``data.num_classes``.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pretrain.data import readers
 from pretrain.data.readers.parquet import Columns, footer
-from pretrain.data.shards import BrokenShard, ShardError, ShardSet, missing_shards
+from pretrain.data.remote import is_remote
+from pretrain.data.shards import BrokenShard, ShardError, ShardSet, is_local, missing_shards
 
 # The words of a file's path that say its split; the first found (from the repo down) decides.
 SPLIT_WORDS = {"train": "train", "training": "train", "validation": "val", "val": "val", "valid": "val",
                "test": "test"}
 _WORD = re.compile(r"[^/_.\-]+")
+FOOTER_THREADS = 16  # remote footers read at once at start-up
 _SHARD_SUFFIXES = tuple(s for f in readers.FORMATS.values() for s in f.SUFFIXES)
 
 
@@ -56,19 +59,16 @@ def resolve_repo(directory: Path, split: str, columns: Columns = Columns()) -> S
     return described(splits[split], columns)
 
 
-def described(urls: list[str], columns: Columns = Columns()) -> ShardSet:
+def described(urls: list[str], columns: Columns = Columns(), timeout: float | None = None) -> ShardSet:
     """``urls`` with the counts and class names of their Parquet footers when every one is Parquet
-    and can be read in parts (local or fsspec, not ``pipe:`` or ``http(s)://``); else as they are
-    (and with missing local files as they are: the run lists those)."""
-    if not urls or missing_shards(urls) or not all(readers.format_of(u) == "parquet" and not u.startswith(("pipe:", "http:", "https:"))
-                           for u in urls):
+    and can be read in parts (local or fsspec such as ``hf://``, not ``pipe:`` or ``http(s)://``);
+    else as they are (and with missing local files as they are: the run lists those). ``timeout``:
+    seconds a remote request may take (``data.shard_timeout``)."""
+    if not urls or missing_shards(urls) or not all(readers.format_of(u) == "parquet" and (is_local(u) or is_remote(u))
+                                                   for u in urls):
         return ShardSet(urls)
     counts, classes, labels, first = [], None, "class", None
-    for url in urls:
-        try:
-            rows, found = footer(url, columns)
-        except BrokenShard as e:
-            raise ShardError(f"{url}: {e} (find the broken shards with `python -m pretrain.data.check`)") from None
+    for url, (rows, found) in zip(urls, _footers(urls, columns, timeout)):
         counts.append(rows)
         if found.classes is not None:
             if classes is not None and found.classes != classes:
@@ -80,6 +80,21 @@ def described(urls: list[str], columns: Columns = Columns()) -> ShardSet:
         elif found.label is None and labels == "class":
             labels = None
     return ShardSet(urls, samples=sum(counts), classes=classes, counts=counts, labels=labels)
+
+
+def _footers(urls: list[str], columns: Columns, timeout: float | None) -> list:
+    """(rows, layout) of every file; remote ones read FOOTER_THREADS at a time, so that their round
+    trips overlap (a few hundred files start in seconds, not minutes)."""
+    def one(url: str):
+        try:
+            return footer(url, columns, timeout)
+        except BrokenShard as e:
+            raise ShardError(f"{url}: {e} (find the broken shards with `python -m pretrain.data.check`)") from None
+
+    if all(is_local(u) for u in urls):
+        return [one(u) for u in urls]
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        return list(pool.map(one, urls))
 
 
 def _few(names: list[str]) -> str:

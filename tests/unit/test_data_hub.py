@@ -1,12 +1,16 @@
 """Image datasets as the Hugging Face Hub ships them: Parquet written by the ``datasets`` library
-(read back with the library itself where vitscale writes them), dataset repos on disk, and the
-layouts such sets use (other column names, nested structs, images stored as paths, multi-label)."""
+(read back with the library itself where vitscale writes them), dataset repos on disk (Parquet and
+WebDataset tars), the layouts such sets use (other column names, nested structs, images stored as
+paths, multi-label), and ``hf://`` URLs through a stand-in for huggingface_hub's file system that
+counts the bytes asked for."""
 
 from __future__ import annotations
 
 import io
 import os
 import re
+import sys
+import time
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -21,6 +25,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pretrain.bench.remote import LocalHub  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import check, readers  # noqa: E402
 from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
@@ -214,3 +219,88 @@ def test_multi_label_columns_are_refused_for_the_supervised_objective_and_fine_f
     # A stream that trains on labels skips them as unlabelled.
     with pytest.raises(BadSample, match="no_label: train-00000-of-00001.parquet/0"):
         decode(next(readers.parquet.samples(str(path))))
+
+
+# -- hf:// URLs, through a stand-in for huggingface_hub's file system --------------------------------
+
+@pytest.fixture
+def hub(tmp_path):
+    """``hf://PATH`` served from ``tmp_path/hub/PATH`` by the benchmark's stand-in (:class:`LocalHub`),
+    which counts the bytes asked for; the real ``hf`` implementation is back afterwards."""
+    import fsspec
+
+    registry = sys.modules["fsspec.registry"]._registry
+    before = registry.get("hf")
+    served = LocalHub.serving(tmp_path / "hub")
+    fsspec.register_implementation("hf", served, clobber=True)
+    yield served()
+    served.release.set()  # a stalled request left behind ends
+    if before is None:
+        registry.pop("hf", None)
+    else:
+        registry["hf"] = before
+
+
+def test_a_few_rows_of_a_large_remote_file_are_read_by_range_requests_not_the_whole_file(tmp_path, hub):
+    path = tmp_path / "hub" / "datasets" / "org" / "set" / "train.parquet"
+    path.parent.mkdir(parents=True)
+    rows = [{"__key__": f"k{i}", "jpg": os.urandom(8000), "cls": b"1"} for i in range(256)]
+    path.write_bytes(readers.parquet.shard_bytes(rows, row_group=16))  # 2 MB in 16 row groups
+    url = "hf://datasets/org/set/train.parquet"
+    first = list(islice(readers.parquet.samples(url), 3))
+    assert [s["jpg"] for s in first] == [r["jpg"] for r in rows[:3]]
+    size = path.stat().st_size
+    assert 3 * 8000 < hub.bytes_requested() < size / 8, "the footer and one row group, not the file"
+    hub.requests.clear()
+    assert [s["__key__"] for s in readers.parquet.samples(url, start=250)] == [f"k{i}" for i in range(250, 256)]
+    assert hub.bytes_requested() < size / 8, "a reader starting late fetches only the row groups it reads"
+
+
+def test_hf_glob_and_brace_patterns_expand_and_take_counts_and_classes_from_the_footers(tmp_path, hub):
+    keys = hub_repo(tmp_path / "hub" / "datasets" / "org" / "set", {"train": [5, 4, 6], "validation": [3]})
+    base = "hf://datasets/org/set/data"
+    train = resolve(f"{base}/train-*.parquet", "train")
+    assert train.urls == [f"{base}/train-{i:05d}-of-00003.parquet" for i in range(3)]
+    assert (train.counts, train.classes) == ([5, 4, 6], CLASSES)
+    braced = resolve(f"{base}/{{train-0000{{0,2}},validation-00000}}-of-*.parquet", "train")
+    assert [u.rsplit("/", 1)[1] for u in braced.urls] == ["train-00000-of-00003.parquet",
+                                                          "train-00002-of-00003.parquet",
+                                                          "validation-00000-of-00001.parquet"]
+    with pytest.raises(ShardError, match=r"hf://datasets/org/set/data/test-\*\.parquet: no files match"):
+        resolve(f"{base}/test-*.parquet", "train")
+    # Read through the stream: the same samples as the files on disk hold.
+    loader = Loader(ShardDataset(train.urls, EvalView(8, 1.0), 4, rank=0, world_size=1, seed=0, train=False,
+                                 counts=train.counts), 0)
+    assert [k for batch in loader for k in batch["__keys__"]] == keys["train"] and not loader.skipped
+
+
+def test_a_stalled_remote_read_is_skipped_after_shard_timeout_and_counted(tmp_path, hub):
+    """The stand-in answers the footer and first row group of train-00001, then stalls."""
+    hub.stall["train-00001-of-00003.parquet"] = 2
+    directory = tmp_path / "hub" / "data"
+    directory.mkdir(parents=True)
+    for shard, name in enumerate(["train-00000-of-00003.parquet", "train-00001-of-00003.parquet"]):
+        rows = [{"__key__": f"s{shard}-{i}", "jpg": tiny_jpeg(i), "cls": b"0"} for i in range(6)]
+        (directory / name).write_bytes(readers.parquet.shard_bytes(rows, row_group=3))
+    urls = ["hf://data/train-00001-of-00003.parquet", "hf://data/train-00000-of-00003.parquet"]
+    loader = Loader(ShardDataset(urls, KeyOnlyView(), 3, rank=0, world_size=1, seed=0, train=False,
+                                 shard_timeout=0.5), 0)
+    began = time.monotonic()
+    read = [k for batch in loader for k in batch["__keys__"]]
+    assert time.monotonic() - began < 5
+    assert read == ["s1-0", "s1-1", "s1-2"] + [f"s0-{i}" for i in range(6)], "the row group read before is kept"
+    assert dict(loader.skipped) == {"stalled_shard": 1} and loader.broken == [urls[0]]
+
+
+def test_hf_urls_without_huggingface_hub_name_the_extra_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub fails
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "hf", raising=False)
+    needs = r"hf://datasets/org/set/data/train-00000-of-00001\.parquet: reading hf:// URLs needs huggingface_hub, " \
+            r"which is not installed: pip install 'vitscale\[hub\]'"
+    for source in ("hf://datasets/org/set/data/train-00000-of-00001.parquet",
+                   "hf://datasets/org/set/data/train-{00000..00001}-of-00001.tar"):
+        with pytest.raises(ShardError, match=needs.replace("parquet", "tar") if source.endswith("tar") else needs):
+            resolve(source, "train")
+    assert check.main(["hf://datasets/org/set/data/train-00000-of-00001.parquet"]) == 2
+    assert re.search(needs, capsys.readouterr().err)
+

@@ -17,8 +17,8 @@ A file without an image column is refused, naming its columns; an image stored a
 (its bytes not in the file) is refused, naming the row and the path.
 
 Row groups are the unit of reading: a reader starting at position ``start`` reads the row group
-holding it and those after, never the ones before. Page checksums are written and verified, so
-flipped bytes are a ``corrupt_shard``, not a wrong image.
+holding it and those after, never the ones before (from a remote file, by range requests). Page
+checksums are written and verified, so flipped bytes are a ``corrupt_shard``, not a wrong image.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from __future__ import annotations
 import io
 import json
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
+from pretrain.data import remote
 from pretrain.data.shards import IMAGE_EXTENSIONS, BrokenShard, ShardStalled, is_local, open_shard
 
 SUFFIXES = (".parquet",)
@@ -123,9 +125,10 @@ def samples(url: str, start: int = 0, timeout: float | None = None, columns: Col
 
     A file that is empty, not Parquet, cut short (its footer lost), without an image column, with
     an image stored as a path only, or whose pages fail their checksum or do not decode raises
-    BrokenShard, after the samples of the row groups read before the problem. A ``pipe:`` or remote
-    shard is read whole first (Parquet's index is at its end); one silent for ``timeout`` seconds
-    is a ``stalled_shard``.
+    BrokenShard, after the samples of the row groups read before the problem. A remote shard
+    (``hf://``, ``s3://`` ...) is read by range requests, its footer then its row groups; a ``pipe:``
+    or ``http(s)://`` one is read whole first (Parquet's index is at its end); one whose command or
+    request sends nothing for ``timeout`` seconds is a ``stalled_shard``.
     """
     import pyarrow as pa
 
@@ -234,7 +237,9 @@ def _class_names(features: dict, label: str | None) -> list[str] | None:
 
 
 def _open(url: str, timeout: float | None):
-    """The ParquetFile; BrokenShard if it cannot be opened."""
+    """The ParquetFile; BrokenShard if it cannot be opened. A local file and a remote one (fsspec:
+    ``hf://``, ``s3://`` ...) are read in parts, the footer first, then the row groups asked for
+    (remote: by range requests); a ``pipe:`` or ``http(s)://`` shard is read whole first."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -242,6 +247,9 @@ def _open(url: str, timeout: float | None):
         if is_local(url):
             source = url
             size = os.path.getsize(url)
+        elif remote.is_remote(url):
+            source = remote.RangeFile(url, timeout)
+            size = source.size
         else:
             with open_shard(url, timeout) as stream:
                 source = pa.BufferReader(stream.read())
@@ -253,7 +261,10 @@ def _open(url: str, timeout: float | None):
     if size == 0:
         raise BrokenShard("empty_shard", "empty file")
     try:
-        return pq.ParquetFile(source, page_checksum_verification=True)
+        # pre_buffer: a row group's column chunks are fetched in as few (coalesced) requests as can be
+        return pq.ParquetFile(source, page_checksum_verification=True, pre_buffer=not is_local(url))
+    except ShardStalled:
+        raise
     except (OSError, pa.ArrowException) as e:
         raise BrokenShard(*_damage(source, size, e)) from e
 
@@ -261,13 +272,11 @@ def _open(url: str, timeout: float | None):
 def _damage(source, size: int, error: Exception) -> tuple[str, str]:
     """(reason, message) for a file whose footer could not be read: where its magic bytes are
     tells a file cut short from one that is not Parquet at all."""
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            head = f.read(4)
-            f.seek(max(size - 4, 0))
-            tail = f.read(4)
-    else:
-        head, tail = source.read_at(4, 0), source.read_at(4, max(size - 4, 0))
+    with open(source, "rb") if isinstance(source, str) else nullcontext(source) as f:
+        f.seek(0)
+        head = f.read(4)
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
     if head != _MAGIC:
         return "unreadable_shard", f"not a Parquet file ({error})"
     if tail != _MAGIC:
