@@ -32,9 +32,9 @@ from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
 from pretrain.data.shards import BrokenShard, ShardError, resolve  # noqa: E402
 from pretrain.data.stream import BadSample, Loader, ShardDataset, decode  # noqa: E402
 from pretrain.data.transforms import EvalView  # noqa: E402
-from pretrain.plan import resolve_sources  # noqa: E402
+from pretrain.plan import make_plan, resolve_sources  # noqa: E402
 from tests.helpers import TINY_DINO, KeyOnlyView  # noqa: E402
-from tests.unit.data_samples import image_bytes, tiny_jpeg  # noqa: E402
+from tests.unit.data_samples import image_bytes, tiny_jpeg, write_counted_shards  # noqa: E402
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -304,3 +304,23 @@ def test_hf_urls_without_huggingface_hub_name_the_extra_to_install(monkeypatch, 
     assert check.main(["hf://datasets/org/set/data/train-00000-of-00001.parquet"]) == 2
     assert re.search(needs, capsys.readouterr().err)
 
+
+def test_a_webdataset_repo_on_disk_gives_its_splits_and_asks_for_the_counts_it_lacks(tmp_path):
+    """timm/imagenet-22k-wds's layout: ``imagenet22k-train-0000.tar`` ..., ``imagenet22k-validation-0000.tar``."""
+    for split, n in (("train", 3), ("validation", 1)):
+        write_counted_shards(tmp_path / "stage", [2] * n, index=False)
+        for i in range(n):
+            os.replace(tmp_path / "stage" / f"train-{i:06d}.tar", tmp_path / f"imagenet22k-{split}-{i:04d}.tar")
+    train, val = resolve(str(tmp_path), "train"), resolve(str(tmp_path), "val")
+    assert [Path(u).name for u in train.urls] == [f"imagenet22k-train-{i:04d}.tar" for i in range(3)]
+    assert [Path(u).name for u in val.urls] == ["imagenet22k-validation-0000.tar"]
+    assert (train.counts, train.samples, train.classes) == (None, None, None)
+    base = [f"data.train={tmp_path}", f"data.val={tmp_path}", "data.batch_size=2", "run.dir=" + str(tmp_path / "run")]
+    cfg = load_config(None, [*base, "train.steps=1"])
+    with pytest.raises(ConfigError, match="data.num_classes is required"):
+        make_plan(cfg, 1, resolve_sources(cfg)[0])
+    cfg = load_config(None, [*base, "data.num_classes=3", "train.epochs=1"])
+    with pytest.raises(ConfigError, match="train.epochs needs the number of training samples: .*data.train_samples"):
+        make_plan(cfg, 1, resolve_sources(cfg)[0])
+    cfg = load_config(None, [*base, "data.num_classes=3", "data.train_samples=6", "train.epochs=1"])
+    assert make_plan(cfg, 1, resolve_sources(cfg)[0]).steps_per_epoch == 3
