@@ -7,6 +7,7 @@ counts the bytes asked for."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
@@ -27,7 +28,7 @@ from PIL import Image  # noqa: E402
 
 from pretrain.bench.remote import LocalHub  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.data import check, readers  # noqa: E402
+from pretrain.data import check, readers, write  # noqa: E402
 from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
 from pretrain.data.shards import BrokenShard, ShardError, resolve  # noqa: E402
 from pretrain.data.stream import BadSample, Loader, ShardDataset, decode  # noqa: E402
@@ -324,3 +325,82 @@ def test_a_webdataset_repo_on_disk_gives_its_splits_and_asks_for_the_counts_it_l
         make_plan(cfg, 1, resolve_sources(cfg)[0])
     cfg = load_config(None, [*base, "data.num_classes=3", "data.train_samples=6", "train.epochs=1"])
     assert make_plan(cfg, 1, resolve_sources(cfg)[0]).steps_per_epoch == 3
+
+
+# -- the other direction: vitscale's Parquet for the datasets library, Hub sets into shards ----------
+
+def image_folder(root: Path, per_class: int = 3) -> Path:
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            photo(10 * c + i, "PNG" if i == 1 else "JPEG").save(root / name / f"{i}.{'png' if i == 1 else 'jpg'}")
+    return root
+
+
+def test_parquet_the_writer_writes_loads_in_datasets_as_images_and_class_labels(tmp_path):
+    src = image_folder(tmp_path / "photos")
+    assert write.main([str(src), str(tmp_path / "pq"), "--per-shard", "4", "--val-fraction", "0.25", "--workers", "1",
+                       "--no-progress", "--format", "parquet"]) == 0
+    loaded = datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "pq" / "train-*.parquet")},
+                                   split="train", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(loaded.features["image"], datasets.Image)
+    assert loaded.features["label"] == datasets.ClassLabel(names=CLASSES)
+    assert len(loaded) == 7
+    for row in loaded:
+        source = json.loads(row["json"])["source"]  # CLASS/N.jpg
+        assert CLASSES[row["label"]] == source.split("/")[0]
+        original = Image.open(src / source)
+        assert np.array_equal(np.asarray(row["image"].convert("RGB")), np.asarray(original.convert("RGB")))
+    # vitscale reads what it wrote, with the classes from the ClassLabel as from its index.
+    val = resolve(str(tmp_path / "pq"), "val")
+    assert val.classes == CLASSES and val.counts == [2]
+    labels = [label for batch in Loader(ShardDataset(val.urls, EvalView(8, 1.0), 2, rank=0, world_size=1, seed=0,
+                                                     train=False), 0) for label in batch["label"].tolist()]
+    assert len(labels) == 2 and all(0 <= label < 3 for label in labels)
+
+
+def test_parquet_shards_vitscale_wrote_before_still_read(tmp_path):
+    """One binary column per extension, the class as decimal text: what the writer wrote before."""
+    path = tmp_path / "train-000000.parquet"
+    pq.write_table(pa.table({"__key__": ["train-000000-000000", "train-000000-000001"],
+                             "jpg": [tiny_jpeg(1), None], "png": [None, image_bytes(np.zeros((4, 4, 3), np.uint8), "PNG")],
+                             "cls": [b"2", b"0"], "json": [b"{}", b"{}"]}), path)
+    samples = read(path)
+    assert [(s["__key__"], s["cls"]) for s in samples] == [("train-000000-000000", b"2"), ("train-000000-000001", b"0")]
+    assert samples[0]["jpg"] == tiny_jpeg(1) and "png" in samples[1] and "jpg" not in samples[1]
+
+
+def source_rows(paths: list[Path]) -> Counter:
+    """(image bytes, label) of every row of Hub Parquet files."""
+    return Counter((row["image"]["bytes"], row["label"]) for p in paths for row in pq.read_table(p).to_pylist())
+
+
+def tar_rows(directory: Path) -> Counter:
+    return Counter((s["jpg"], int(s["cls"])) for p in sorted(directory.glob("*.tar"))
+                   for s in readers.tar.samples(str(p)))
+
+
+def test_a_hub_parquet_set_is_written_into_tar_shards_split_by_split(tmp_path):
+    hub_repo(tmp_path / "repo", {"train": [7, 5, 6], "validation": [4]})
+    data = tmp_path / "repo" / "data"
+    assert write.main([str(tmp_path / "repo"), str(tmp_path / "train"), "--per-shard", "5", "--workers", "2",
+                       "--no-progress"]) == 0
+    index = json.loads((tmp_path / "train" / "index.json").read_text())
+    assert index["classes"] == CLASSES and [s["samples"] for s in index["splits"]["train"]["shards"]] == [5, 5, 5, 3]
+    assert tar_rows(tmp_path / "train") == source_rows(sorted(data.glob("train-*.parquet")))
+    assert check.main([str(tmp_path / "train")]) == 0
+    assert write.main([str(tmp_path / "repo"), str(tmp_path / "val"), "--split", "val", "--workers", "1",
+                       "--no-progress"]) == 0
+    assert tar_rows(tmp_path / "val") == source_rows([data / "validation-00000-of-00001.parquet"])
+    # One file as the source, into Parquet.
+    one = data / "train-00001-of-00003.parquet"
+    assert write.main([str(one), str(tmp_path / "one"), "--format", "parquet", "--workers", "1", "--no-progress"]) == 0
+    assert Counter((s["jpg"], int(s["cls"])) for s in read(tmp_path / "one" / "train-000000.parquet")) == source_rows([one])
+
+
+def test_a_hub_set_without_a_label_column_is_refused_naming_the_option(tmp_path, capsys):
+    path = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({"image": [tiny_jpeg(1)], "caption": ["a cat"]}), path)
+    assert write.main([str(path), str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 2
+    assert re.search(r"photos\.parquet: no label column .*columns: \['image', 'caption'\]\): name it with "
+                     r"--label-column", capsys.readouterr().err)

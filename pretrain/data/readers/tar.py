@@ -161,8 +161,9 @@ def _tarfile_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 yield member.name, tar.extractfile(member).read()
 
 
-def shard_bytes(samples: list[dict]) -> bytes:
-    """A tar shard in memory from ``[{"__key__": k, ext: bytes, ...}]`` (used by the writer and tests)."""
+def shard_bytes(samples: list[dict], classes: list[str] | None = None) -> bytes:
+    """A tar shard in memory from ``[{"__key__": k, ext: bytes, ...}]`` (used by the writer and tests);
+    ``classes`` is not written (the index names them, and each sample's ``json`` its own)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for sample in samples:
