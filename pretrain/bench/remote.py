@@ -11,7 +11,8 @@ through fsspec's buffered file), adding ``--latency-ms`` per request and a trans
 (row groups of ``--row-group`` samples; the ``datasets`` library writes 100 per group for image
 sets), then each is read by its reader as a run reads it: from its start, and from its middle (a
 share that starts inside the shard). Per row: requests and seconds to the first sample, bytes read
-per sample handed out. The last line is Parquet's bytes per sample from the middle over tar's.
+per sample handed out; and what a run's start-up reads of a Parquet shard to count its samples
+(its footer). The last line is Parquet's bytes per sample from the middle over tar's.
 The tests register the same stand-in (``tests/unit/test_data_hub.py``).
 """
 
@@ -122,6 +123,8 @@ def read_from(hub: LocalHub, url: str, start: int) -> tuple[int, float, int, int
 def main(argv: list[str] | None = None) -> int:
     import fsspec
 
+    from pretrain.data.readers.parquet import footer
+
     parser = argparse.ArgumentParser(prog="python -m pretrain.bench remote", description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=1024, help="samples in the shard (default 1024)")
     parser.add_argument("--image-kb", type=float, default=110, help="bytes of each image, in kB (default 110)")
@@ -141,11 +144,17 @@ def main(argv: list[str] | None = None) -> int:
                 requests, seconds, read, handed = read_from(hub, f"hf://{name}", start)
                 per_sample[fmt, where] = read / handed
                 rows.append((f"{fmt}, from its {where}", requests, seconds, read / handed / 1e3, read / size))
+        hub.requests.clear()
+        began = time.perf_counter()
+        footer(f"hf://{names['parquet']}")
+        start_up = (len(hub.requests), time.perf_counter() - began, hub.bytes_requested())
     print(f"shard: {args.samples} samples of {args.image_kb:g} kB; {args.latency_ms:g} ms and {args.mb_per_s:g} MB/s "
           f"per request; Parquet row groups of {args.row_group}")
     print(f"{'read':<24} {'requests to 1st':>16} {'s to 1st':>9} {'kB read / sample':>17} {'of the file':>12}")
     for name, requests, seconds, kb, share in rows:
         print(f"{name:<24} {requests:>16} {seconds:>9.3f} {kb:>17.1f} {share:>12.2f}")
+    print(f"Parquet footer at start-up (the shard's count): {start_up[0]} requests, {start_up[1]:.3f} s, "
+          f"{start_up[2] / 1e3:.1f} kB")
     print(f"ratio {per_sample['parquet', 'middle'] / per_sample['tar', 'middle']:.2f} (Parquet / tar bytes read per "
           f"sample handed out, by a share starting in the middle of the shard)")
     return 0

@@ -404,3 +404,19 @@ def test_a_hub_set_without_a_label_column_is_refused_naming_the_option(tmp_path,
     assert write.main([str(path), str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 2
     assert re.search(r"photos\.parquet: no label column .*columns: \['image', 'caption'\]\): name it with "
                      r"--label-column", capsys.readouterr().err)
+
+
+def test_bench_remote_a_parquet_share_from_the_middle_reads_half_what_a_tar_share_reads(capsys):
+    from pretrain.bench import remote
+
+    registry = sys.modules["fsspec.registry"]._registry
+    before = registry.get("hf")
+    try:
+        assert remote.main(["--samples", "64", "--image-kb", "40", "--row-group", "8", "--latency-ms", "0",
+                            "--mb-per-s", "10000"]) == 0
+    finally:
+        registry.pop("hf", None)
+        if before is not None:
+            registry["hf"] = before
+    ratio = float(capsys.readouterr().out.splitlines()[-1].split()[1])
+    assert 0.4 < ratio < 0.6, "a tar is read from its start, Parquet from the row group of the share's first sample"
