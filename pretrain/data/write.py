@@ -7,9 +7,9 @@
 SRC is a folder with one sub-folder per class, a folder of per-class tars (ImageNet-21K's
 ``n01440764.tar`` ...: the class is the tar's name), or a Hugging Face Hub Parquet set: one
 ``.parquet`` file, or a dataset repo on disk, whose ``--split`` split is read (its files' split from
-their names, as a run reads a repo; the classes from their ClassLabel, the image and label columns
-as a run finds them or named by ``--image-column``/``--label-column``). Each sample holds the image under its own
-extension (``jpg``, ``png``, ``webp``: the original bytes, unless ``--max-side`` shrinks it or its
+their names, as a run reads a repo; the classes from their ClassLabel; the image and label columns
+as a run finds them, or named by ``--image-column`` and ``--label-column``). Each sample holds the
+image under its own extension (``jpg``, ``png``, ``webp``: the original bytes, unless ``--max-side`` shrinks it or its
 format must be re-encoded as JPEG), ``cls`` (the class index as text) and ``json`` (class name,
 source name, stored size). ``--format`` picks the shards' format: WebDataset tars (default; one
 file per extension) or Parquet (one row per sample, as the ``datasets`` library writes an image set:
@@ -20,6 +20,7 @@ could not be read.
 
 Images are shuffled globally; the rows of a Parquet set move with their row group (each shard takes
 the rows of a few row groups, mixed, so that every row group is read about once).
+
 The output depends only on the inputs and the options: shards are planned before any is written,
 so ``--workers`` write them in parallel, and a second run with the same options keeps the shards
 that are finished (``OUT/.write/`` remembers them) and writes the rest.

@@ -363,7 +363,8 @@ def test_parquet_shards_vitscale_wrote_before_still_read(tmp_path):
     """One binary column per extension, the class as decimal text: what the writer wrote before."""
     path = tmp_path / "train-000000.parquet"
     pq.write_table(pa.table({"__key__": ["train-000000-000000", "train-000000-000001"],
-                             "jpg": [tiny_jpeg(1), None], "png": [None, image_bytes(np.zeros((4, 4, 3), np.uint8), "PNG")],
+                             "jpg": [tiny_jpeg(1), None],
+                             "png": [None, image_bytes(np.zeros((4, 4, 3), np.uint8), "PNG")],
                              "cls": [b"2", b"0"], "json": [b"{}", b"{}"]}), path)
     samples = read(path)
     assert [(s["__key__"], s["cls"]) for s in samples] == [("train-000000-000000", b"2"), ("train-000000-000001", b"0")]
@@ -395,7 +396,8 @@ def test_a_hub_parquet_set_is_written_into_tar_shards_split_by_split(tmp_path):
     # One file as the source, into Parquet.
     one = data / "train-00001-of-00003.parquet"
     assert write.main([str(one), str(tmp_path / "one"), "--format", "parquet", "--workers", "1", "--no-progress"]) == 0
-    assert Counter((s["jpg"], int(s["cls"])) for s in read(tmp_path / "one" / "train-000000.parquet")) == source_rows([one])
+    written = read(tmp_path / "one" / "train-000000.parquet")
+    assert Counter((s["jpg"], int(s["cls"])) for s in written) == source_rows([one])
 
 
 def test_a_hub_set_without_a_label_column_is_refused_naming_the_option(tmp_path, capsys):
