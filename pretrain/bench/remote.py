@@ -7,9 +7,9 @@ against Parquet, through a stand-in for huggingface_hub's ``hf://`` file system.
 :class:`LocalHub` serves local files as ``hf://PATH`` the way ``HfFileSystem`` does (range requests
 through fsspec's buffered file), adding ``--latency-ms`` per request and a transfer time at
 ``--mb-per-s``, and counts the requests and bytes asked for. One shard of ``--samples`` samples of
-``--image-kb`` kB (random bytes: nothing is decoded, only read) is written as a tar and as Parquet
-(row groups of ``--row-group`` samples; the ``datasets`` library writes 100 per group for image
-sets), then each is read by its reader as a run reads it: from its start, and from its middle (a
+``--image-kb`` kB (random bytes after a JPEG marker: nothing is decoded, only read) is written as a
+tar and as Parquet (row groups of ``--row-group`` samples; the ``datasets`` library writes 100 per
+group for image sets), then each is read by its reader as a run reads it: from its start, and from its middle (a
 share that starts inside the shard). Per row: requests and seconds to the first sample, bytes read
 per sample handed out; and what a run's start-up reads of a Parquet shard to count its samples
 (its footer). The last line is Parquet's bytes per sample from the middle over tar's.
@@ -100,8 +100,8 @@ def write_shards(directory: Path, samples: int, image_bytes: int, row_group: int
     """One shard of each format with the same samples; {format: path inside ``directory``}."""
     from pretrain.data.readers import parquet, tar
 
-    shard = [{"__key__": f"{i:06d}", "jpg": os.urandom(image_bytes), "cls": str(i % 1000).encode()}
-             for i in range(samples)]
+    shard = [{"__key__": f"{i:06d}", "jpg": b"\xff\xd8" + os.urandom(image_bytes - 2),
+              "cls": str(i % 1000).encode()} for i in range(samples)]
     (directory / "shard.tar").write_bytes(tar.shard_bytes(shard))
     (directory / "shard.parquet").write_bytes(parquet.shard_bytes(shard, row_group=row_group))
     return {"tar": "shard.tar", "parquet": "shard.parquet"}

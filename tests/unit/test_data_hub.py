@@ -245,7 +245,7 @@ def hub(tmp_path):
 def test_a_few_rows_of_a_large_remote_file_are_read_by_range_requests_not_the_whole_file(tmp_path, hub):
     path = tmp_path / "hub" / "datasets" / "org" / "set" / "train.parquet"
     path.parent.mkdir(parents=True)
-    rows = [{"__key__": f"k{i}", "jpg": os.urandom(8000), "cls": b"1"} for i in range(256)]
+    rows = [{"__key__": f"k{i}", "jpg": b"\xff\xd8" + os.urandom(8000), "cls": b"1"} for i in range(256)]
     path.write_bytes(readers.parquet.shard_bytes(rows, row_group=16))  # 2 MB in 16 row groups
     url = "hf://datasets/org/set/train.parquet"
     first = list(islice(readers.parquet.samples(url), 3))
