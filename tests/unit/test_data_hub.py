@@ -293,6 +293,20 @@ def test_a_stalled_remote_read_is_skipped_after_shard_timeout_and_counted(tmp_pa
     assert dict(loader.skipped) == {"stalled_shard": 1} and loader.broken == [urls[0]]
 
 
+def test_tar_shards_stream_from_hf_urls_and_a_stalled_one_is_skipped(tmp_path, hub):
+    """timm's WebDataset repos over hf://: a brace pattern of tars, each streamed in one request
+    (they are smaller than STREAM_BLOCK); the one whose first request hangs is given up."""
+    write_counted_shards(tmp_path / "hub" / "datasets" / "timm" / "wds", [3, 4, 2], index=False)
+    hub.stall["train-000001.tar"] = 0
+    urls = resolve("hf://datasets/timm/wds/train-{000000..000002}.tar", "train").urls
+    loader = Loader(ShardDataset(urls, KeyOnlyView(), 2, rank=0, world_size=1, seed=0, train=False,
+                                 shard_timeout=0.5), 0)
+    read = [k for batch in loader for k in batch["__keys__"]]
+    assert read == ["s0-0", "s0-1", "s0-2", "s2-0", "s2-1"]
+    assert dict(loader.skipped) == {"stalled_shard": 1} and loader.broken == [urls[1]]
+    ranges = [(path, start) for path, start, end in hub.requests if end > start]
+    assert ranges == [(f"datasets/timm/wds/train-{i:06d}.tar", 0) for i in range(3)], "one request per small tar"
+
 def test_hf_urls_without_huggingface_hub_name_the_extra_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub fails
     monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "hf", raising=False)
