@@ -291,6 +291,10 @@ def test_a_stalled_remote_read_is_skipped_after_shard_timeout_and_counted(tmp_pa
     assert time.monotonic() - began < 5
     assert read == ["s1-0", "s1-1", "s1-2"] + [f"s0-{i}" for i in range(6)], "the row group read before is kept"
     assert dict(loader.skipped) == {"stalled_shard": 1} and loader.broken == [urls[0]]
+    hub.stall["train-00000-of-00003.parquet"] = 0  # now its footer hangs too: at start-up that stops the run
+    with pytest.raises(ShardError, match=r"train-00000-of-00003\.parquet: a request sent nothing back for 0\.5 s "
+                                         r"\(data\.shard_timeout\)"):
+        resolve(urls[1], "train", timeout=0.5)
 
 
 def test_tar_shards_stream_from_hf_urls_and_a_stalled_one_is_skipped(tmp_path, hub):
