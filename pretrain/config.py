@@ -106,7 +106,11 @@ class DataConfig:
     shuffle_buffer: int = 2000
     resampled: bool = False  # draw training shards with replacement (no exact epochs)
     max_skip_rate: float = 0.05  # stop when a rank has skipped more than this share of its samples
-    shard_timeout: float = 300.0  # seconds a pipe: shard may send nothing before it is skipped (and counted)
+    shard_timeout: float = 300.0  # seconds a pipe: shard or remote request may stay silent before it is skipped
+    # Parquet's image and label columns, when not under a name the reader looks for (image, img, jpg,
+    # ...; label, labels, cls, fine_label, ...); "outer.inner" names a field of a struct column
+    image_column: str | None = None
+    label_column: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     pin_memory: bool = True
@@ -126,6 +130,10 @@ class DataConfig:
         require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", self.max_skip_rate, "must be in [0, 1]")
         require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
         require(all(s > 0 for s in self.std), "data.std", self.std, "must be positive")
+        for key in ("image_column", "label_column"):
+            name = getattr(self, key)
+            require(name is None or (name.strip() == name and name and not name.startswith("__")), f"data.{key}",
+                    name, "must be a column name (not empty, no surrounding spaces, not starting with '__')")
         require(self.num_classes is None or self.num_classes > 0, "data.num_classes", self.num_classes,
                 "must be positive")
         require(self.train is not None or self.synthetic, "data.train", None,
@@ -142,6 +150,9 @@ class ObjectiveConfig:
     # Whether the objective keeps a momentum teacher that follows the student's fp32 master weights
     # in place (DINO, MoBY): those must then stay in memory (a class attribute, not a key).
     follows_fp32_masters = False
+    # Whether the objective trains on the class labels (a class attribute): those must then be one
+    # class index per image, not lists (multi-label) or absent.
+    uses_labels = False
 
     def validate(self) -> None:
         pass

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pretrain.config import Config, ConfigError
 from pretrain.data import shards
+from pretrain.data.readers.parquet import Columns
 from pretrain.schedules import scaled_lr
 
 
@@ -83,12 +84,20 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
         if source is None or (cfg.data.synthetic and split == "train"):
             found.append(None)
             continue
-        shard_set = shards.resolve(source, split)
+        shard_set = shards.resolve(source, split, Columns(cfg.data.image_column, cfg.data.label_column),
+                                   cfg.data.shard_timeout)
         missing = shards.missing_shards(shard_set.urls)
         if missing:
             listed = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
             raise shards.ShardError(f"data.{split}: {len(missing)} of {len(shard_set.urls)} shards are missing "
                                     f"or unreadable:\n  {listed}")
         found.append(shard_set)
+    train = found[0]
+    if train is not None and cfg.objective.uses_labels and train.labels != "class":
+        what = ("holds lists of classes (multi-label)" if train.labels == "multi" else
+                "has no label column (looked for label, labels, cls, fine_label, ...)")
+        raise ConfigError(f"data.train={cfg.data.train!r}: its Parquet label column {what}; "
+                          f"objective.name={cfg.objective.name!r} needs one class per image: name such a column "
+                          f"with data.label_column, or train a self-supervised objective")
     shards.check_train_and_val(found[0], found[1], cfg.data.train, cfg.data.val)
     return found[0], found[1]

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "checksum": "pretrain.bench.checksum",
     "memory": "pretrain.bench.memory",
     "elastic": "pretrain.bench.elastic",
+    "remote": "pretrain.bench.remote",
 }
 
 

@@ -3,8 +3,9 @@
     python -m pretrain.data.check SOURCE [SOURCE ...] [--decode all|none|N] [--workers K]
 
 SOURCE is a writer's output directory (all its splits; counts are compared with its index), a
-directory of ``.tar`` or ``.parquet`` shards, a brace pattern, or shard URLs (``pipe:``, ``http(s)://``,
-fsspec). Each shard is read by its format's reader, as a run reads it.
+directory of ``.tar`` or ``.parquet`` shards (a Hugging Face Hub dataset repo: every shard below
+it), a brace pattern, or shard URLs (``pipe:``, ``http(s)://``, fsspec, ``hf://``). Each shard is
+read by its format's reader, as a run reads it; Parquet class names come from the files' metadata.
 ``--decode N`` decodes every N-th sample of each shard (default: all). The exit code is 1 when
 there is any problem, 0 otherwise.
 """
@@ -21,8 +22,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from pretrain.data import readers
-from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, is_local, read_index, resolve
-from pretrain.data.stream import BadSample, decode
+from pretrain.data.hub import repo_shards
+from pretrain.data.readers.parquet import Columns, footer
+from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, expand, is_local, read_index
+from pretrain.data.stream import BadSample, decode, label_of
 
 MAX_LISTED = 50
 
@@ -39,23 +42,26 @@ def shards_of(sources: list[str]) -> tuple[list[tuple[str, int | None]], list[st
                 shards += list(zip(found.urls, found.counts))
                 classes = found.classes
         elif is_local(source) and path.is_dir():
-            found = sorted(str(p) for suffix in (".tar", ".parquet") for p in path.glob(f"*{suffix}"))
+            found = [str(p) for p in repo_shards(path)]
             if not found:
                 raise ShardError(f"{path}: no {INDEX_NAME} and no .tar or .parquet shards")
             shards += [(f, None) for f in found]
         else:
-            shards += [(url, None) for url in resolve(source, "train").urls]
+            shards += [(url, None) for url in expand(source)]  # footers unread: a broken one is reported
     return shards, classes
 
 
-def check_shard(job: tuple[str, int | None, int]) -> dict:
-    """Count, and decode every ``every``-th sample of (0: none), one shard."""
-    url, expected, every = job
+def check_shard(job: tuple[str, int | None, int, Columns]) -> dict:
+    """Count, and decode every ``every``-th sample of (0: none), one shard; its ClassLabel names."""
+    url, expected, every, columns = job
     labels: Counter = Counter()
     problems: list[str] = []
     samples = decoded = 0
+    classes = None
     try:
-        with closing(readers.reader_for(url).samples(url)) as stream:
+        if readers.format_of(url) == "parquet":
+            classes = footer(url, columns)[1].classes
+        with closing(readers.reader_for(url).samples(url, columns=columns)) as stream:
             for sample in stream:
                 samples += 1
                 try:
@@ -63,7 +69,7 @@ def check_shard(job: tuple[str, int | None, int]) -> dict:
                         _, label = decode(sample)
                         decoded += 1
                     else:
-                        label = _label(sample)
+                        label = label_of(sample)
                     labels[label] += 1
                 except BadSample as e:
                     problems.append(f"{url}: {e}")
@@ -74,17 +80,8 @@ def check_shard(job: tuple[str, int | None, int]) -> dict:
             problems.append(f"{url}: unreadable after {samples} samples: {type(e.__cause__ or e).__name__}: {e}")
     if expected is not None and samples != expected:
         problems.append(f"{url}: {samples} samples, the index says {expected}")
-    return {"url": url, "samples": samples, "decoded": decoded, "labels": labels, "problems": problems}
-
-
-def _label(sample: dict) -> int:
-    """The class index of a sample that is counted but not decoded (BadSample when it has none)."""
-    if "cls" not in sample:
-        raise BadSample("no_label", sample["__key__"])
-    try:
-        return int(sample["cls"])
-    except ValueError:
-        raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
+    return {"url": url, "samples": samples, "decoded": decoded, "labels": labels, "problems": problems,
+            "classes": classes}
 
 
 def histogram_lines(labels: Counter, classes: list[str] | None) -> list[str]:
@@ -112,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="writer output dir, dir of .tar or .parquet shards, brace pattern or URLs")
     parser.add_argument("--decode", default="all", help="'all' (default), 'none', or N: decode every N-th sample")
     parser.add_argument("--workers", type=int, default=1, help="shards checked in parallel (default 1)")
+    parser.add_argument("--image-column", help="Parquet: the image column, if not one the reader looks for "
+                                               "(as data.image_column)")
+    parser.add_argument("--label-column", help="Parquet: the label column (as data.label_column)")
     args = parser.parse_args(argv)
     if args.decode == "all":
         every = 1
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jobs = [(url, expected, every) for url, expected in shards]
+    columns = Columns(args.image_column, args.label_column)
+    jobs = [(url, expected, every, columns) for url, expected in shards]
     if args.workers > 1:
         with get_context("fork" if sys.platform == "linux" else "spawn").Pool(args.workers) as pool:
             results = pool.map(check_shard, jobs)
@@ -134,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         results = [check_shard(job) for job in jobs]
     labels: Counter = Counter()
     problems: list[str] = []
+    named = next((r for r in results if r["classes"] is not None), None)
+    for r in results:  # every Parquet file's ClassLabel must number the classes alike
+        if r["classes"] is not None and r["classes"] != named["classes"]:
+            problems.append(f"{r['url']}: its ClassLabel names ({len(r['classes'])}: {r['classes'][:4]}) differ "
+                            f"from those of {named['url']} ({len(named['classes'])}: {named['classes'][:4]})")
+    if classes is None and named is not None:
+        classes = named["classes"]
     print(f"{'shard':<60} {'samples':>8} {'decoded':>8} {'problems':>8}")
     for r in results:
         labels.update(r["labels"])
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['url'][-60:]:<60} {r['samples']:>8} {r['decoded']:>8} {len(r['problems']):>8}")
     if classes is not None:
         out_of_range = sorted(label for label in labels if not 0 <= label < len(classes))
-        problems += [f"class index {label} ({labels[label]} samples) is outside the index's {len(classes)} classes"
+        problems += [f"class index {label} ({labels[label]} samples) is outside the {len(classes)} named classes"
                      for label in out_of_range]
     print(f"{sum(r['samples'] for r in results)} samples in {len(results)} shards, "
           f"{sum(r['decoded'] for r in results)} decoded")

@@ -6,6 +6,7 @@ from typing import Callable
 
 from pretrain.config import Config
 from pretrain.data.device_decode import DeviceDecodedView
+from pretrain.data.readers.parquet import Columns
 from pretrain.data.shards import ShardSet
 from pretrain.data.stream import Loader, ShardDataset, SyntheticDataset
 from pretrain.dist import DistEnv
@@ -23,7 +24,8 @@ def build_train_loader(cfg: Config, source: ShardSet | None, view: Callable, dis
             view = DeviceDecodedView(view)
         dataset = ShardDataset(source.urls, view, d.batch_size, rank=dist.rank, world_size=dist.world_size,
                                seed=cfg.run.seed, train=True, shuffle_buffer=d.shuffle_buffer, counts=source.counts,
-                               resampled=d.resampled, shard_timeout=d.shard_timeout)
+                               resampled=d.resampled, shard_timeout=d.shard_timeout,
+                               columns=Columns(d.image_column, d.label_column), labelled=cfg.objective.uses_labels)
     return Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda",
                   max_skip_rate=d.max_skip_rate)
 
@@ -36,5 +38,5 @@ def build_val_loader(cfg: Config, source: ShardSet | None, view: Callable | None
     d = cfg.data
     dataset = ShardDataset(source.urls, view, d.val_batch_size or d.batch_size, rank=dist.rank,
                            world_size=dist.world_size, seed=cfg.run.seed, train=False, counts=source.counts,
-                           shard_timeout=d.shard_timeout)
+                           shard_timeout=d.shard_timeout, columns=Columns(d.image_column, d.label_column))
     return Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda")

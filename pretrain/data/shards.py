@@ -5,7 +5,8 @@ What a shard holds, and how it is read, is its format's (:mod:`pretrain.data.rea
 A source (``data.train`` / ``data.val``) is one of:
 - a directory written by ``pretrain.data.write`` (its ``index.json`` names shards, counts and classes);
 - a brace pattern (``/data/in21k/train-{000000..001023}.tar``);
-- a list of paths or URLs (``pipe:`` commands, ``http(s)://``, or any fsspec URL whose backend is installed).
+- a list of paths or URLs (``pipe:`` commands, ``http(s)://``, or any fsspec URL whose backend is installed:
+  ``hf://`` with huggingface_hub, ``s3://`` ...; glob patterns in those are expanded, :mod:`pretrain.data.remote`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pretrain.files import atomic_write
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "vitscale-shards/1"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# "image": a Hub image column's bytes in another format than these (GIF, BMP, TIFF), which PIL reads
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image")
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +62,50 @@ class ShardSet:
     samples: int | None = None  # known when an index describes the shards
     classes: list[str] | None = None
     counts: list[int] | None = field(default=None, repr=False)  # samples per shard, aligned with urls
+    # "class": a class index per sample (or not known: tars); "multi": lists of them; None: no labels
+    labels: str | None = "class"
 
 
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def resolve(source: str | list[str], split: str) -> ShardSet:
+def resolve(source: str | list[str], split: str, columns=None, timeout: float | None = None) -> ShardSet:
     """The shards a source names; for a writer directory, those of ``split`` (``train`` or ``val``),
-    or of its only split (a validation folder written on its own)."""
+    or of its only split (a validation folder written on its own); for a directory without an index
+    (a Hub dataset repo) or Parquet files, with what their names and footers say
+    (:mod:`pretrain.data.hub`; ``columns``: the Parquet columns a user named; ``timeout``: seconds a
+    remote request for a footer may take, ``data.shard_timeout``)."""
+    from pretrain.data import hub  # here: hub reads footers through the readers, which import this module
+    from pretrain.data.readers.parquet import Columns
+
+    columns = columns or Columns()
     if isinstance(source, str) and is_local(source) and Path(source).expanduser().is_dir():
-        return read_index(Path(source).expanduser(), split)
+        directory = Path(source).expanduser()
+        if (directory / INDEX_NAME).exists():
+            return read_index(directory, split)
+        return hub.resolve_repo(directory, split, columns)
+    return hub.described(expand(source), columns, timeout)
+
+
+def expand(source: str | list[str]) -> list[str]:
+    """The shard URLs a brace pattern or list names, remote glob patterns (``hf://.../train-*.parquet``)
+    expanded; ShardError when there are none, or when a remote URL's fsspec backend is not installed."""
+    from pretrain.data import remote  # here: remote raises this module's errors
+
     items = [source] if isinstance(source, str) else list(source)
-    urls = [url for item in items for url in braceexpand.braceexpand(item)]
+    urls = []
+    for url in (url for item in items for url in braceexpand.braceexpand(item)):
+        urls += remote.expand_glob(url) if remote.is_remote(url) and remote.has_glob(url) else [url]
     if not urls:
         raise ShardError(f"no shards in {source!r}")
-    return ShardSet([os.path.expanduser(u) if is_local(u) else u for u in urls])
+    first_of_protocol: dict[str, str] = {}
+    for url in urls:
+        if remote.is_remote(url):
+            first_of_protocol.setdefault(url.split("://", 1)[0], url)
+    for url in first_of_protocol.values():
+        remote.filesystem(url)  # a missing backend is named now, not when a data worker opens the shard
+    return [os.path.expanduser(u) if is_local(u) else u for u in urls]
 
 
 def read_index(directory: Path, split: str) -> ShardSet:
@@ -177,7 +207,8 @@ class PipeShard(io.RawIOBase):
 
 
 def open_shard(url: str, timeout: float | None = None) -> IO[bytes]:
-    """A shard's bytes; a ``pipe:`` command that sends nothing for ``timeout`` seconds raises ShardStalled."""
+    """A shard's bytes, to read from start to end; a ``pipe:`` command that sends nothing, or a remote
+    request that returns nothing, for ``timeout`` seconds raises ShardStalled."""
     if is_local(url):
         return open(url, "rb")
     scheme = url.split(":", 1)[0]
@@ -187,6 +218,6 @@ def open_shard(url: str, timeout: float | None = None) -> IO[bytes]:
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
-    import fsspec  # object stores: s3://, gs://, ... through whatever backend the user installed
+    from pretrain.data import remote  # hf://, s3://, gs://, ... through whatever backend the user installed
 
-    return fsspec.open(url, "rb").open()
+    return remote.open_stream(url, timeout)

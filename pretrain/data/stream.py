@@ -45,6 +45,7 @@ from torch.utils.data._utils.collate import default_collate
 from pretrain import hooks
 from pretrain.data import readers
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
+from pretrain.data.readers.parquet import Columns
 from pretrain.data.shards import IMAGE_EXTENSIONS, SHARD_REASONS, BrokenShard, ShardError
 from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
 from pretrain.data.device_decode import collate
@@ -67,8 +68,9 @@ class SkipRateError(ShardError):
     """Too many samples were skipped: the data is broken, and training on the rest would mislead."""
 
 
-def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage, int]:
-    """(image, class index) of one raw sample, or BadSample.
+def decode(sample: dict, lazy: bool = False, labelled: bool = True) -> tuple[Image.Image | EncodedImage, int]:
+    """(image, class index) of one raw sample, or BadSample; without ``labelled`` (an objective that
+    does not train on labels), a sample without one gets -1.
 
     The image is a decoded RGB PIL image or, with ``lazy``, an :class:`EncodedImage` (header read,
     pixels not decoded) for a view that decodes only what its crop needs.
@@ -76,6 +78,16 @@ def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         raise BadSample("no_image", f"{sample['__key__']} has {sorted(k for k in sample if not k.startswith('__'))}")
+    label = -1 if "cls" not in sample and not labelled else label_of(sample)
+    try:
+        image = EncodedImage.open(sample[ext]) if lazy else load_rgb(Image.open(io.BytesIO(sample[ext])))
+    except DECODE_ERRORS as e:
+        raise BadSample("undecodable", f"{sample['__key__']}: {e}") from None
+    return image, label
+
+
+def label_of(sample: dict) -> int:
+    """The class index of a raw sample, or BadSample (``no_label``, ``bad_label``)."""
     if "cls" not in sample:
         raise BadSample("no_label", sample["__key__"])
     try:
@@ -84,11 +96,7 @@ def decode(sample: dict, lazy: bool = False) -> tuple[Image.Image | EncodedImage
         raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
     if label < 0:
         raise BadSample("bad_label", f"{sample['__key__']}: {label}")
-    try:
-        image = EncodedImage.open(sample[ext]) if lazy else load_rgb(Image.open(io.BytesIO(sample[ext])))
-    except DECODE_ERRORS as e:
-        raise BadSample("undecodable", f"{sample['__key__']}: {e}") from None
-    return image, label
+    return label
 
 
 _seed = seed_of
@@ -134,14 +142,17 @@ class ShardDataset(IterableDataset):
     """Batches of views from shards, for one rank; DataLoader workers split the rank's share.
 
     ``counts`` (samples per shard, from the index) give exact, balanced shares. ``resampled``
-    draws each slot's shards with replacement, a fresh draw each epoch. ``roles`` and ``start``
+    draws each slot's shards with replacement, a fresh draw each epoch. ``columns`` names the image and
+    label columns of Parquet shards (``data.image_column``, ``data.label_column``); without
+    ``labelled``, samples without a label are used (label -1) instead of skipped. ``roles`` and ``start``
     (set by :class:`Loader` before each iteration) say which part of the stream each worker plays
     and from which (epoch, raw sample) it starts.
     """
 
     def __init__(self, urls: list[str], view: Callable, batch_size: int, *, rank: int, world_size: int,
                  seed: int, train: bool, shuffle_buffer: int = 0, counts: list[int] | None = None,
-                 resampled: bool = False, shard_timeout: float | None = None) -> None:
+                 resampled: bool = False, shard_timeout: float | None = None, columns: Columns = Columns(),
+                 labelled: bool = True) -> None:
         if counts is not None and len(counts) != len(urls):
             raise ValueError(f"{len(counts)} shard counts for {len(urls)} shards")
         self.urls = list(urls)
@@ -155,6 +166,8 @@ class ShardDataset(IterableDataset):
         self.train = train
         self.resampled = resampled and train
         self.shard_timeout = shard_timeout
+        self.columns = columns
+        self.labelled = labelled
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.roles: list[int] = [0]
         self.start: dict[int, tuple[int, int]] = {}
@@ -204,7 +217,8 @@ class ShardDataset(IterableDataset):
             read = piece.start  # the position after the last sample read
             reason = None
             try:
-                samples = readers.reader_for(piece.url).samples(piece.url, piece.start, self.shard_timeout)
+                samples = readers.reader_for(piece.url).samples(piece.url, piece.start, self.shard_timeout,
+                                                               self.columns)
                 with closing(samples):
                     for position, sample in enumerate(samples, piece.start):
                         read = position + 1
@@ -289,7 +303,7 @@ class ShardDataset(IterableDataset):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # PIL's "palette with transparency" and EXIF chatter
-                image, label = decode(raw, lazy=self.lazy_decode)
+                image, label = decode(raw, lazy=self.lazy_decode, labelled=self.labelled)
                 try:
                     views = self.view(image)
                 except DECODE_ERRORS as e:  # a lazily decoded image fails inside the view

@@ -1,17 +1,25 @@
-"""Write globally shuffled shards and their index from an image folder or ImageNet-21K tars.
+"""Write shuffled shards and their index from an image folder, ImageNet-21K tars or a Hub Parquet set.
 
     python -m pretrain.data.write SRC OUT [--per-shard N | --shard-bytes B] [--workers K]
                                   [--max-side S] [--val-fraction F] [--seed S] [--format tar|parquet]
+                                  [--split train|val] [--image-column C] [--label-column C]
 
-SRC is a folder with one sub-folder per class, or a folder of per-class tars (ImageNet-21K's
-``n01440764.tar`` ...: the class is the tar's name). Each sample holds the image under its own
-extension (``jpg``, ``png``, ``webp``: the original bytes, unless ``--max-side`` shrinks it or its
+SRC is a folder with one sub-folder per class, a folder of per-class tars (ImageNet-21K's
+``n01440764.tar`` ...: the class is the tar's name), or a Hugging Face Hub Parquet set: one
+``.parquet`` file, or a dataset repo on disk, whose ``--split`` split is read (its files' split from
+their names, as a run reads a repo; the classes from their ClassLabel; the image and label columns
+as a run finds them, or named by ``--image-column`` and ``--label-column``). Each sample holds the
+image under its own extension (``jpg``, ``png``, ``webp``: the original bytes, unless ``--max-side`` shrinks it or its
 format must be re-encoded as JPEG), ``cls`` (the class index as text) and ``json`` (class name,
 source name, stored size). ``--format`` picks the shards' format: WebDataset tars (default; one
-file per extension) or Parquet (one row per sample, one column per extension;
+file per extension) or Parquet (one row per sample, as the ``datasets`` library writes an image set:
+``load_dataset("parquet", ...)`` reads its ``image`` as an Image and its ``label`` as a ClassLabel;
 :mod:`pretrain.data.readers.parquet`). ``OUT/index.json`` lists shards, sample counts and class names;
 readers take epoch lengths and the class count from it. ``OUT/report.json`` lists the inputs that
 could not be read.
+
+Images are shuffled globally; the rows of a Parquet set move with their row group (each shard takes
+the rows of a few row groups, mixed, so that every row group is read about once).
 
 The output depends only on the inputs and the options: shards are planned before any is written,
 so ``--workers`` write them in parallel, and a second run with the same options keeps the shards
@@ -38,7 +46,9 @@ from PIL import Image
 
 from pretrain.data import readers
 from pretrain.data.decode import load_rgb
-from pretrain.data.shards import write_index
+from pretrain.data.hub import repo_shards, resolve_repo
+from pretrain.data.readers.parquet import Columns, footer
+from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, write_index
 from pretrain.files import atomic_write
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -55,7 +65,9 @@ class WriteError(ValueError):
 class Item:
     """One image to write: where it came from, its class, and where its bytes are.
 
-    The bytes are ``data``, or the file ``path``, or ``size`` bytes at ``offset`` inside the tar ``path``.
+    The bytes are ``data``, or the file ``path``, or ``size`` bytes at ``offset`` inside the tar
+    ``path``, or, with ``group`` (its row group's first row and rows), row ``offset`` of the Parquet
+    file ``path`` (read by :func:`write_shard`, a row group at a time; ``size`` is an estimate).
     """
 
     source: str
@@ -64,6 +76,7 @@ class Item:
     offset: int | None = None
     size: int = 0
     data: bytes | None = None
+    group: tuple[int, int] | None = None
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -121,10 +134,66 @@ def synset_tar_items(src: Path, pool=None) -> tuple[list[str], list[Item], list[
     return classes, items, problems
 
 
-def list_source(src: Path, pool=None) -> tuple[list[str], list[Item], list[dict]]:
-    """(class names, items in a deterministic order, listing problems) of an image folder or tar folder."""
+def parquet_sources(src: Path, split: str, columns: Columns) -> list[str]:
+    """The Parquet files of a Hub set: ``src`` itself, or a repo directory's ``split``; [] for a source
+    that is no Parquet set (an image folder, synset tars)."""
+    if src.is_file() and src.suffix == ".parquet":
+        return [str(src)]
+    if not src.is_dir() or not any(p.suffix == ".parquet" for p in repo_shards(src)):
+        return []
+    try:
+        urls = resolve_repo(src, split, columns).urls
+    except ShardError as e:
+        raise WriteError(str(e)) from None
+    return [u for u in urls if u.endswith(".parquet")]
+
+
+def parquet_items(urls: list[str], columns: Columns) -> tuple[list[str], list[Item], list[dict]]:
+    """(class names, one Item per labelled row in file and row order, rows without a label) of
+    Parquet files; the class names from their ClassLabel (the same in every file: resolve_repo
+    checked a repo's), else the class numbers as text."""
+    import pyarrow.parquet as pq
+
+    classes, items, problems = None, [], []
+    for url in urls:
+        try:
+            rows, found = footer(url, columns)
+        except ShardError as e:
+            raise WriteError(f"{url}: {e}") from None
+        shard = pq.ParquetFile(url)
+        if found.label is None:
+            raise WriteError(f"{url}: no label column with one class per image (looked for label, labels, cls, ...; "
+                             f"columns: {shard.schema_arrow.names}): name it with --label-column")
+        classes = classes or found.classes
+        labels = shard.read(columns=[found.label], use_threads=False).column(0).to_pylist()
+        first = 0
+        for group in range(shard.num_row_groups):
+            meta = shard.metadata.row_group(group)
+            per_row = meta.total_byte_size // max(meta.num_rows, 1)
+            for row in range(first, first + meta.num_rows):
+                if labels[row] is None or labels[row] < 0:
+                    problems.append({"source": f"{url}/{row}", "error": f"no label ({labels[row]})"})
+                    continue
+                items.append(Item(f"{Path(url).name}/{row}", labels[row], url, row, per_row,
+                                  group=(first, meta.num_rows)))
+            first += meta.num_rows
+    if classes is None:
+        classes = [str(c) for c in range(max((item.label for item in items), default=-1) + 1)]
+    return classes, items, problems
+
+
+def list_source(src: Path, pool=None, split: str = "train",
+                columns: Columns = Columns()) -> tuple[list[str], list[Item], list[dict]]:
+    """(class names, items in a deterministic order, listing problems) of an image folder, a tar
+    folder, or a Hub Parquet set (a file, or a repo directory's ``split``)."""
+    parquet = parquet_sources(src, split, columns)
+    if parquet:
+        classes, items, problems = parquet_items(parquet, columns)
+        if not items:
+            raise WriteError(f"{src}: no labelled rows in {len(parquet)} Parquet files")
+        return classes, items, problems
     if not src.is_dir():
-        raise WriteError(f"{src} is not a directory")
+        raise WriteError(f"{src} is neither a directory nor a .parquet file")
     if any(p.suffix == ".tar" for p in src.iterdir()):
         classes, items, problems = synset_tar_items(src, pool)
     else:
@@ -177,6 +246,7 @@ class ShardJob:
     classes: list[str]
     max_side: int | None
     format: str = "tar"
+    columns: Columns = Columns()  # a Parquet source's image and label columns
 
 
 def plan_shards(items: list[Item], per_shard: int | None, shard_bytes: int | None) -> list[list[Item]]:
@@ -195,25 +265,74 @@ def plan_shards(items: list[Item], per_shard: int | None, shard_bytes: int | Non
     return shards
 
 
+def parquet_rows(items: list[Item], columns: Columns) -> tuple[dict, dict]:
+    """({(path, row): image bytes}, {(path, row): why it could not be read}) for the Parquet rows
+    among ``items``, each of their row groups read once, by the reader a run uses."""
+    wanted: dict[tuple[str, int, int], set[int]] = {}
+    for item in items:
+        if item.group is not None:
+            wanted.setdefault((item.path, *item.group), set()).add(item.offset)
+    images, broken = {}, {}
+    for (path, first, rows), positions in sorted(wanted.items()):
+        try:
+            for position, raw in enumerate(readers.parquet.samples(path, first, columns=columns), first):
+                if position in positions:
+                    images[path, position] = next((raw[e] for e in IMAGE_EXTENSIONS if e in raw), None)
+                if position + 1 >= first + rows:
+                    break
+        except ShardError as e:  # BrokenShard: the rows not read yet are listed in the report
+            broken.update({(path, p): str(e) for p in positions if (path, p) not in images})
+    return images, broken
+
+
 def write_shard(job: ShardJob) -> dict:
     """Write one shard atomically, then its record in ``OUT/.write``; returns the record."""
     out = Path(job.out)
     samples, skipped = [], []
-    for item in job.items:
+    items = job.items
+    rows, broken = parquet_rows(items, job.columns)
+    if rows or broken:  # a shard of whole row groups: mix their rows, the same way on every run
+        items = list(items)
+        random.Random(job.name).shuffle(items)
+    for item in items:
         try:
-            ext, data, size = image_record(item.read(), job.max_side)
+            if item.group is not None:
+                if (item.path, item.offset) in broken:
+                    raise OSError(broken[item.path, item.offset])
+                data = rows[item.path, item.offset]
+                if data is None:
+                    raise ValueError("no image in the row")
+            else:
+                data = item.read()
+            ext, data, size = image_record(data, job.max_side)
         except Exception as e:  # unreadable or not an image: listed in the report, not fatal
             skipped.append({"source": item.source, "error": f"{type(e).__name__}: {e}"})
             continue
         meta = {"class": job.classes[item.label], "source": item.source, "size": list(size)}
         samples.append({"__key__": f"{job.name.split('.', 1)[0]}-{len(samples):06d}", ext: data,
                         "cls": str(item.label).encode(), "json": json.dumps(meta).encode()})
-    payload = readers.FORMATS[job.format].shard_bytes(samples)
+    payload = readers.FORMATS[job.format].shard_bytes(samples, classes=job.classes)
     atomic_write(out / job.name, payload)  # a shard is either whole or absent
     record = {"name": job.name, "samples": len(samples), "bytes": len(payload), "skipped": skipped,
               "inputs": len(job.items)}
     atomic_write(out / PROGRESS_DIR / (job.name + ".json"), json.dumps(record).encode())
     return record
+
+
+def shuffled(items: list[Item], seed: int) -> list[Item]:
+    """``items`` in a random order drawn from ``seed``. Rows of a Parquet set move with their row
+    group (the groups are shuffled, and :func:`write_shard` mixes the rows of its shard): a shard then
+    reads a few row groups whole, where single rows from everywhere would read each group once per row."""
+    rng = random.Random(seed)
+    if not any(item.group is not None for item in items):
+        rng.shuffle(items)
+        return items
+    groups: dict[tuple, list[Item]] = {}
+    for item in items:
+        groups.setdefault((item.path, item.group), []).append(item)
+    order = list(groups)
+    rng.shuffle(order)
+    return [item for key in order for item in groups[key]]
 
 
 def _fingerprint(items: list[Item], options: dict) -> str:
@@ -234,11 +353,13 @@ def _done(out: Path, name: str) -> dict | None:
 def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_shard: int | None = 1000,
                  shard_bytes: int | None = None, val_fraction: float = 0.0, seed: int = 0,
                  max_side: int | None = None, workers: int = 0, problems: list[dict] | None = None,
-                 progress: bool = False, pool=None, split: str = "train", shard_format: str = "tar") -> dict:
+                 progress: bool = False, pool=None, split: str = "train", shard_format: str = "tar",
+                 columns: Columns = Columns()) -> dict:
     """Shuffle ``items`` with ``seed``, hold out ``val_fraction``, write both splits, the index and
     the report. Finished shards of an earlier run with the same inputs and options are kept.
     ``split`` names what is not held out: ``val`` writes a separate validation set (ImageNet's val/).
-    ``shard_format`` is a shard format of :mod:`pretrain.data.readers` (``tar`` or ``parquet``).
+    ``shard_format`` is a shard format of :mod:`pretrain.data.readers` (``tar`` or ``parquet``);
+    ``columns``, a Parquet source's image and label columns.
 
     Returns ``{"splits": {split: [{name, samples}, ...]}, "skipped": [...], "written": n, "kept": n}``.
     """
@@ -246,8 +367,7 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
         raise WriteError(f"split={split!r}: must be 'train', or 'val' without a held-out fraction")
     if shard_format not in readers.FORMATS:
         raise WriteError(f"shard_format={shard_format!r}: must be one of {sorted(readers.FORMATS)}")
-    items = list(items)
-    random.Random(seed).shuffle(items)
+    items = shuffled(list(items), seed)
     n_val = int(round(len(items) * val_fraction))
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
@@ -257,6 +377,8 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
         options["split"] = split
     if shard_format != "tar":  # likewise
         options["format"] = shard_format
+    if columns != Columns():
+        options["columns"] = [columns.image, columns.label]
     plan_path = out / PROGRESS_DIR / "plan.json"
     fingerprint = _fingerprint(items, options)
     if plan_path.exists() and json.loads(plan_path.read_text())["fingerprint"] != fingerprint:
@@ -270,7 +392,7 @@ def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_sh
         shards = plan_shards(part, per_shard, shard_bytes)
         suffix = readers.FORMATS[shard_format].SUFFIXES[0]
         split_names[name] = [f"{name}-{i:06d}{suffix}" for i in range(len(shards))]
-        jobs += [ShardJob(str(out), shard_name, shard, classes, max_side, shard_format)
+        jobs += [ShardJob(str(out), shard_name, shard, classes, max_side, shard_format, columns)
                  for shard_name, shard in zip(split_names[name], shards)]
     records = {}
     for job in jobs:
@@ -348,7 +470,8 @@ def _byte_count(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.data.write", description=__doc__.split("\n\n")[0],
                                      epilog="See docs/data.md for ImageNet-21K.")
-    parser.add_argument("src", type=Path, help="image folder (one sub-folder per class) or folder of per-class tars")
+    parser.add_argument("src", type=Path, help="image folder (one sub-folder per class), folder of per-class tars, "
+                                               "or a Hub Parquet set (a .parquet file or a dataset repo on disk)")
     parser.add_argument("out", type=Path, help="output directory for shards, index.json and report.json")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--per-shard", type=_positive_int, help="images per shard (default 1000)")
@@ -360,14 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0, help="share of images held out as val (default 0)")
     parser.add_argument("--split", choices=["train", "val"], default="train",
                         help="the split the images become (default train); --split val writes a separate "
-                             "validation folder, such as ImageNet's val/, into its own directory")
+                             "validation folder, such as ImageNet's val/, into its own directory; from a Hub "
+                             "repo, the split that is read")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     parser.add_argument("--format", choices=sorted(readers.FORMATS), default="tar",
                         help="shard format: tar (WebDataset, default) or parquet (one row per image)")
+    parser.add_argument("--image-column", help="a Parquet source's image column, if not one a run looks for "
+                                               "(as data.image_column)")
+    parser.add_argument("--label-column", help="a Parquet source's label column (as data.label_column)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if not args.src.is_dir():
-        parser.error(f"{args.src} is not a directory")
+    if not args.src.is_dir() and not (args.src.is_file() and args.src.suffix == ".parquet"):
+        parser.error(f"{args.src} is neither a directory nor a .parquet file")
     if not 0.0 <= args.val_fraction < 1.0:
         parser.error(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     if args.split == "val" and args.val_fraction:
@@ -378,12 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(args.workers) if args.workers > 1 else None
     try:
-        classes, items, problems = list_source(args.src, pool)
+        columns = Columns(args.image_column, args.label_column)
+        classes, items, problems = list_source(args.src, pool, args.split, columns)
         print(f"{len(items)} images in {len(classes)} classes", file=sys.stderr)
         result = write_shards(items, classes, args.out, per_shard=per_shard, shard_bytes=args.shard_bytes,
                               val_fraction=args.val_fraction, seed=args.seed, max_side=args.max_side,
                               problems=problems, progress=not args.no_progress, pool=pool, split=args.split,
-                              shard_format=args.format)
+                              shard_format=args.format, columns=columns)
     except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from pretrain.objectives import base
 @dataclass
 class Config(ObjectiveConfig):
     name: str = "supervised"
+    uses_labels = True
     label_smoothing: float = 0.1
     mixup: float = 0.8  # Beta(alpha, alpha) for Mixup; 0 turns it off
     cutmix: float = 1.0  # Beta(alpha, alpha) for CutMix; 0 turns it off

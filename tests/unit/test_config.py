@@ -52,6 +52,9 @@ def test_every_shipped_recipe_is_valid(recipe):
     ("objective.name=simclr", "objective.name"),
     ("objective.mixup=-1", "objective.mixup"),
     ("data.batch_size=true", "data.batch_size"),  # a bool is not an int
+    ("data.image_column=' image'", "data.image_column"),  # not a column name
+    ("data.label_column=__key__", "data.label_column"),
+    ("data.label_column=3", "data.label_column"),
 ])
 def test_bad_values_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -22,7 +22,7 @@ from pretrain.data.transforms import EvalView
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import bad_samples, shard_bytes, tiny_jpeg, write_counted_shards
 from tests.unit.test_data_faults import running
-from tests.unit.test_data_write import photo_folder, read_everything  # noqa: F401 (photo_folder: a fixture)
+from tests.unit.test_data_write import PHOTOS, photo_folder, read_everything  # noqa: F401 (photo_folder: a fixture)
 
 
 def raw(directory: Path, split: str) -> list[dict]:
@@ -44,9 +44,12 @@ def test_the_parquet_writer_writes_the_tar_writers_samples(photo_folder, tmp_pat
         assert raw(tmp_path / "pq", split) == raw(tmp_path / "tar", split), "the same samples, bytes and order"
         per_shard, _ = read_everything(tmp_path / "pq", split)
         assert per_shard == {s["name"].replace(".parquet", ".tar"): s["samples"] for s in shards}
-    schema = pq.read_schema(tmp_path / "pq" / "train-000000.parquet")
-    assert schema.field("__key__").type == pa.string()
-    assert {schema.field(n).type for n in schema.names if n != "__key__"} == {pa.binary()}
+    schema = pq.read_schema(tmp_path / "pq" / "train-000000.parquet")  # the datasets library's layout
+    assert schema.names == ["__key__", "image", "label", "json"]
+    assert (schema.field("image").type, schema.field("label").type) == (
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]), pa.int64())
+    assert json.loads(schema.metadata[b"huggingface"])["info"]["features"]["label"] == {
+        "names": sorted(PHOTOS), "_type": "ClassLabel"}
     assert check.main([str(tmp_path / "pq")]) == 0
     assert "no problems" in capsys.readouterr().out
     # The format is one of the options a rerun must repeat.
@@ -68,9 +71,13 @@ def test_other_tools_parquet_columns_string_and_integer_read_as_bytes(tmp_path):
     loader = Loader(dataset, 0)
     (batch,) = list(loader)
     assert batch["label"].tolist() == [4, 6] and dict(loader.skipped) == {"no_image": 1}
+    # Without a __key__ column, keys come from the shard and row; without an image column, it is refused.
     pq.write_table(pa.table({"key": ["a"], "jpg": [tiny_jpeg(1)]}), tmp_path / "nokey.parquet")
-    with pytest.raises(BrokenShard, match=r"no '__key__' column \(columns: \['key', 'jpg'\]\)") as error:
-        list(readers.parquet.samples(str(tmp_path / "nokey.parquet")))
+    (sample,) = readers.parquet.samples(str(tmp_path / "nokey.parquet"))
+    assert (sample["__key__"], sample["key"], sample["jpg"]) == ("nokey.parquet/0", b"a", tiny_jpeg(1))
+    pq.write_table(pa.table({"key": ["a"], "pixels": [[1, 2]]}), tmp_path / "noimage.parquet")
+    with pytest.raises(BrokenShard, match=r"no image column .*columns: \['key', 'pixels'\]\)") as error:
+        list(readers.parquet.samples(str(tmp_path / "noimage.parquet")))
     assert error.value.reason == "unreadable_shard"
 
 
@@ -78,7 +85,7 @@ def flip_a_byte_in_row_group(url: str, group: int) -> None:
     """Flip a byte in the middle of the image column's data in row group ``group``: its page checksum fails."""
     metadata = pq.ParquetFile(url).metadata
     column = next(metadata.row_group(group).column(c) for c in range(metadata.num_columns)
-                  if metadata.row_group(group).column(c).path_in_schema == "jpg")
+                  if metadata.row_group(group).column(c).path_in_schema in ("image.bytes", "jpg"))
     data = bytearray(Path(url).read_bytes())
     data[column.data_page_offset + column.total_compressed_size // 2] ^= 0xFF
     Path(url).write_bytes(bytes(data))

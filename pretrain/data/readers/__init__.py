@@ -2,10 +2,13 @@
 
 A format is a module here with
 - ``SUFFIXES``: the file name endings it is chosen by;
-- ``samples(url, start=0, timeout=None)``: the shard's raw samples ``{"__key__", "__url__", ext: bytes,
-  ...}`` in shard order from position ``start``, raising :class:`~pretrain.data.shards.BrokenShard`
-  (with the counter it is filed under) after the samples read before a problem;
-- ``shard_bytes(samples)``: a shard in memory, for ``pretrain.data.write --format`` and the tests.
+- ``samples(url, start=0, timeout=None, columns=Columns())``: the shard's raw samples ``{"__key__",
+  "__url__", ext: bytes, ...}`` in shard order from position ``start``, raising
+  :class:`~pretrain.data.shards.BrokenShard` (with the counter it is filed under) after the samples
+  read before a problem; ``columns`` (:class:`~pretrain.data.readers.parquet.Columns`) names the
+  image and label columns of a format that has columns;
+- ``shard_bytes(samples, classes=None)``: a shard in memory, for ``pretrain.data.write --format`` and
+  the tests (``classes``: the class names, for a format that stores them).
 
 The stream (:mod:`pretrain.data.stream`) splits, shuffles and resumes the samples of every format
 alike; a new format is a module here and its name in FORMATS.

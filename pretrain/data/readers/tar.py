@@ -22,8 +22,10 @@ _REGULAR = (b"0", b"\0", b"7")
 EMPTY, NOT_A_TAR, BAD_HEADER = "empty file", "not a tar file", "bad tar header"
 
 
-def samples(url: str, start: int = 0, timeout: float | None = None) -> Iterator[dict]:
+def samples(url: str, start: int = 0, timeout: float | None = None, columns=None) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", ext: bytes, ...}`` of one shard from position ``start``.
+    (``columns``, the image and label columns a user named, are Parquet's: a tar's files are named by
+    their extensions.)
 
     A tar cannot be entered in the middle: the samples before ``start`` are read (not kept). A shard
     that is empty, not a tar, corrupt, truncated, vanished or (``pipe:``) silent for ``timeout``
@@ -159,8 +161,9 @@ def _tarfile_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
                 yield member.name, tar.extractfile(member).read()
 
 
-def shard_bytes(samples: list[dict]) -> bytes:
-    """A tar shard in memory from ``[{"__key__": k, ext: bytes, ...}]`` (used by the writer and tests)."""
+def shard_bytes(samples: list[dict], classes: list[str] | None = None) -> bytes:
+    """A tar shard in memory from ``[{"__key__": k, ext: bytes, ...}]`` (used by the writer and tests);
+    ``classes`` is not written (the index names them, and each sample's ``json`` its own)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for sample in samples:
