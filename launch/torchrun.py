@@ -13,11 +13,14 @@ that a node cannot reliably recognize as itself. Every node tells its ranks that
 run dir is refused, naming the holder.
 
 Save signals: the launcher takes SIGUSR1/SIGTERM/SIGINT as a save request and sends SIGUSR1 to the
-agent, which forwards it to its ranks (both through pretrain.processes, as every backend does). torchrun's agent itself never gets SIGTERM for a save (it
-would SIGTERM its ranks and SIGKILL them after its shutdown timeout, mid-save); the agent and its ranks
-run in their own sessions, so a terminal's Ctrl-C reaches only the launcher. The ranks agree at the
-next step boundary (a max-all-reduce of the stop flag), so one node's signal stops every node; they
-save, and every launcher exits with STOPPED_EXIT_CODE. A second SIGTERM/SIGINT stops the node at once.
+agent, which forwards it to its ranks (both through pretrain.processes, as every backend does). A
+SIGTERM that reaches the agent or the ranks themselves (a stop of every process: systemd, a cgroup
+kill, ``scancel`` of a batch job) is a save request too: torchrun's own SIGTERM handling is off (it
+would SIGTERM its ranks and SIGKILL them after its shutdown timeout, mid-save), and the ranks take a
+first SIGTERM as a save request (pretrain.dist.save_on_signals). The agent and its ranks run in their
+own sessions, so a terminal's Ctrl-C reaches only the launcher. The ranks agree at the next step
+boundary (a max-all-reduce of the stop flag), so one node's signal stops every node; they save, and
+every launcher exits with STOPPED_EXIT_CODE. A second SIGTERM/SIGINT stops the node at once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +42,7 @@ from pretrain.processes import SaveForwarder, describe_failure, stopped_together
 from pretrain.rundir import HELD_ENV, hold
 
 LOCK_NODE = 0  # the node rank whose launcher holds the run dir
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # what torchrun's agent handles itself: all but SIGTERM (see agent)
 
 
 class TorchrunBackend:
@@ -90,7 +95,8 @@ def run(nnodes: int, nproc_per_node: int, endpoint: str, node_rank: int, rdzv_id
     rdzv_id = rdzv_id or "vitscale-" + hashlib.sha256(held.encode()).hexdigest()[:16]
     command = [sys.executable, "-m", "launch.torchrun", f"--nnodes={nnodes}",
                f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-               f"--rdzv-id={rdzv_id}", "--max-restarts=0", "-m", stage.package, *stage.argv]
+               f"--rdzv-id={rdzv_id}", "--max-restarts=0", f"--signals-to-handle={AGENT_SIGNALS}",
+               "-m", stage.package, *stage.argv]
     with hold(run_dir) if node_rank == LOCK_NODE else contextlib.nullcontext():
         env = dict(os.environ, **{HELD_ENV: held})
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
@@ -104,8 +110,10 @@ def agent(argv: list[str]) -> int:
     pretrain.dist.end_with_launcher); it forwards SIGUSR1 to its ranks; it exits with
     STOPPED_EXIT_CODE when its ranks saved and stopped, 1 with a message naming the first rank that
     failed otherwise."""
-    # First: a save request must never kill the agent. It goes to the ranks once they handle it.
-    SaveForwarder(_ranks, listen=(SAVE_NOW,), escalate=False)
+    # First: a save request must never kill the agent. It goes to the ranks once they handle it. So
+    # does a SIGTERM (torchrun is told to leave it alone: it would SIGTERM the ranks and SIGKILL them
+    # after its shutdown timeout, mid-save); a second one ends the agent, and its ranks with it.
+    SaveForwarder(_ranks, listen=(SAVE_NOW, signal.SIGTERM), escalate=True, on_hard_stop=_stop_at_once)
     end_with_launcher()
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # inherited by the ranks: they end with this agent
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -152,6 +160,12 @@ def _wait_for_the_other_nodes(args, timeout_s: float = 30.0) -> None:
             stopped = store.add(key, 0)
     except (RuntimeError, ValueError):  # the store is gone: its host left, there is nobody to wait for
         pass
+
+
+def _stop_at_once() -> None:
+    """A second SIGTERM to the agent: it exits, and its ranks end with it (end_with_launcher)."""
+    print("torchrun agent: SIGTERM again: stopping this node's ranks at once", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _ranks() -> list[int]:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -154,6 +155,26 @@ def leave_process_group() -> None:
 
 LAUNCHER_ENV = "VITSCALE_LAUNCHER_PID"  # set by a launcher for the processes it starts (pretrain.processes)
 SAVE_NOW = signal.SIGUSR1  # what the stages take as "save at the next step boundary and stop"
+
+
+def save_on_signals(request_save: Callable[[], None]) -> None:
+    """SAVE_NOW (the launchers' save request) calls ``request_save``; so does a first SIGTERM, and a
+    second SIGTERM ends the process at once.
+
+    A rank gets SIGTERM itself when every process of a run is signalled (``scancel`` of a batch job
+    that runs a launcher, ``systemctl stop``, a cgroup-wide kill, ``pkill``): killed by it, the ranks
+    lose the work since the last checkpoint while their launcher asks them to save. SIGTERM is left
+    alone where this process already handles it (a Slurm task's forwarder, launch.slurm.SaveRequest,
+    which tells a cancellation from a requeue)."""
+    signal.signal(SAVE_NOW, lambda signum, frame: request_save())
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next one ends the process
+        request_save()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def end_with_launcher() -> None:

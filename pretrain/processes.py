@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from pretrain.dist import LAUNCHER_ENV, SAVE_NOW, STOPPED_EXIT_CODE, free_port
 
-STOP_GRACE_S = 10.0  # how long stopped ranks get before SIGKILL
+STOP_GRACE_S = 10.0  # after a rank failed, the others get half of it to end on their own
 ASKING_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # what a launcher takes as a save request
 
 
@@ -84,17 +84,14 @@ def _wait(ranks: list[subprocess.Popen], signals: SaveForwarder, names: list[str
 
 
 def _stop(ranks: list[subprocess.Popen]) -> None:
-    """SIGTERM to ranks still running, SIGKILL to those alive after STOP_GRACE_S."""
+    """SIGKILL to ranks still running (after a failure, or a second SIGTERM/SIGINT to the launcher).
+    Not SIGTERM: a rank takes its first SIGTERM as a save request (pretrain.dist.save_on_signals) and
+    would go on to the next step boundary; with no handler SIGTERM gave Python no clean-up either."""
     for p in ranks:
         if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
-    for p in ranks:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+    for p in ranks:
+        p.wait()
 
 
 class SaveForwarder:
@@ -104,13 +101,16 @@ class SaveForwarder:
     The first of ``listen`` asks them to save and stop; with ``escalate``, a second SIGTERM or SIGINT
     sets :attr:`hard_stop` instead (the caller then stops them at once). A target receives SAVE_NOW
     only once it handles it (see :func:`handles`): one still starting would otherwise die of it, so
-    the request waits for it. The handler only records the signal; a thread delivers it.
+    the request waits for it. The handler only records the signal (and calls ``on_hard_stop``, if
+    given, on a hard stop); a thread delivers it.
     """
 
     def __init__(self, targets: Callable[[], Iterable[int]], listen: tuple[int, ...] = ASKING_SIGNALS,
-                 escalate: bool = True, announce: str | None = None) -> None:
+                 escalate: bool = True, announce: str | None = None,
+                 on_hard_stop: Callable[[], None] | None = None) -> None:
         self.targets = targets
         self.escalate = escalate
+        self.on_hard_stop = on_hard_stop
         self.announce = announce  # who prints a line on each request ("launcher"), or None
         self.received: list[int] = []
         self.hard_stop = False
@@ -124,6 +124,8 @@ class SaveForwarder:
         repeated = signum != signal.SIGUSR1 and any(s != signal.SIGUSR1 for s in self.received)
         if self.escalate and repeated:
             self.hard_stop = True
+            if self.on_hard_stop:
+                self.on_hard_stop()
             return
         self.received.append(signum)
         if self.announce:

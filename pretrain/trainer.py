@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ from pretrain.checkpoint import CheckpointError, Checkpoints, export_backbone
 from pretrain.config import Config, save_config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
-from pretrain.dist import DistEnv
+from pretrain.dist import DistEnv, save_on_signals
 from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
@@ -115,10 +114,11 @@ class Trainer:
         """Save and stop at the next step boundary (safe to call from a signal handler)."""
         self.stop_requested = True
 
-    def stop_on_signal(self, signum: int = signal.SIGUSR1) -> None:
-        """Make ``signum`` ask for a checkpoint and a clean stop at the next step boundary (all ranks
-        agree on it there); launchers send it before a time limit or a preemption."""
-        signal.signal(signum, lambda received, frame: self.request_stop())
+    def stop_on_signal(self) -> None:
+        """Make the save signals (SIGUSR1, a first SIGTERM: pretrain.dist.save_on_signals) ask for a
+        checkpoint and a clean stop at the next step boundary (all ranks agree on it there); launchers
+        send them before a time limit or a preemption, and a stop of every process sends SIGTERM."""
+        save_on_signals(self.request_stop)
 
     def resume(self) -> str | None:
         if not self.cfg.train.resume:

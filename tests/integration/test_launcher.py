@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pretrain.dist import STOPPED_EXIT_CODE
 from pretrain.rundir import hold
@@ -92,3 +93,33 @@ def test_a_second_run_is_refused_and_sigusr1_to_the_launcher_saves(tmp_path, dig
     assert stopped_at <= step < 5000 and f"stopped on request at step {step}" in out, out[-5000:]
     with hold(run_dir):  # the lock went with the run
         pass
+
+
+def signal_all(processes: list[psutil.Process], signum: int) -> None:
+    for p in processes:
+        try:
+            p.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.parametrize("target", ["ranks", "every process"])
+def test_sigterm_to_the_ranks_or_to_every_process_saves_and_stops(tmp_path, digits_dir, target):
+    """What `scancel` of a batch job running this launcher, `systemctl stop` or a cgroup-wide kill
+    send: SIGTERM to the launcher, the ranks and their data workers at once; or to the ranks alone.
+    The ranks take it as a save request (the data workers ignore it), as they take the launcher's."""
+    run_dir = tmp_path / target.replace(" ", "-")
+    launcher = start(run_dir, digits_dir)
+    try:
+        wait_training(launcher, run_dir)
+        ranks, family = psutil.Process(launcher.pid).children(), processes_under(launcher.pid)
+        assert len(ranks) == 2 and len(family) >= 4, family  # 2 ranks, a data worker each
+        chosen = ranks if target == "ranks" else [psutil.Process(launcher.pid), *family]
+        stopped_at = logged_step(run_dir)
+        signal_all(chosen, signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == STOPPED_EXIT_CODE, out[-5000:]
+    step = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert stopped_at <= step < 5000 and f"stopped on request at step {step}" in out, out[-5000:]

@@ -105,6 +105,22 @@ def test_sigterm_to_one_node_saves_and_stops_every_node(tmp_path):
     assert 2 <= step < 5000 and f"stopped on request at step {step}" in nodes.output(), nodes.output()
 
 
+def test_sigterm_to_every_process_of_both_nodes_saves_and_stops(tmp_path):
+    """A stop of every process (systemd, a cgroup kill): launchers, torchrun agents and ranks all get
+    SIGTERM at once; torchrun's own SIGTERM handling would stop the ranks mid-save."""
+    nodes = Nodes(tmp_path, steps=5000)
+    try:
+        nodes.wait_training()
+        for p in nodes.family(0) + nodes.family(1):
+            p.send_signal(signal.SIGTERM)
+        codes = nodes.wait(timeout=120)
+    finally:
+        nodes.close()
+    assert codes == [STOPPED_EXIT_CODE] * 2, nodes.output()
+    step = int((nodes.run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= step < 5000 and f"stopped on request at step {step}" in nodes.output(), nodes.output()
+
+
 @pytest.mark.parametrize("victim", ["launcher", "rank"])
 def test_a_killed_node_ends_the_run_on_the_other_with_a_message(tmp_path, victim):
     """SIGKILL of node 1's launcher (the machine goes away: its agent and rank end with it) or of its

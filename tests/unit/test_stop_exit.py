@@ -58,3 +58,34 @@ def test_a_save_request_waits_until_the_rank_handles_it_and_a_second_sigterm_sto
         rank.kill()
         rank.wait()
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# A rank's side (pretrain.dist.save_on_signals): SIGUSR1 and a first SIGTERM ask for a save, a second
+# SIGTERM ends it at once; a SIGTERM handler already installed (a Slurm task's forwarder) is kept.
+RANK_SIGNALS = """
+import os, signal, sys, time
+from pretrain.dist import save_on_signals
+if sys.argv[1] == "handled":
+    signal.signal(signal.SIGTERM, lambda *_: print("own handler", flush=True))
+save_on_signals(lambda: print("save requested", flush=True))
+for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM):
+    os.kill(os.getpid(), signum)
+    time.sleep(0.2)
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sigterm", ["default", "handled"])
+def test_a_rank_saves_on_sigusr1_and_a_first_sigterm_and_dies_on_the_second(sigterm):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, python_env
+
+    done = subprocess.run([sys.executable, "-c", RANK_SIGNALS, sigterm], cwd=REPO, env=python_env(),
+                          capture_output=True, text=True, timeout=60)
+    if sigterm == "default":
+        assert done.returncode == -signal.SIGTERM and done.stdout.split("\n")[:-1] == ["save requested"] * 2, done
+    else:
+        assert done.returncode == 0, done
+        assert done.stdout.split("\n")[:-1] == ["save requested", "own handler", "own handler", "alive"], done
