@@ -56,11 +56,13 @@ def preflight(stage: str, cfg, world_size: int) -> None:
 
         pretrain_preflight(cfg, world_size)
         return
+    from finetune.features import check_features
     from finetune.weights import resolve_model
 
-    name = resolve_model(cfg.model, cfg.pretrained).name
-    if not timm.is_model(name):
-        raise ConfigError(f"model.name={name!r}: timm has no such model")
+    model = resolve_model(cfg.model, cfg.pretrained)
+    if not timm.is_model(model.name):
+        raise ConfigError(f"model.name={model.name!r}: timm has no such model")
+    check_features(cfg, model)
     if cfg.data.prepare != "none":
         prepare(cfg.data.prepare, cfg.data.train)
     resolve_sources(cfg)

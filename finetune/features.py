@@ -24,7 +24,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from finetune.config import FeaturesConfig, ProbeConfig
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, ModelConfig
 from pretrain.data import shards
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView, normalize
@@ -53,7 +53,8 @@ class FeatureExtractor(nn.Module):
         self.model = model.eval().requires_grad_(False)
         if isinstance(model, VisionTransformer):
             if model.cls_token is None:
-                raise ValueError(f"{type(model).__name__} has no CLS token; the ViT features need one")
+                raise ConfigError(f"{type(model).__name__} without a CLS token (class_token=False): the ViT "
+                                  f"features (features.blocks: the CLS tokens of the last blocks) need one")
             self.depth = max(cfg.blocks)
             if self.depth > len(model.blocks):
                 raise ConfigError(f"features.blocks={cfg.blocks}: the model has only {len(model.blocks)} blocks")
@@ -143,6 +144,17 @@ class FeatureCache:
         tensors = {k: v.to(dtype).contiguous() for k, v in features.variants.items()}
         with atomic_path(path) as tmp:
             save_file({**tensors, "__labels__": features.labels}, str(tmp), metadata={"fingerprint": self.stamp})
+
+
+def check_features(cfg: ProbeConfig, model: ModelConfig) -> None:
+    """ConfigError, before any process starts, when ``model`` (the one ``pretrained`` describes) cannot
+    give the features ``cfg`` asks for: built on the meta device, as the extractor would take it."""
+    from pretrain.models.backbone import create_backbone, on_meta_device
+
+    try:
+        FeatureExtractor(on_meta_device(lambda: create_backbone(model, cfg.data.image_size, 1)), cfg.features)
+    except ConfigError as e:
+        raise ConfigError(f"pretrained={cfg.pretrained!r} ({model.name}, {model.kwargs}): {e}") from None
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     from pretrain.data.builtin import prepare
     from pretrain.dist import DistEnv
-    from pretrain.engine import check_accelerator, check_deepspeed_batch, check_offload
+    from pretrain.engine import check_accelerator, check_deepspeed_overrides, check_offload
     from pretrain.objectives.base import RunContext, check_model_inputs
     from pretrain.rundir import check_run_dir
     from pretrain.plan import check_resume, make_plan, resolve_sources
@@ -58,7 +58,7 @@ def preflight(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
     check_accelerator(cfg.engine.precision)
     check_offload(cfg)
-    check_deepspeed_batch(cfg, world_size)
+    check_deepspeed_overrides(cfg, world_size)
     if cfg.data.prepare != "none":
         prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
@@ -105,9 +105,20 @@ def train(cfg: Config) -> str:
         trainer.fit()
         if dist.is_main:
             print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
-                  f"  checkpoints: {trainer.checkpoints.directory}\n  export: {Path(cfg.run.dir) / 'export'}")
+                  f"  checkpoints: {trainer.checkpoints.directory}\n  export: {export_line(cfg, trainer)}")
         leave_process_group()
     return trainer.state
+
+
+def export_line(cfg: Config, trainer) -> str:
+    """Where the export is, or why there is none yet (a run that ended before train.steps exports nothing)."""
+    if trainer.state == "finished" and cfg.train.export:
+        return str(Path(cfg.run.dir) / "export")
+    if trainer.state == "finished":
+        return "none (train.export=false)"
+    how = ("it stopped on a signal; rerun the same command" if trainer.state == "stopped"
+           else "train.stop_at; rerun without it")
+    return f"none yet: the run ended at step {trainer.step} of {trainer.plan.total_steps} ({how} to finish and export)"
 
 
 def run_demo() -> int:

@@ -74,6 +74,12 @@ class RunConfig:
 
     def validate(self) -> None:
         require(self.threads is None or self.threads > 0, "run.threads", self.threads, "must be positive")
+        # numpy's seed sequences and torch's generators take non-negative seeds below 2**63 (torch's bound).
+        require(0 <= self.seed < 2**63, "run.seed", self.seed, "must be a non-negative integer below 2**63")
+
+
+MAX_BLOCKS = 1024  # transformer blocks a model.kwargs may ask for
+MAX_IMAGE_SIZE = 8192  # pixels a side: the checks before training decode an image of this size
 
 
 @dataclass
@@ -87,6 +93,14 @@ class ModelConfig:
     def validate(self) -> None:
         require(self.name.startswith(("vit_", "swin_")), "model.name", self.name,
                 "must be a timm vit_* or swin_* model")
+        # The checks before training build every block (on the meta device, but each block is still a
+        # few kB of Python objects): a mistyped depth would exhaust memory before any message.
+        for key in ("depth", "depths"):
+            value = self.kwargs.get(key)
+            counts = value if isinstance(value, list) else [value]
+            if all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+                require(sum(counts) <= MAX_BLOCKS, f"model.kwargs.{key}", value,
+                        f"more than {MAX_BLOCKS} blocks in all (the deepest ViTs have about 50)")
         require(0.0 <= self.drop_path < 1.0, "model.drop_path", self.drop_path, "must be in [0, 1)")
 
 
@@ -126,6 +140,9 @@ class DataConfig:
                 self.val_batch_size, "must be positive")
         require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
         require(self.image_size > 0, "data.image_size", self.image_size, "must be positive")
+        require(self.image_size <= MAX_IMAGE_SIZE, "data.image_size", self.image_size, f"must be at most {MAX_IMAGE_SIZE}")
+        require(self.train_samples is None or self.train_samples > 0, "data.train_samples", self.train_samples,
+                "must be positive")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         require(0.0 <= self.max_skip_rate <= 1.0, "data.max_skip_rate", self.max_skip_rate, "must be in [0, 1]")
         require(self.shard_timeout > 0, "data.shard_timeout", self.shard_timeout, "must be positive (seconds)")
@@ -138,8 +155,8 @@ class DataConfig:
                 "must be positive")
         require(self.train is not None or self.synthetic, "data.train", None,
                 "is required (or set data.synthetic=true)")
-        require(self.prepare == "none" or isinstance(self.train, str), "data.prepare", self.prepare,
-                "needs data.train to be the directory to write into")
+        require(self.prepare == "none" or (isinstance(self.train, str) and self.train.strip() != ""), "data.prepare",
+                self.prepare, "needs data.train to be the directory to write into")
 
 
 @dataclass

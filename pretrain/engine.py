@@ -9,6 +9,7 @@ weights-only (:func:`weights_only_loading`): a file that would run code on load 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -360,23 +361,41 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return merge(merge(generated, offload_config(cfg)), cfg.engine.deepspeed)
 
 
-BATCH_KEYS = {"train_batch_size": "the global batch: data.batch_size x train.grad_accum x processes",
-              "train_micro_batch_size_per_gpu": "data.batch_size",
-              "gradient_accumulation_steps": "train.grad_accum"}
+# The DeepSpeed settings vitscale derives from its own keys (what each is, which keys to set instead):
+# the data stream, the schedules, the checkpoints and config.yaml follow those keys, so engine.deepspeed
+# may repeat them but not contradict them.
+OWNED_KEYS = {
+    "train_batch_size": ("the global batch: data.batch_size x train.grad_accum x processes",
+                         "data.batch_size, data.global_batch or train.grad_accum"),
+    "train_micro_batch_size_per_gpu": ("data.batch_size", "data.batch_size or data.global_batch"),
+    "gradient_accumulation_steps": ("train.grad_accum", "train.grad_accum"),
+    "zero_optimization.stage": ("engine.zero_stage", "engine.zero_stage"),
+    "bf16.enabled": ("engine.precision", "engine.precision"),
+    "fp16.enabled": ("engine.precision", "engine.precision"),
+    "gradient_clipping": ("train.clip_grad, with train.clip_mode=global", "train.clip_grad and train.clip_mode"),
+}
 
 
-def check_deepspeed_batch(cfg: Config, world_size: int) -> None:
-    """ConfigError when ``engine.deepspeed`` sets a batch size that contradicts the run's own: the
-    data stream, the schedules and the checkpoints follow the config's arithmetic, not DeepSpeed's."""
-    generated = deepspeed_config(cfg, world_size)
-    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
-    ours = {"train_batch_size": micro * accum * world_size, "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": accum}
-    for key, meaning in BATCH_KEYS.items():
-        if key in cfg.engine.deepspeed and generated[key] != ours[key]:
-            raise ConfigError(f"engine.deepspeed.{key}={cfg.engine.deepspeed[key]!r}: this run's is {ours[key]} "
-                              f"({meaning}, on {world_size} processes); set data.batch_size, data.global_batch "
-                              f"or train.grad_accum instead")
+def check_deepspeed_overrides(cfg: Config, world_size: int) -> None:
+    """ConfigError when ``engine.deepspeed`` sets one of :data:`OWNED_KEYS` to another value than the
+    run's own keys give (a batch, a stage or a precision that the run would not record as its own)."""
+    ours = deepspeed_config(dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, deepspeed={})), world_size)
+    for dotted, (meaning, instead) in OWNED_KEYS.items():
+        given, derived = _lookup(cfg.engine.deepspeed, dotted), _lookup(ours, dotted)
+        if given is not _MISSING and given != derived:
+            raise ConfigError(f"engine.deepspeed.{dotted}={given!r}: this run's is {derived!r} ({meaning}, on "
+                              f"{world_size} processes); set {instead} instead")
+
+
+_MISSING = object()
+
+
+def _lookup(mapping: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(mapping, dict) or part not in mapping:
+            return _MISSING
+        mapping = mapping[part]
+    return mapping
 
 
 def compute_dtype(precision: str) -> torch.dtype:

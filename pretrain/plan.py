@@ -35,8 +35,10 @@ def make_plan(cfg: Config, world_size: int, train: shards.ShardSet | None) -> Pl
     samples = cfg.data.train_samples or (train.samples if train else None)
     steps_per_epoch = samples // global_batch if samples else 0
     if samples is not None and steps_per_epoch == 0:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: the global batch of {global_batch} is larger "
-                          f"than the {samples} training samples")
+        given = f"data.global_batch={cfg.data.global_batch}, so " if cfg.data.global_batch else ""
+        raise ConfigError(f"{given}data.batch_size={cfg.data.batch_size}: the global batch of {global_batch} "
+                          f"(x train.grad_accum={cfg.train.grad_accum} x {world_size} processes) is larger than "
+                          f"the {samples} training samples")
     if cfg.train.epochs is not None:
         if not steps_per_epoch:
             raise ConfigError("train.epochs needs the number of training samples: use shards with an index "

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pretrain.config import ConfigError
 from pretrain.data.shards import INDEX_NAME
 from pretrain.data.write import Item, write_shards
 
@@ -46,6 +47,10 @@ def prepare(name: str, out: str | os.PathLike) -> bool:
     out = Path(out).expanduser()
     if (out / INDEX_NAME).exists():
         return False
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        held = "is a file" if not out.is_dir() else f"holds other files and no {INDEX_NAME}"
+        raise ConfigError(f"data.train={str(out)!r}: data.prepare={name} writes its shards there, but it {held}; "
+                          f"name a new or empty directory, or set data.prepare=none to read what is there")
     classes, items = BUILTIN[name]()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -24,12 +24,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError
+from pretrain.config import MAX_IMAGE_SIZE, ConfigError, require
 from pretrain.data.views import MultiCropView
 from pretrain.models.heads import DINOHead
 from pretrain.objectives import base, monitors, ssl
 from pretrain.objectives.monitors import embedding_std
 
+
+# Bounds on what the checks before training build on the meta device (a tensor per size, a module per
+# layer or crop), far above every published recipe (DINOv2: 131,072 prototypes, 3 layers, 8 local crops).
+MAX_HEAD_DIM = 2**22
+MAX_HEAD_LAYERS = 16
+MAX_LOCAL_CROPS = 64
 
 @dataclass
 class Config(ssl.Config):
@@ -61,6 +67,12 @@ class Config(ssl.Config):
                               "student_temp", "teacher_temp", "teacher_temp_final")
         if self.local_crops < 0:
             raise ConfigError(f"objective.local_crops={self.local_crops}: must be >= 0")
+        for key in ("freeze_last_layer_epochs", "teacher_temp_warmup_epochs"):
+            require(getattr(self, key) >= 0, f"objective.{key}", getattr(self, key), "must be >= 0")
+        self.require_at_most(MAX_HEAD_DIM, "out_dim", "hidden_dim", "bottleneck_dim")
+        self.require_at_most(MAX_HEAD_LAYERS, "head_layers")
+        self.require_at_most(MAX_LOCAL_CROPS, "local_crops")
+        self.require_at_most(MAX_IMAGE_SIZE, "local_size")
         self.require_fractions("center_momentum", "solarize", "blur[0]", "blur[1]", "blur[2]")
         self.require_scales("global_scale", "local_scale")
 

@@ -165,6 +165,7 @@ class Config(dino.Config):
         super().validate()
         if self.ibot_out_dim <= 0:
             raise ConfigError(f"objective.ibot_out_dim={self.ibot_out_dim!r}: must be positive")
+        self.require_at_most(dino.MAX_HEAD_DIM, "ibot_out_dim")
         for key in ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be >= 0")

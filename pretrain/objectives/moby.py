@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError
 from pretrain.data.views import TwoView
 from pretrain.models.heads import MoBYMLP
-from pretrain.objectives import base, ssl
+from pretrain.objectives import base, dino, ssl
 from pretrain.objectives.monitors import embedding_std
 
 
@@ -41,6 +41,7 @@ class Config(ssl.Config):
     def validate(self) -> None:
         super().validate()
         self.require_positive("proj_dim", "hidden_dim", "queue_size", "temperature")
+        self.require_at_most(dino.MAX_HEAD_DIM, "proj_dim", "hidden_dim")
         self.require_scales("scale")
         self.require_fractions("blur[0]", "blur[1]", "solarize[0]", "solarize[1]")
 

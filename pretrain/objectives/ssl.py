@@ -40,6 +40,7 @@ class Config(ObjectiveConfig):
 
     def validate(self) -> None:
         self.require_fractions("momentum", "hflip", "jitter", "grayscale")
+        require(self.collapse_std >= 0, "objective.collapse_std", self.collapse_std, "must be >= 0")
 
     def _value(self, key: str):
         """The value of ``key``, which may name an element (``blur[1]``)."""
@@ -49,6 +50,11 @@ class Config(ObjectiveConfig):
     def require_positive(self, *keys: str) -> None:
         for key in keys:
             require(self._value(key) > 0, f"objective.{key}", self._value(key), "must be positive")
+
+    def require_at_most(self, bound: int, *keys: str) -> None:
+        """Sizes the checks before training build (as many modules, or tensors on the meta device)."""
+        for key in keys:
+            require(self._value(key) <= bound, f"objective.{key}", self._value(key), f"must be at most {bound}")
 
     def require_fractions(self, *keys: str) -> None:
         for key in keys:

@@ -46,8 +46,9 @@ class Config(ObjectiveConfig):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"objective.{key}={value!r}: must be in [0, 1]")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError(f"objective.mixup/cutmix={self.mixup}/{self.cutmix}: must be >= 0")
+        for key in ("mixup", "cutmix", "color_jitter"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be >= 0")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ConfigError(f"objective.scale={list(self.scale)}: need 0 < min <= max <= 1")
         if not 0 < self.crop_pct <= 1:

@@ -44,10 +44,13 @@ class Runs:
         if name not in self.done:
             common = [f"run.dir={run_dir}", f"data.train={self.digits}", "data.prepare=none", *EXACT]
             if stop_at is not None:  # the same run in two invocations: stop, then resume
-                run_module("launch", "local", "--nproc", str(nproc), RECIPE, *common, *overrides,
-                           f"train.stop_at={stop_at}")
+                stopped = run_module("launch", "local", "--nproc", str(nproc), RECIPE, *common, *overrides,
+                                     f"train.stop_at={stop_at}")
                 assert not (run_dir / "export").exists(), "a stopped run must not export"
-            run_module("launch", "local", "--nproc", str(nproc), RECIPE, *common, *overrides)
+                assert (f"export: none yet: the run ended at step {stop_at} of 10 (train.stop_at; rerun without it "
+                        f"to finish and export)") in stopped.stdout, stopped.stdout
+            finished = run_module("launch", "local", "--nproc", str(nproc), RECIPE, *common, *overrides)
+            assert f"export: {run_dir / 'export'}" in finished.stdout, finished.stdout
             self.done[name] = run_dir
         return run_dir
 
