@@ -103,18 +103,20 @@ def signal_all(processes: list[psutil.Process], signum: int) -> None:
             pass
 
 
-@pytest.mark.parametrize("target", ["ranks", "every process"])
-def test_sigterm_to_the_ranks_or_to_every_process_saves_and_stops(tmp_path, digits_dir, target):
+@pytest.mark.parametrize("target", ["launcher", "ranks", "every process"])
+def test_sigterm_to_the_launcher_the_ranks_or_every_process_saves_and_stops(tmp_path, digits_dir, target):
     """What `scancel` of a batch job running this launcher, `systemctl stop` or a cgroup-wide kill
-    send: SIGTERM to the launcher, the ranks and their data workers at once; or to the ranks alone.
-    The ranks take it as a save request (the data workers ignore it), as they take the launcher's."""
+    send: SIGTERM to the launcher, the ranks and their data workers at once; or to the ranks alone,
+    or the launcher alone. The ranks take it as a save request (the data workers ignore it), as they
+    take the launcher's."""
     run_dir = tmp_path / target.replace(" ", "-")
     launcher = start(run_dir, digits_dir)
     try:
         wait_training(launcher, run_dir)
         ranks, family = psutil.Process(launcher.pid).children(), processes_under(launcher.pid)
         assert len(ranks) == 2 and len(family) >= 4, family  # 2 ranks, a data worker each
-        chosen = ranks if target == "ranks" else [psutil.Process(launcher.pid), *family]
+        chosen = {"launcher": [psutil.Process(launcher.pid)], "ranks": ranks,
+                  "every process": [psutil.Process(launcher.pid), *family]}[target]
         stopped_at = logged_step(run_dir)
         signal_all(chosen, signal.SIGTERM)
         out, _ = launcher.communicate(timeout=120)
