@@ -495,11 +495,16 @@ class Engine:
         checkpoint_engine.save, checkpoint_engine.load = save_and_record, load_naming_refused_files
 
     # -- one step -----------------------------------------------------------------------------------
-    def set_hyperparameters(self, lr: float, weight_decay: float, step: int = 0) -> None:
-        """The scheduled values for optimizer step ``step``; a group with ``freeze_steps: N`` is left
-        untouched by the optimizer during steps 0 to N - 1."""
+    def set_hyperparameters(self, lr: float, weight_decay: float, step: int = 0,
+                            lr_of_scale: Callable[[float], float] | None = None) -> None:
+        """The scheduled values for optimizer step ``step``: each group's lr is ``lr * lr_scale``, or
+        ``lr_of_scale(lr_scale)`` when given. A group with ``freeze_steps: N`` is left untouched by
+        the optimizer during steps 0 to N - 1; one with ``zero_lr_steps: N`` steps at lr 0 then (its
+        Adam moments still follow its gradients, as DINOv2 freezes its prototypes)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr_of_scale(group["lr_scale"]) if lr_of_scale else lr * group["lr_scale"]
+            if step < group.get("zero_lr_steps", 0):
+                group["lr"] = 0.0
             if group.get("apply_weight_decay", True):
                 group["weight_decay"] = weight_decay
             group["frozen"] = step < group.get("freeze_steps", 0)
