@@ -101,7 +101,8 @@ class ModelConfig:
 class DataConfig:
     train: str | list[str] | None = None  # a writer's output dir, a brace pattern, or a list of URLs
     val: str | list[str] | None = None
-    prepare: Literal["none", "digits"] = "none"  # write a built-in dataset into data.train's dir on first use
+    # Write a built-in dataset (pretrain.data.builtin) into data.train's dir on first use.
+    prepare: Literal["none", "digits", "skimage_patches"] = "none"
     synthetic: bool = False  # random uint8 batches instead of shards (benchmarks)
     num_classes: int | None = None  # taken from the shard index when None
     train_samples: int | None = None  # taken from the shard index when None
