@@ -142,8 +142,10 @@ def test_tiny_models_learn_the_digits(runs, name, model, zero):
                                            ("run.dir=/dev/null", "run.dir='/dev/null': is a file")])
 def test_bad_config_fails_before_any_process_or_file(tmp_path, digits_dir, override, key):
     run_dir = tmp_path / "never"
+    # data.val too: the recipe's own (~/.cache/vitscale/digits) is there only where the demo ran, and
+    # its missing shards would be reported before the model's checks.
     result = run_module("launch", "local", "--nproc", "2", RECIPE, f"run.dir={run_dir}", f"data.train={digits_dir}",
-                        override, check=False)
+                        f"data.val={digits_dir}", override, check=False)
     assert result.returncode == 2
     assert key in result.stderr and "error:" in result.stderr
     assert "torch.distributed" not in result.stderr and "rank" not in result.stderr.lower()
