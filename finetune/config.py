@@ -30,6 +30,8 @@ class FinetuneSection:
     # Swin code's bicubic interpolation of the table
     relpos_interpolation: Literal["geometric", "bicubic"] = "geometric"
     layer_decay: float | None = None  # layer-wise lr decay (timm's group_matcher); None: one lr
+    # A new classifier's initial weights and bias times this (BEiT's and SimMIM's init_scale 0.001)
+    head_init_scale: float = 1.0
     ema: float = 0.0  # EMA decay of the weights, evaluated beside them; 0 turns it off
     keep_best: bool = True  # export the weights with the best val/top1 into RUN_DIR/best
 
@@ -39,6 +41,9 @@ class FinetuneSection:
         require(self.layer_decay is None or 0 < self.layer_decay <= 1, "finetune.layer_decay",
                 self.layer_decay, "must be in (0, 1]")
         require(0 <= self.ema < 1, "finetune.ema", self.ema, "must be in [0, 1)")
+        require(self.head_init_scale > 0, "finetune.head_init_scale", self.head_init_scale, "must be positive")
+        require(self.head_init_scale == 1.0 or self.head == "new", "finetune.head_init_scale", self.head_init_scale,
+                f"scales a new classifier; finetune.head={self.head!r} loads a stored one")
 
 
 @dataclass

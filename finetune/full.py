@@ -36,6 +36,10 @@ class FinetuneObjective(supervised.Objective):
                                       f.relpos_interpolation)
             if ctx.dist.is_main:
                 log.info("fine-tuning from %s (%s)", found.source, found.layout)
+        if f.head == "new" and f.head_init_scale != 1.0:
+            with torch.no_grad():
+                for param in self.model.get_classifier().parameters():
+                    param.mul_(f.head_init_scale)
         # The EMA is a submodule, so it is saved and resumed with the rest of the objective.
         self.ema = ModelEmaV3(self.model, decay=f.ema) if f.ema else None
 

@@ -148,7 +148,7 @@ def probe_demo(cfg: Config) -> None:
     torch.manual_seed(cfg.run.seed)  # the initial weights of the run
     initial = probe_accuracy(create_backbone(cfg.model, size, 0), cfg.data.train, size, mean, std)
     pixels = raw_pixel_accuracy(cfg.data.train, size)
-    print(f"linear probe on frozen features (logistic regression, digits validation split):\n"
+    print(f"linear probe on frozen features (logistic regression, validation split of {cfg.data.train}):\n"
           f"  {cfg.objective.name} pre-trained  {trained:.1%}\n  random init      {initial:.1%}\n"
           f"  raw pixels       {pixels:.1%} (the same logistic regression on the {size}x{size} images, no backbone)")
 

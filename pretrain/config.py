@@ -89,10 +89,17 @@ class ModelConfig:
     drop_path: float = 0.1
     grad_checkpointing: bool = False
     fused_attn: bool = True
+    # How a ViT with dynamic_img_size resamples its position embedding for another input size (the
+    # local crops): "timm" (bicubic with antialiasing, to the exact grid) or "dino" (DINO's and
+    # DINOv2's interpolate_pos_encoding: bicubic by the scale factor (n + 0.1) / M, no antialiasing).
+    pos_embed_interpolation: Literal["timm", "dino"] = "timm"
 
     def validate(self) -> None:
         require(self.name.startswith(("vit_", "swin_")), "model.name", self.name,
                 "must be a timm vit_* or swin_* model")
+        require(self.pos_embed_interpolation == "timm" or self.name.startswith("vit_"),
+                "model.pos_embed_interpolation", self.pos_embed_interpolation,
+                f"resamples a ViT's absolute position embedding; model.name={self.name!r} has none")
         # The checks before training build every block (on the meta device, but each block is still a
         # few kB of Python objects): a mistyped depth would exhaust memory before any message.
         for key in ("depth", "depths"):
@@ -108,7 +115,8 @@ class ModelConfig:
 class DataConfig:
     train: str | list[str] | None = None  # a writer's output dir, a brace pattern, or a list of URLs
     val: str | list[str] | None = None
-    prepare: Literal["none", "digits"] = "none"  # write a built-in dataset into data.train's dir on first use
+    # Write a built-in dataset (pretrain.data.builtin) into data.train's dir on first use.
+    prepare: Literal["none", "digits", "skimage_patches"] = "none"
     synthetic: bool = False  # random uint8 batches instead of shards (benchmarks)
     num_classes: int | None = None  # taken from the shard index when None
     train_samples: int | None = None  # taken from the shard index when None
@@ -180,10 +188,20 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float | None = None  # absolute peak lr; when None, base_lr * global_batch / base_batch
+    lr: float | None = None  # absolute peak lr; when None, base_lr scaled by lr_scaling to the global batch
     base_lr: float = 1e-3
     base_batch: int = 1024
+    # The scaling rule from base_batch to the global batch: "linear" (Goyal et al. 2017: DINO, MoBY,
+    # SimMIM) or "sqrt" (DINOv2's sqrt_wrt_1024).
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
     min_lr: float = 1e-6
+    # false: min_lr is absolute (DINO, DINOv2); true: it is per base_batch and follows lr_scaling, as
+    # MoBY's and SimMIM's MIN_LR (per 512).
+    scale_min_lr: bool = False
+    # Where a group with an lr_scale (layer-wise decay) ends: "scaled" at min_lr x lr_scale (DINOv2's
+    # schedule times its multiplier), "shared" at min_lr itself (timm's CosineLRScheduler, which each
+    # group follows from its own peak to the same floor: SimMIM's fine-tuning).
+    lr_floor: Literal["scaled", "shared"] = "scaled"
     weight_decay: float = 0.05
     weight_decay_end: float | None = None  # cosine weight-decay schedule to this value (DINO)
     warmup_steps: int = 0

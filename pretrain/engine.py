@@ -520,11 +520,16 @@ class Engine:
         checkpoint_engine.save, checkpoint_engine.load = save_and_record, load_naming_refused_files
 
     # -- one step -----------------------------------------------------------------------------------
-    def set_hyperparameters(self, lr: float, weight_decay: float, step: int = 0) -> None:
-        """The scheduled values for optimizer step ``step``; a group with ``freeze_steps: N`` is left
-        untouched by the optimizer during steps 0 to N - 1."""
+    def set_hyperparameters(self, lr: float, weight_decay: float, step: int = 0,
+                            lr_of_scale: Callable[[float], float] | None = None) -> None:
+        """The scheduled values for optimizer step ``step``: each group's lr is ``lr * lr_scale``, or
+        ``lr_of_scale(lr_scale)`` when given. A group with ``freeze_steps: N`` is left untouched by
+        the optimizer during steps 0 to N - 1; one with ``zero_lr_steps: N`` steps at lr 0 then (its
+        Adam moments still follow its gradients, as DINOv2 freezes its prototypes)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = lr_of_scale(group["lr_scale"]) if lr_of_scale else lr * group["lr_scale"]
+            if step < group.get("zero_lr_steps", 0):
+                group["lr"] = 0.0
             if group.get("apply_weight_decay", True):
                 group["weight_decay"] = weight_decay
             group["frozen"] = step < group.get("freeze_steps", 0)
@@ -676,15 +681,27 @@ class Engine:
 
         With ZeRO at another world size, DeepSpeed's universal checkpoint re-shards the weights and
         the optimizer (see :func:`load_resharded`); its conversion reads weights-only too."""
+        # A checkpoint's param groups carry the settings of the run that wrote them (torch's
+        # load_state_dict copies them over ours; DeepSpeed's universal load copies the first group's
+        # into every group); ours (lr scale, weight decay on or off, how and how long a group is
+        # frozen) come from the config, so that a checkpoint written before a setting existed (a
+        # DINOv2 freeze by skipping, now by lr 0) resumes with the config's.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             with weights_only_loading():
                 if saved_world_size not in (None, self.dist.world_size) and self.cfg.engine.zero_stage > 0:
-                    return load_resharded(self, Path(directory) / tag)
-                path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
+                    client_state = load_resharded(self, Path(directory) / tag)
+                else:
+                    path, client_state = self.engine.load_checkpoint(directory, tag=tag,
+                                                                     load_lr_scheduler_states=False)
+                    if path is None:
+                        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
         except pickle.UnpicklingError as e:  # a torch.load outside the checkpoint engine
             raise refused_file_error(os.path.join(directory, tag), e) from None
-        if path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
+        for group, own in zip(self.optimizer.param_groups, settings):
+            params = group["params"]
+            group.clear()
+            group.update(own, params=params)
         return client_state
 
     def master_slices(self, params: list[nn.Parameter]) -> list[MasterSlice]:
@@ -769,7 +786,8 @@ BUFFERS_FILE = "buffers.pt"  # inside the conversion: the module's buffers, whol
 
 
 def load_resharded(engine: Engine, checkpoint: Path) -> dict:
-    """Load a ZeRO checkpoint written by another number of processes; returns its client state.
+    """Load a ZeRO checkpoint written by another number of processes; returns its client state
+    (the param groups' settings are the caller's to restore: :meth:`Engine.load`).
 
     Weights and optimizer state go through DeepSpeed's universal checkpoint (``ds_to_universal``,
     then ``load_checkpoint`` with ``checkpoint.load_universal``), converted once into
@@ -779,9 +797,6 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
     """
     universal = convert_to_universal(checkpoint, engine.module, engine.dist)
     ds = engine.engine
-    # DeepSpeed's universal load copies the first param group's settings into every group (ZeRO-3);
-    # ours (lr scale, weight decay on or off, freezing) come from the config: keep them.
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     # The documented switch is the config's ``checkpoint: {load_universal: true}``, read at load time;
     # set only for this load, since the engine is built before the run knows which checkpoint it resumes.
     ds._config.load_universal_checkpoint = True
@@ -792,8 +807,6 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
         ds._config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint {universal}")
-    for group, saved in zip(engine.optimizer.param_groups, groups):
-        group.update(saved)
     buffers = torch.load(universal / BUFFERS_FILE, map_location=engine.dist.device, weights_only=True)
     result = engine.module.load_state_dict(buffers, strict=False)
     if result.unexpected_keys:

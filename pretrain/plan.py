@@ -22,6 +22,7 @@ class Plan:
     world_size: int
     global_batch: int
     peak_lr: float
+    min_lr: float  # the cosine's floor at this global batch (optim.scale_min_lr)
     total_steps: int
     steps_per_epoch: int
     warmup_steps: int
@@ -54,8 +55,10 @@ def make_plan(cfg: Config, world_size: int, train: shards.ShardSet | None) -> Pl
     num_classes = cfg.data.num_classes or (len(train.classes) if train and train.classes else None)
     if num_classes is None:
         raise ConfigError("data.num_classes is required when the shards have no index naming the classes")
-    lr = cfg.optim.lr or scaled_lr(cfg.optim.base_lr, cfg.optim.base_batch, global_batch)
-    return Plan(world_size, global_batch, lr, total, steps_per_epoch or total, min(warmup, total),
+    o = cfg.optim
+    lr = o.lr or scaled_lr(o.base_lr, o.base_batch, global_batch, o.lr_scaling)
+    min_lr = scaled_lr(o.min_lr, o.base_batch, global_batch, o.lr_scaling) if o.scale_min_lr else o.min_lr
+    return Plan(world_size, global_batch, lr, min_lr, total, steps_per_epoch or total, min(warmup, total),
                 num_classes, samples)
 
 

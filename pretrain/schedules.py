@@ -24,6 +24,22 @@ def warmup_cosine(step: int, total_steps: int, peak: float, final: float, warmup
     return cosine(step - warmup_steps, total_steps - warmup_steps, peak, final)
 
 
-def scaled_lr(base_lr: float, base_batch: int, global_batch: int) -> float:
-    """The linear scaling rule (Goyal et al. 2017): lr grows with the global batch."""
-    return base_lr * global_batch / base_batch
+def scaled_lr(base_lr: float, base_batch: int, global_batch: int, rule: str = "linear") -> float:
+    """``base_lr`` (per ``base_batch``) at ``global_batch``: the linear scaling rule (Goyal et al.
+    2017) or, with ``rule="sqrt"``, the square-root rule (DINOv2's ``sqrt_wrt_1024``)."""
+    ratio = global_batch / base_batch
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule != "linear":
+        raise ValueError(f"rule={rule!r}: expected 'linear' or 'sqrt'")
+    return base_lr * ratio
+
+
+def group_lr(step: int, total_steps: int, peak: float, final: float, warmup_steps: int, lr_scale: float,
+             floor: str = "scaled") -> float:
+    """The lr of a parameter group with multiplier ``lr_scale``: the whole schedule scaled
+    (``floor="scaled"``), or the group's own warm-up and cosine from ``peak * lr_scale`` to the
+    unscaled ``final`` (``floor="shared"``, timm's CosineLRScheduler on groups of several lrs)."""
+    if floor == "shared":
+        return warmup_cosine(step, total_steps, peak * lr_scale, final, warmup_steps)
+    return warmup_cosine(step, total_steps, peak, final, warmup_steps) * lr_scale

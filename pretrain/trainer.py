@@ -31,7 +31,7 @@ from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.plan import Plan, make_plan, resolve_sources
-from pretrain.schedules import cosine, warmup_cosine
+from pretrain.schedules import cosine, group_lr, warmup_cosine
 from pretrain.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,18 @@ class Trainer:
 
     def hyperparameters(self, step: int) -> tuple[float, float]:
         o, p = self.cfg.optim, self.plan
-        lr = warmup_cosine(step, p.total_steps, p.peak_lr, o.min_lr, p.warmup_steps)
+        lr = warmup_cosine(step, p.total_steps, p.peak_lr, p.min_lr, p.warmup_steps)
         wd = o.weight_decay if o.weight_decay_end is None else \
             cosine(step, p.total_steps, o.weight_decay, o.weight_decay_end)
         return lr, wd
+
+    def lr_of_scale(self, step: int):
+        """Each layer-decay group's lr at ``step`` as a function of its lr_scale, when groups end at
+        a shared floor (optim.lr_floor); None: the scheduled lr times each group's scale."""
+        p = self.plan
+        if self.cfg.optim.lr_floor != "shared":
+            return None
+        return lambda scale: group_lr(step, p.total_steps, p.peak_lr, p.min_lr, p.warmup_steps, scale, "shared")
 
     def fit(self) -> dict:
         """Train from the last checkpoint (if any) to ``train.steps`` or ``train.stop_at``, or until a
@@ -207,7 +215,7 @@ class Trainer:
         step = self.step
         hooks.fire("step", rank=self.dist.rank, step=step)
         lr, wd = self.hyperparameters(step)
-        self.engine.set_hyperparameters(lr, wd, step)
+        self.engine.set_hyperparameters(lr, wd, step, self.lr_of_scale(step))
         self.engine.train()
         # Whole windows only (and the run's last step): a window cut by the end of this invocation
         # goes into the checkpoint and is logged, whole, by the resumed run.

@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.layers import set_fused_attn
 
 from pretrain.config import ConfigError, ModelConfig
+from pretrain.models.pos_embed import use_dino_interpolation
 
 T = TypeVar("T", bound=nn.Module)
 
@@ -33,6 +34,12 @@ def create_backbone(cfg: ModelConfig, image_size: int, num_classes: int) -> nn.M
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"model.name={cfg.name!r}, model.kwargs={cfg.kwargs}: timm cannot build it "
                           f"(with img_size={image_size}, num_classes={num_classes}): {e}") from None
+    if cfg.pos_embed_interpolation == "dino":
+        try:
+            use_dino_interpolation(model)
+        except ValueError as e:
+            raise ConfigError(f"model.pos_embed_interpolation=dino: {e} (model.kwargs.dynamic_img_size: true)") \
+                from None
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -11,20 +11,30 @@ and the backbone stays the plain timm model that is exported.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+
+# How the mask token starts: "normal" (std 0.02, cut at +-2: timm's trunc_normal_, as SimMIM's Swin),
+# "normal_within_std" (std 0.02, cut at +-0.02: BEiT's, as SimMIM's ViT), "zeros" (DINOv2's).
+MaskTokenInit = Literal["normal", "normal_within_std", "zeros"]
 
 
 class MaskToken(nn.Module):
     """The learned token that replaces masked patch embeddings (a module of its own so that ZeRO-3
     gathers it when it is called)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, init: MaskTokenInit = "normal") -> None:
         super().__init__()
         self.token = nn.Parameter(torch.zeros(1, 1, dim))
-        trunc_normal_(self.token, std=0.02)
+        if init == "normal":
+            trunc_normal_(self.token, std=0.02)
+        elif init == "normal_within_std":
+            trunc_normal_(self.token, std=0.02, a=-0.02, b=0.02)
+        elif init != "zeros":
+            raise ValueError(f"init={init!r}: expected one of {MaskTokenInit.__args__}")
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``tokens``: N x L x C (ViT) or N x H x W x C (Swin, ViT with dynamic sizes); ``mask``: N x H x W."""

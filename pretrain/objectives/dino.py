@@ -46,12 +46,20 @@ class Config(ssl.Config):
     head_layers: int = 3
     norm_last_layer: bool = True
     freeze_last_layer_epochs: float = 1.0
+    freeze_last_layer_steps: int | None = None  # when set, replaces freeze_last_layer_epochs
+    # How the prototypes are frozen: "skip" (DINO: no gradient, the optimizer leaves them and their
+    # Adam moments alone) or "zero_lr" (DINOv2: they get gradients and step at lr 0, so their Adam
+    # moments and step count run on).
+    freeze_last_layer_by: Literal["skip", "zero_lr"] = "skip"
     momentum: float = 0.996  # teacher EMA momentum, cosine to 1
     center_momentum: float = 0.9
     student_temp: float = 0.1
     teacher_temp: float = 0.04  # at step 0, linear to teacher_temp_final over teacher_temp_warmup_epochs
     teacher_temp_final: float = 0.07
     teacher_temp_warmup_epochs: float = 30.0
+    # When set, replaces teacher_temp_warmup_epochs: a warm-up in steps that another global batch or
+    # data set does not move against an lr warm-up in steps (DINOv2's, in iterations).
+    teacher_temp_warmup_steps: int | None = None
     global_scale: tuple[float, float] = (0.4, 1.0)  # global crops are data.image_size
     local_crops: int = 10
     local_size: int = 96
@@ -65,6 +73,10 @@ class Config(ssl.Config):
         super().validate()
         self.require_positive("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "local_size",
                               "student_temp", "teacher_temp", "teacher_temp_final")
+        for key in ("freeze_last_layer_steps", "teacher_temp_warmup_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"objective.{key}={getattr(self, key)!r}: must be >= 0 (or null for the "
+                                  f"*_epochs key)")
         if self.local_crops < 0:
             raise ConfigError(f"objective.local_crops={self.local_crops}: must be >= 0")
         for key in ("freeze_last_layer_epochs", "teacher_temp_warmup_epochs"):
@@ -117,8 +129,10 @@ class Objective(ssl.Objective):
         self.register_buffer("center", torch.zeros(1, o.out_dim))
         self.photometric = self.photometric_per_crop(o.blur, (0.0, o.solarize, 0.0))
         spe = ctx.steps_per_epoch
-        self.freeze_last_layer_steps = round(o.freeze_last_layer_epochs * spe)
-        self.teacher_temp_warmup_steps = round(o.teacher_temp_warmup_epochs * spe)
+        self.freeze_last_layer_steps = round(o.freeze_last_layer_epochs * spe) \
+            if o.freeze_last_layer_steps is None else o.freeze_last_layer_steps
+        self.teacher_temp_warmup_steps = round(o.teacher_temp_warmup_epochs * spe) \
+            if o.teacher_temp_warmup_steps is None else o.teacher_temp_warmup_steps
 
     def head_builders(self, in_dim: int) -> dict:
         """Builders of the heads the student and the teacher hold next to the backbone, by name; each
@@ -133,6 +147,10 @@ class Objective(ssl.Objective):
         if step >= self.teacher_temp_warmup_steps:
             return o.teacher_temp_final
         return o.teacher_temp + (o.teacher_temp_final - o.teacher_temp) * step / self.teacher_temp_warmup_steps
+
+    def prototypes_detached(self, step: int) -> bool:
+        """Whether no gradient reaches the prototypes at ``step`` (frozen by skipping them)."""
+        return step < self.freeze_last_layer_steps and self.cfg.objective.freeze_last_layer_by == "skip"
 
     # -- data ------------------------------------------------------------------------------------------
     def train_view(self):
@@ -160,7 +178,7 @@ class Objective(ssl.Objective):
         teacher_out = self.teacher("head", self.teacher("backbone", global_crops))
         features = self.and_local_features(self.student["backbone"](global_crops), batch)
         # The prototypes are frozen in the first epoch(s): no gradient here, no update (param_groups).
-        student_out = self.student["head"](features, freeze_last_layer=step < self.freeze_last_layer_steps)
+        student_out = self.student["head"](features, freeze_last_layer=self.prototypes_detached(step))
         loss, teacher_p = dino_loss(student_out, teacher_out, self.center, o.student_temp, self.teacher_temp(step))
         metrics = self._monitors(student_out, teacher_out, teacher_p, features)
         self._update_center(teacher_out)
@@ -206,7 +224,8 @@ class Objective(ssl.Objective):
         moments' cold start: after a long freeze (1,250 steps for ImageNet at batch 1024) the first
         updates come out several times larger than lr. So the forward detaches them (no gradient
         is computed, and none enters the norm that clipping measures) and the engine skips their
-        groups (``freeze_steps``) until they unfreeze."""
+        groups (``freeze_steps``) until they unfreeze. With ``freeze_last_layer_by: zero_lr`` their
+        groups step at lr 0 instead (``zero_lr_steps``), DINOv2's way."""
         groups = super().param_groups()
         if not self.freeze_last_layer_steps:
             return groups
@@ -217,5 +236,6 @@ class Objective(ssl.Objective):
             rest = [p for p in group["params"] if id(p) not in last]
             frozen = [p for p in group["params"] if id(p) in last]
             out += [{**group, "params": rest}] if rest else []
-            out += [{**group, "params": frozen, "freeze_steps": self.freeze_last_layer_steps}] if frozen else []
+            how = "freeze_steps" if self.cfg.objective.freeze_last_layer_by == "skip" else "zero_lr_steps"
+            out += [{**group, "params": frozen, how: self.freeze_last_layer_steps}] if frozen else []
         return out

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError
 from pretrain.dist import DistEnv
 from pretrain.models.heads import DINOHead
-from pretrain.models.masked import MaskToken, unpooled
+from pretrain.models.masked import MaskToken, MaskTokenInit, unpooled
 from pretrain.objectives import dino, monitors
 
 
@@ -160,6 +160,11 @@ class Config(dino.Config):
     # patch_embed_lr_mult on top for the patch embedding.
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
+    mask_token_init: MaskTokenInit = "normal"  # pretrain.models.masked; DINOv2's starts at zeros
+    # The official per-GPU batch: KoLeo's nearest neighbours and the masks' ratio strata are taken
+    # per group of this many images, as each of the paper's GPUs took them, whatever the number of
+    # processes; each rank's batch must be a multiple of it. null: each rank's whole batch.
+    per_gpu_batch: int | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -177,9 +182,15 @@ class Config(dino.Config):
         low, high = self.mask_ratio
         if not 0 <= low <= high <= 1:
             raise ConfigError(f"objective.mask_ratio={[low, high]}: need 0 <= min <= max <= 1")
+        if self.per_gpu_batch is not None and self.per_gpu_batch <= 0:
+            raise ConfigError(f"objective.per_gpu_batch={self.per_gpu_batch!r}: must be positive (or null)")
 
     def validate_run(self, cfg) -> None:
         super().validate_run(cfg)
+        if self.per_gpu_batch is not None and cfg.data.batch_size % self.per_gpu_batch:
+            raise ConfigError(f"objective.per_gpu_batch={self.per_gpu_batch}: each rank's batch (data.batch_size="
+                              f"{cfg.data.batch_size}, from data.global_batch over the processes) must be a multiple "
+                              f"of it; run on data.global_batch / {self.per_gpu_batch} processes or a divisor of that")
         if cfg.engine.compile:
             raise ConfigError("engine.compile=true: not supported with objective.name=dinov2 (the mask enters the "
                               "backbone through hooks, as SimMIM's); set engine.compile=false")
@@ -194,8 +205,8 @@ class Objective(dino.Objective):
                               f"the patch level the mask is drawn on)")
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, (tuple, list)) else patch
-        self.mask_token = MaskToken(backbone.patch_embed.proj.out_channels)
         o = cfg.objective
+        self.mask_token = MaskToken(backbone.patch_embed.proj.out_channels, o.mask_token_init)
         self.register_buffer("ibot_center", torch.zeros(1, o.out_dim if o.share_head else o.ibot_out_dim))
 
     def head_builders(self, in_dim: int) -> dict:
@@ -234,6 +245,11 @@ class Objective(dino.Objective):
         scale = o.layerwise_decay ** (depth + 1 - layer)
         return scale * o.patch_embed_lr_mult if ".patch_embed." in name else scale
 
+    def image_groups(self, images: int) -> list[int]:
+        """This rank's ``images`` split into groups of ``objective.per_gpu_batch`` (or one group)."""
+        size = self.cfg.objective.per_gpu_batch or images
+        return [size] * (images // size) if images % size == 0 else [images]
+
     def _ibot_head(self) -> str:
         return "head" if self.cfg.objective.share_head else "ibot_head"
 
@@ -252,9 +268,13 @@ class Objective(dino.Objective):
         o = self.cfg.objective
         global_crops = self.global_inputs(batch)
         side = global_crops.shape[-1] // self.patch_size
-        masks = draw_masks(len(global_crops), side, side, o.mask_probability, o.mask_ratio).to(global_crops.device)
+        groups = self.image_groups(len(global_crops) // 2)
+        # Crop-major: each group's masks go to its images' first crops, then to their second crops.
+        drawn = [draw_masks(2 * g, side, side, o.mask_probability, o.mask_ratio).view(2, g, side, side)
+                 for g in groups]
+        masks = torch.cat(drawn, dim=1).flatten(0, 1).to(global_crops.device)
         flat = masks.flatten(1)
-        frozen = step < self.freeze_last_layer_steps
+        frozen = self.prototypes_detached(step)
         temp = self.teacher_temp(step)
 
         with torch.no_grad():
@@ -272,7 +292,8 @@ class Objective(dino.Objective):
 
         dino_part = dino.dino_cross_entropy(student_out, teacher_p, o.student_temp)
         ibot_part = ibot_loss(student_patch_out, teacher_patch_p, flat, o.student_temp)
-        koleo_part = sum(koleo_loss(c) for c in student_cls.chunk(2))
+        # Per global crop and per group of images, averaged over the groups (one group: DINOv2's sum).
+        koleo_part = sum(koleo_loss(g) for c in student_cls.chunk(2) for g in c.split(groups)) / len(groups)
         loss = o.dino_loss_weight * dino_part + o.ibot_loss_weight * ibot_part + o.koleo_loss_weight * koleo_part
 
         metrics = self._monitors(student_out, teacher_out, teacher_p, features)

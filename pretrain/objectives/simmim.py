@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pretrain.config import ConfigError, ObjectiveConfig
 from pretrain.data.transforms import SupervisedTrainView, normalize
 from pretrain.models.backbone import create_backbone
-from pretrain.models.masked import MaskToken, unpooled
+from pretrain.models.masked import MaskToken, MaskTokenInit, unpooled
 from pretrain.objectives import base
 
 
@@ -49,6 +49,7 @@ class Config(ObjectiveConfig):
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: float = 0.5
     interpolation: Literal["bicubic", "bilinear"] = "bilinear"  # torchvision's RandomResizedCrop default
+    mask_token_init: MaskTokenInit = "normal"  # pretrain.models.masked: SimMIM's ViT cuts it at +-std
 
     def validate(self) -> None:
         if self.mask_patch_size <= 0:
@@ -109,7 +110,7 @@ class Objective(base.Objective):
         # The total stride of the unpooled feature map: ViT's patch size, Swin's patch size * 2**(stages - 1).
         self.stride = self.encoder.feature_info[-1]["reduction"]
         self.prefix_tokens = getattr(self.encoder, "num_prefix_tokens", 0)
-        self.mask_token = MaskToken(self.encoder.patch_embed.proj.out_channels)
+        self.mask_token = MaskToken(self.encoder.patch_embed.proj.out_channels, o.mask_token_init)
         self.decoder = nn.Sequential(nn.Conv2d(self.encoder.num_features, self.stride ** 2 * 3, kernel_size=1),
                                      nn.PixelShuffle(self.stride))
 

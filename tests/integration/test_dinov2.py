@@ -35,7 +35,12 @@ def results(tmp_path_factory, digits_dir):
     data = [f"data.train={digits_dir}", "data.prepare=none"]
     cases = {"zero0": (None, [*data, *EXACT, "engine.zero_stage=0", "train.export=false"], None),
              "zero3": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=true"], None),
-             "zero3-resumed": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=false"], 2)}
+             "zero3-resumed": (None, [*data, *EXACT, "engine.zero_stage=3", "train.export=false"], 2),
+             # Written with the prototypes frozen by skipping (the groups of a checkpoint from before
+             # freeze_last_layer_by existed: freeze_steps, no Adam state), resumed with DINOv2's lr 0.
+             "skip-resumed-zero-lr": (None, [*data, *EXACT, "engine.zero_stage=2", "train.export=false",
+                                             "objective.freeze_last_layer_steps=3"], 1,
+                                      ["objective.freeze_last_layer_by=zero_lr"])}
     result = tmp / "result.json"
     run_worker("dinov2_worker", str(tmp), str(result), json.dumps(cases))
     return {**json.loads(result.read_text()), "tmp": str(tmp)}
@@ -68,3 +73,15 @@ def test_a_resumed_run_continues_exactly(results):
     resumed, whole = results["zero3-resumed"]["steps"], results["zero3"]["steps"]
     assert sorted(resumed) == ["1", "2", "3"]
     assert {s: v["loss"] for s, v in resumed.items()} == {s: v["loss"] for s, v in whole.items()}
+
+
+def test_a_checkpoint_frozen_by_skipping_resumes_with_the_configs_zero_lr_freeze(results):
+    """The config's freeze, not the checkpoint's: after the resume the prototypes' groups step at
+    lr 0 and their Adam moments follow their gradients (2 steps), from no state in the checkpoint."""
+    resumed = results["skip-resumed-zero-lr"]
+    assert sorted(resumed["steps"]) == ["1", "2", "3"]
+    frozen = [g for g in resumed["groups"] if g["zero_lr_steps"]]
+    assert frozen and all(g["zero_lr_steps"] == 3 and g["lr"] == 0.0 and g["adam_steps"] == 2 for g in frozen), \
+        resumed["groups"]
+    assert not any(g["freeze_steps"] for g in resumed["groups"]), resumed["groups"]
+    assert all(g["adam_steps"] == 3 and g["lr"] > 0 for g in resumed["groups"] if not g["zero_lr_steps"])

@@ -192,3 +192,43 @@ def test_layerwise_lr_decay_and_patch_embedding_multiplier_as_dinov2(tmp_path):
     frozen = {names[id(p)] for g in groups if g.get("freeze_steps") for p in g["params"]}
     assert frozen == {"student.head.last_layer.weight_v", "student.ibot_head.last_layer.weight_v"}
     assert all(not g["apply_weight_decay"] for g in groups for p in g["params"] if p.ndim == 1)
+
+
+def test_dinov2_freeze_by_zero_lr_lets_gradients_reach_the_prototypes(tmp_path):
+    """freeze_last_layer_by=zero_lr (DINOv2): the prototypes get gradients in the frozen steps and
+    their groups carry zero_lr_steps (the engine's lr 0) instead of freeze_steps; DINOv2's mask
+    token starts at zeros and the prototypes' norm trains with norm_last_layer=false."""
+    torch.manual_seed(0)
+    random.seed(0)
+    cfg = tiny_config(tmp_path, *TINY_DINOV2, "objective.freeze_last_layer_steps=3",
+                      "objective.freeze_last_layer_by=zero_lr", "objective.mask_token_init=zeros",
+                      "objective.norm_last_layer=false")
+    objective = tiny_objective(cfg)
+    assert objective.freeze_last_layer_steps == 3 and torch.all(objective.mask_token.token == 0)
+    assert objective.student["head"].last_layer.weight_g.requires_grad
+    names = {id(p): n for n, p in objective.named_parameters()}
+    groups = objective.param_groups()
+    zero_lr = {names[id(p)] for g in groups if g.get("zero_lr_steps") == 3 for p in g["params"]}
+    assert "student.head.last_layer.weight_v" in zero_lr and not any(g.get("freeze_steps") for g in groups)
+    loss, _ = objective(BATCH, step=0)
+    loss.backward()
+    assert objective.student["head"].last_layer.weight_v.grad.abs().sum() > 0
+
+
+def test_per_gpu_batch_takes_koleo_per_group_of_images(tmp_path):
+    """KoLeo per group of per_gpu_batch images, averaged over the groups (one GPU's loss each)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp_path, *TINY_DINOV2, "objective.per_gpu_batch=2")
+    objective = tiny_objective(cfg)
+    assert objective.image_groups(4) == [2, 2]
+    seen = []
+    objective.student["backbone"].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    random.seed(0)
+    _, metrics = objective(BATCH, step=0)
+    cls = objective.student["backbone"].forward_head(seen[0], pre_logits=True) if seen[0].ndim == 3 else seen[0]
+    crops = cls[:8].chunk(2)
+    expected = sum(koleo_loss(g) for c in crops for g in c.split(2)) / 2
+    torch.testing.assert_close(metrics["koleo_loss"], expected.detach())
+    assert not torch.allclose(expected, sum(koleo_loss(c) for c in crops))  # the grouping changes it
+    with pytest.raises(ConfigError, match="objective.per_gpu_batch"):
+        tiny_config(tmp_path, *TINY_DINOV2, "objective.per_gpu_batch=3")

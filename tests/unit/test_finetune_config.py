@@ -57,3 +57,27 @@ def test_cli_and_launcher_refuse_a_bad_config_before_starting(capsys):
     assert "knn.ks=[]: must list positive k" in capsys.readouterr().err
     assert launch_local(2, ["--", "finetune", "probe", str(RECIPES / "knn_demo.yaml")]) == 2
     assert "finetune needs a stage" in capsys.readouterr().err
+
+
+def test_head_init_scale_scales_a_new_classifier_only(tmp_path):
+    """finetune.head_init_scale (SimMIM's ViT: 0.001) multiplies the new head's initial weights."""
+    import torch
+
+    from finetune.full import FinetuneObjective
+    from pretrain.dist import DistEnv
+    from pretrain.objectives.base import RunContext
+    from tests.conftest import TINY_VIT
+
+    heads = {}
+    for scale in (1.0, 0.001):
+        cfg = load_config(None, [*TINY_VIT, "data.synthetic=true", "data.image_size=32", "data.num_classes=10",
+                                 "train.steps=1", f"run.dir={tmp_path}", f"finetune.head_init_scale={scale}"],
+                          FullConfig)
+        torch.manual_seed(0)
+        ctx = RunContext(num_classes=10, total_steps=1, steps_per_epoch=1, dist=DistEnv())
+        heads[scale] = FinetuneObjective(cfg, ctx).model.get_classifier().weight.detach()
+    torch.testing.assert_close(heads[0.001], heads[1.0] * 0.001)
+    assert heads[1.0].abs().max() > 0
+    with pytest.raises(ConfigError, match="finetune.head_init_scale"):
+        load_config(None, [*TINY_VIT, "data.synthetic=true", "train.steps=1", "finetune.head=keep",
+                           "finetune.head_init_scale=0.001"], FullConfig)

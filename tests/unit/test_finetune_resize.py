@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
@@ -121,3 +122,51 @@ def test_vit_pretrained_on_its_class_token_fine_tunes_on_pooled_tokens(tmp_path)
     with pytest.raises(weights.WeightsError, match="norm"):  # the other way round is not guessed
         torch.save(pooled.state_dict(), tmp_path / "pooled.pth")
         weights.load_into(timm.create_model("vit_tiny_patch16_224", img_size=32, **VIT), tmp_path / "pooled.pth")
+
+
+def _official_geometric_table(table: torch.Tensor, new_side: int) -> torch.Tensor:
+    """SimMIM's remap_pretrained_keys_swin, written from its description: the stored positions are
+    spread on a geometric progression (ratio q found by bisection so that its half reaches
+    new_side // 2) and each head's grid is fitted by a cubic interpolating spline (scipy's interp2d
+    kind=cubic on a grid is this s=0 bicubic spline), then sampled at the integer offsets."""
+    import numpy as np
+    from scipy.interpolate import RectBivariateSpline
+
+    side = math.isqrt(table.shape[0])
+    low, high = 1.01, 1.5
+    while high - low > 1e-6:
+        q = (low + high) / 2
+        if (1 - q ** (side // 2)) / (1 - q) > new_side // 2:
+            high = q
+        else:
+            low = q
+    offsets, position = [], 1.0
+    for i in range(side // 2):
+        offsets.append(position)
+        position += q ** (i + 1)
+    grid = np.array([-d for d in reversed(offsets)] + [0.0] + offsets)
+    targets = np.arange(-(new_side // 2), new_side // 2 + 0.1, 1.0)
+    heads = [RectBivariateSpline(grid, grid, table[:, h].reshape(side, side).double().numpy(), kx=3, ky=3, s=0)
+             (targets, targets) for h in range(table.shape[1])]
+    return torch.tensor(np.stack([h.reshape(-1) for h in heads], axis=1), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("interpolation, within", [("geometric", 0.01), ("bicubic", None)])
+def test_swin_tables_against_simmim_geometric_formula(tmp_path, interpolation, within):
+    """SimMIM's fine-tuning (window 6 -> 7: 11x11 -> 13x13 tables): "geometric" follows the official
+    formula on a smooth table, plain bicubic interpolation does not."""
+    kwargs = {**SWIN, "depths": [1], "num_heads": [2]}
+    small = timm.create_model("swin_tiny_patch4_window7_224", img_size=48, window_size=6, **kwargs)
+    key = "layers.0.blocks.0.attn.relative_position_bias_table"
+    offsets = torch.arange(-5.0, 6.0)
+    smooth = torch.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / 18.0)  # a smooth 11x11 bump
+    state = {k: v for k, v in small.state_dict().items()}
+    state[key] = torch.stack([smooth.reshape(-1), -2 * smooth.reshape(-1)], dim=1)
+    large = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, window_size=7, **kwargs)
+    resized = adapt(state, large, interpolation)[key]
+    official = _official_geometric_table(state[key], 13)
+    rms = (resized - official).pow(2).mean().sqrt().item()
+    if within is None:
+        assert rms > 0.05, rms  # the check can fail: bicubic is far from the official table
+    else:
+        assert rms < within, rms

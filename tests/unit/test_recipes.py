@@ -151,3 +151,96 @@ def test_a_drifting_recipe_fails():
     values = resolved("configs/pretrain/dino_vit_small.yaml")
     values["optim"]["min_lr"] *= 10
     assert any("optim.min_lr" in p for p in problems("configs/pretrain/dino_vit_small.yaml", values))
+
+
+# Values each objective's source fixes, in code or config, that a recipe citing it must list in its
+# table whether it writes them or inherits them (the defaults of pretrain/config.py may differ).
+SOURCE_FIXED = {
+    "dino": ["objective.norm_last_layer", "objective.interpolation", "model.pos_embed_interpolation",
+             "optim.lr_scaling", "optim.scale_min_lr"],
+    "dinov2": ["objective.norm_last_layer", "model.pos_embed_interpolation", "objective.mask_token_init",
+               "objective.freeze_last_layer_by", "objective.per_gpu_batch", "optim.lr_scaling",
+               "optim.scale_min_lr"],
+    "moby": ["objective.interpolation", "optim.lr_scaling", "optim.scale_min_lr"],
+    "simmim": ["objective.interpolation", "objective.mask_token_init", "optim.lr_scaling", "optim.scale_min_lr"],
+    "simmim_ft": ["objective.interpolation", "optim.lr_scaling", "optim.scale_min_lr", "optim.lr_floor",
+                  "finetune.layer_decay"],
+}
+SIMMIM_VIT = ["model.kwargs.fix_init"]
+SIMMIM_VIT_FT = ["finetune.head_init_scale"]
+SIMMIM_SWIN_FT = ["finetune.relpos_interpolation"]
+
+
+def source_fixed_keys(path: str) -> list[str]:
+    values = resolved(path)
+    name = values.get("objective", {}).get("name")
+    if path.startswith("configs/finetune/simmim_"):
+        vit = values["model"]["name"].startswith("vit_")
+        return SOURCE_FIXED["simmim_ft"] + (SIMMIM_VIT_FT if vit else SIMMIM_SWIN_FT)
+    keys = list(SOURCE_FIXED.get(name, []))
+    if name == "simmim" and values["model"]["name"].startswith("vit_"):
+        keys += SIMMIM_VIT
+    return keys
+
+
+def unlisted_source_values(path: str, rows: dict) -> list[str]:
+    return [key for key in source_fixed_keys(path) if key not in rows]
+
+
+@pytest.mark.parametrize("path", sorted(SECTIONS))
+def test_values_the_source_fixes_are_listed(path):
+    assert unlisted_source_values(path, rows_with_bases(path)) == []
+
+
+def test_an_unlisted_source_value_fails():
+    """The check can fail: DINOv2's table without its norm_last_layer row (the recipe inherits
+    DINO's default true, which DINOv2's head does not have)."""
+    path = "configs/pretrain/dinov2_vit_l16_in1k.yaml"
+    rows = {k: v for k, v in rows_with_bases(path).items() if k != "objective.norm_last_layer"}
+    assert unlisted_source_values(path, rows) == ["objective.norm_last_layer"]
+
+
+def plan_at(path: str, global_batch: int, processes: int):
+    """The recipe's plan (lr, min lr) and per-process config with another global batch and world size."""
+    from pretrain.config import for_world_size
+    from pretrain.data.shards import ShardSet
+    from pretrain.plan import make_plan
+
+    cfg = load_config(REPO / path, [f"data.global_batch={global_batch}", "data.train_samples=1281167",
+                                    "data.num_classes=1000"], Config)
+    cfg = for_world_size(cfg, processes)
+    return cfg, make_plan(cfg, processes, ShardSet(["x.tar"], samples=1281167))
+
+
+# (recipe, recipe's global batch, official lr rule, whether the official min lr scales with it)
+SCALING = [("configs/pretrain/dino_vit_small.yaml", 1024, lambda r: r, False),
+           ("configs/pretrain/dinov2_vit_l16_in1k.yaml", 2048, math.sqrt, False),
+           ("configs/pretrain/moby_swin_tiny.yaml", 512, lambda r: r, True),
+           ("configs/pretrain/simmim_vit_base.yaml", 2048, lambda r: r, True)]
+
+
+@pytest.mark.parametrize("path, batch, rule, min_lr_scales", SCALING, ids=[s[0].split("/")[-1] for s in SCALING])
+def test_lr_and_min_lr_follow_the_global_batch_as_the_official_code(path, batch, rule, min_lr_scales):
+    _, at_recipe = plan_at(path, batch, 8)
+    cfg, doubled = plan_at(path, 2 * batch, 16)
+    assert doubled.peak_lr == pytest.approx(at_recipe.peak_lr * rule(2.0))
+    assert doubled.min_lr == pytest.approx(at_recipe.min_lr * (2.0 if min_lr_scales else 1.0))
+    assert cfg.data.batch_size == 2 * batch // 16
+
+
+def test_dinov2_keeps_its_per_gpu_quantities_on_other_world_sizes():
+    """DINOv2 ViT-L/16: 64 images per GPU on 32 GPUs. On 16 processes each rank takes KoLeo and the
+    masks in two groups of 64; the teacher-temperature and freeze schedules stay in steps whatever the
+    batch; on 64 processes (32 a rank) the recipe refuses, naming the key."""
+    from pretrain.config import ConfigError
+
+    path = "configs/pretrain/dinov2_vit_l16_in1k.yaml"
+    cfg, plan = plan_at(path, 2048, 16)
+    assert cfg.data.batch_size == 128 and cfg.objective.per_gpu_batch == 64
+    assert plan.peak_lr == pytest.approx(4e-3 * math.sqrt(2))
+    _, half = plan_at(path, 1024, 16)
+    assert half.peak_lr == pytest.approx(4e-3)
+    assert half.steps_per_epoch != plan.steps_per_epoch and half.warmup_steps == plan.warmup_steps == 12500
+    assert (cfg.objective.teacher_temp_warmup_steps, cfg.objective.freeze_last_layer_steps) == (37500, 1250)
+    with pytest.raises(ConfigError, match="objective.per_gpu_batch"):
+        plan_at(path, 2048, 64)
