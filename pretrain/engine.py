@@ -232,9 +232,37 @@ class SkipAndFreeze:
         finally:
             self.param_groups = groups
 
+    def state_dict(self):
+        """The optimizer's state dict, with a state for every parameter: one that has none yet (a
+        group frozen so far, DINO's last layer) gets the one its first step would create (zero
+        moments, step 0), so numerics do not change. DeepSpeed's universal conversion, which
+        re-shards a checkpoint for another number of processes, needs every group's moments
+        (``KeyError: 'exp_avg'`` otherwise). ZeRO's wrappers call this with every group's
+        partitions in place, ZeRO-3 included."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if not self.state.get(param):
+                    self.state[param] = self.first_state(param, group)
+        return super().state_dict()
+
+    def first_state(self, param: torch.Tensor, group: dict) -> dict:
+        """The state the optimizer creates for ``param`` at its first step."""
+        raise NotImplementedError
+
 
 class SkippableAdamW(SkipAndFreeze, torch.optim.AdamW):
     """torch's AdamW (fused on GPUs), with :class:`SkipAndFreeze`."""
+
+    def first_state(self, param: torch.Tensor, group: dict) -> dict:
+        # torch's own lazy initialization (step's dtype and device follow fused/capturable), run on a
+        # zero gradient that takes no memory; it reads nothing of the gradient's values.
+        grad = param.grad
+        param.grad = torch.zeros((), dtype=param.dtype, device=param.device).expand_as(param)
+        try:
+            self._init_group({**group, "params": [param]}, [], [], [], [], [], [])
+        finally:
+            param.grad = grad
+        return self.state[param]
 
 
 def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torch.optim.Optimizer:
@@ -249,7 +277,11 @@ def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torc
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     class SkippableCPUAdam(SkipAndFreeze, DeepSpeedCPUAdam):
-        pass
+        def first_state(self, param: torch.Tensor, group: dict) -> dict:
+            # As DeepSpeedCPUAdam.step creates it.
+            dtype = torch.float if self.fp32_optimizer_states else param.dtype
+            return {"step": 0, "exp_avg": torch.zeros_like(param.data, dtype=dtype, device="cpu"),
+                    "exp_avg_sq": torch.zeros_like(param.data, dtype=dtype, device="cpu")}
 
     return SkippableCPUAdam(param_groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                             adamw_mode=True)
@@ -775,12 +807,32 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
         raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint {universal}")
     for group, saved in zip(engine.optimizer.param_groups, groups):
         group.update(saved)
+    if hasattr(ds.optimizer, "fp32_partitioned_groups_flat"):
+        restore_zero3_step_counts(ds.optimizer, universal)
     buffers = torch.load(universal / BUFFERS_FILE, map_location=engine.dist.device, weights_only=True)
     result = engine.module.load_state_dict(buffers, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"{universal / BUFFERS_FILE}: buffers this model does not have: "
                            f"{result.unexpected_keys[:5]}")
     return client_state
+
+
+def restore_zero3_step_counts(zero3, universal: Path) -> None:
+    """Each ZeRO-3 sub-group's own Adam step count, as saved. DeepSpeed's universal load gives every
+    sub-group the first one's count, as one shared tensor that each sub-group's step then advances
+    again: a frozen group (DINO's last layer, 0 steps) would come back as old as the others, and
+    Adam's bias correction would be off. The conversion's ``optimizer_state.pt`` is rank 0's state,
+    which holds every sub-group's count (in the order ZeRO-3's state dict lists them: by group)."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    states = saved["optimizer_state_dict"]["state"]
+    groups = zero3.sub_group_to_group_id
+    listed = sorted(range(len(zero3.fp32_partitioned_groups_flat)), key=lambda sub_group: groups[sub_group])
+    base = zero3.optimizer
+    for index, sub_group in enumerate(listed):
+        flat = zero3.fp32_partitioned_groups_flat[sub_group]
+        step = states.get(index, {}).get("step")
+        if step is not None and flat in base.state:
+            base.state[flat]["step"] = step.clone() if torch.is_tensor(step) else step
 
 
 def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> Path:
