@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -25,9 +26,10 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, file_checksum, verify_files
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
+from pretrain.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -779,6 +781,7 @@ class Engine:
 # -- resuming at another world size ---------------------------------------------------------------------
 UNIVERSAL_DIR = "universal"  # inside a checkpoint: its DeepSpeed universal conversion
 BUFFERS_FILE = "buffers.pt"  # inside the conversion: the module's buffers, whole
+UNIVERSAL_CHECKSUMS = "checksums.json"  # inside the conversion: each file's size and sha256
 
 
 def load_resharded(engine: Engine, checkpoint: Path) -> dict:
@@ -839,8 +842,16 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
     """``CHECKPOINT/universal``, converted by rank 0 if it is not there yet (a collective).
 
     Written under a temporary name and renamed when complete, so an interrupted conversion is
-    redone, never half-read."""
+    redone, never half-read. Every file of it is recorded (size, sha256) in ``checksums.json``;
+    a conversion whose files differ from their record (or that has none) is converted again from
+    the checkpoint, which was verified before: the conversion is derived data."""
     target = checkpoint / UNIVERSAL_DIR
+    if target.is_dir():
+        problem = universal_problem(target, dist)
+        if problem and dist.is_main:
+            log.warning("%s; converting %s again", problem, checkpoint)
+            shutil.rmtree(target)
+        dist.barrier()
     failure = None
     if dist.is_main and not target.is_dir():
         from deepspeed.checkpoint import ds_to_universal
@@ -856,6 +867,8 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), naming_refused_files():
                 ds_to_universal.main(args)
                 torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
+            files = {str(f.relative_to(out)): file_checksum(f) for f in sorted(out.rglob("*")) if f.is_file()}
+            atomic_write(out / UNIVERSAL_CHECKSUMS, json.dumps({"files": files}, indent=1).encode())
             os.replace(out, target)
         except CheckpointError as e:
             failure = e
@@ -869,6 +882,16 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
         raise CheckpointError(f"{checkpoint}: rank 0 refused it while converting it for another number of "
                               f"processes (its error names the file)")
     return target
+
+
+def universal_problem(universal: Path, dist: DistEnv) -> str | None:
+    """Why the conversion ``universal`` is not as it was written, or None (a collective: the ranks
+    share the hashing)."""
+    try:
+        recorded = json.loads((universal / UNIVERSAL_CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        return f"{universal / UNIVERSAL_CHECKSUMS}: no record of the conversion's files ({e})"
+    return verify_files(universal, recorded, dist)
 
 
 @contextmanager
