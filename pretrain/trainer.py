@@ -233,8 +233,8 @@ class Trainer:
         steps_in_window, values = self.window.flush(self.dist, self.plan.global_batch)
         values.update({"train/lr": lr, "train/weight_decay": wd, "train/memory_gib": memory_gib(self.dist.device),
                        "train/nonfinite_steps": float(self.guard.nonfinite_steps)})
-        if self.cfg.engine.precision == "fp16":
-            values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
+        # Steps DeepSpeed skipped for non-finite gradients, in any precision (its name predates that).
+        values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
         grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm
