@@ -42,6 +42,13 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_identity(cfg, parameter_shapes: dict[str, list[int]]) -> dict:
+    """What a checkpoint's ``meta.json`` must match to be loaded into the objective that ``cfg`` builds,
+    whose parameters have ``parameter_shapes`` (see :meth:`Checkpoints.verify`)."""
+    return {"objective": cfg.objective.name, "model": cfg.model.name, "model_kwargs": cfg.model.kwargs,
+            "image_size": cfg.data.image_size, "parameters": parameter_shapes}
+
+
 def file_checksum(path: Path) -> dict:
     """``{"bytes": size, "sha256": hex digest}`` of ``path``, read in chunks (ZeRO shards can be GBs)."""
     digest = hashlib.sha256()

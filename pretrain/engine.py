@@ -104,6 +104,21 @@ def zero_checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
 
 
+def checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """The weights of DeepSpeed checkpoint ``directory/tag`` in fp32, whole: gathered from its ZeRO
+    partitions, or (ZeRO stage 0, no optimizer-state files) its model states as saved. Call it inside
+    :func:`weights_only_loading`."""
+    tag_dir = Path(directory) / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        state = zero_checkpoint_fp32_weights(directory, tag)
+        return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
+    states = torch.load(files[0], map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
 def is_partitioned(param: nn.Parameter) -> bool:
     """Whether ZeRO-3 holds ``param`` as partitions (its ``local_shard`` is a part of it)."""
     return hasattr(param, "ds_tensor")
