@@ -578,14 +578,14 @@ class Engine:
         finally:
             self.optimizer.skip = False
 
-    def fp16_overflow(self) -> tuple[float, float] | None:
+    def fp16_overflow(self) -> tuple[float, float] | tuple[None, None] | None:
         """After an optimizer step: (loss scale, its minimum) when DeepSpeed skipped the step for a
         gradient overflow (and lowered the fp16 scale, down to the minimum); None otherwise. Its ZeRO
         optimizers skip steps whose gradients are not finite in fp32 and bf16 too ("OVERFLOW!
-        Skipping step"): there is no scale to lower, so such a step counts as one at the minimum, (1, 1)."""
+        Skipping step"), with no scale to lower: (None, None)."""
         if self.engine.was_step_applied():
             return None
-        return loss_scale_state(self.engine.optimizer) or (1.0, 1.0)
+        return loss_scale_state(self.engine.optimizer) or (None, None)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it
