@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from pretrain.checkpoint import CheckpointError, file_checksum, verify_files
+from pretrain.checkpoint import META_NAME, CheckpointError, file_checksum, verify_files
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
 from pretrain.files import atomic_write
@@ -888,6 +888,10 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
             os.replace(out, target)
         except CheckpointError as e:
             failure = e
+        except KeyError as e:
+            if e.args[:1] not in (("exp_avg",), ("exp_avg_sq",)):
+                raise
+            failure = unconvertible_error(checkpoint, e, dist.world_size)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     # Every rank learns whether rank 0 converted it (a barrier that cannot leave the others waiting).
@@ -898,6 +902,21 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
         raise CheckpointError(f"{checkpoint}: rank 0 refused it while converting it for another number of "
                               f"processes (its error names the file)")
     return target
+
+
+def unconvertible_error(checkpoint: Path, error: KeyError, world_size: int) -> CheckpointError:
+    """The error for a checkpoint whose optimizer state lacks the Adam moments of a param group that
+    had not stepped when it was saved (DINO's frozen last layer): written before SkipAndFreeze gave
+    such groups their first state. DeepSpeed's conversion raises a bare ``KeyError: 'exp_avg'``."""
+    try:
+        saved = json.loads((checkpoint / META_NAME).read_text()).get("world_size")
+    except (OSError, ValueError):
+        saved = None
+    original = f"its original {saved} processes" if saved else "the number of processes that wrote it"
+    return CheckpointError(f"{checkpoint}: cannot be converted for {world_size} processes: its optimizer state has "
+                           f"no Adam moments ({error}) for a param group that had not stepped yet (a checkpoint "
+                           f"written before vitscale saved them). Resume it once on {original} (its next "
+                           f"checkpoint converts), then on {world_size}")
 
 
 def universal_problem(universal: Path, dist: DistEnv) -> str | None:
