@@ -62,16 +62,17 @@ def file_checksum(path: Path) -> dict:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def check_file(path: Path, recorded: dict) -> str | None:
-    """Why ``path`` is not the file recorded at save time (``file_checksum``'s dict), or None."""
+def check_file(path: Path, recorded: dict, record: str = META_NAME, owner: str = "checkpoint") -> str | None:
+    """Why ``path`` is not the file recorded when it was written (``file_checksum``'s dict, kept in
+    the ``owner``'s ``record`` file), or None."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return f"{path}: missing (the checkpoint's {META_NAME} lists it, {recorded['bytes']} bytes)"
+        return f"{path}: missing (the {owner}'s {record} lists it, {recorded['bytes']} bytes)"
     if size != recorded["bytes"]:
         return f"{path}: truncated or corrupt ({size} bytes, {recorded['bytes']} when it was written)"
     if file_checksum(path)["sha256"] != recorded["sha256"]:
-        return (f"{path}: corrupt: its sha256 differs from the one recorded in {META_NAME} when it was "
+        return (f"{path}: corrupt: its sha256 differs from the one recorded in {record} when it was "
                 f"written (bytes changed on disk)")
     return None
 
@@ -235,16 +236,18 @@ class Checkpoints:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
 
 
-def verify_files(path: Path, saved_meta: dict, dist: DistEnv) -> str | None:
-    """Why the files of checkpoint directory ``path`` are not those its ``meta.json`` (``saved_meta``)
-    records, or None. Every listed file is checked (the ranks share the hashing: a collective, all
-    ranks get the same answer); a ``*.pt`` file it does not list is refused too. A checkpoint written
-    before vitscale recorded checksums only has its files checked for torch's complete zip format."""
+def verify_files(path: Path, saved_meta: dict, dist: DistEnv, record: str = META_NAME,
+                 owner: str = "checkpoint") -> str | None:
+    """Why the files of directory ``path`` are not those its ``record`` file (``saved_meta``: a
+    checkpoint's ``meta.json``, or the ``owner`` that wrote another record) lists, or None. Every listed
+    file is checked (the ranks share the hashing: a collective, all ranks get the same answer); a
+    ``*.pt`` file it does not list is refused too. A checkpoint written before vitscale recorded
+    checksums only has its files checked for torch's complete zip format."""
     files = saved_meta.get("files")
     if files is None:
         if dist.is_main:
             log.warning("%s: no checksums recorded (written by an older vitscale); files checked for "
-                        "completeness only", path / META_NAME)
+                        "completeness only", path / record)
         for file in sorted(path.glob("*.pt")):
             if not zipfile.is_zipfile(file):  # torch.save's format; a cut-off file loses its zip directory
                 return f"{file}: truncated or corrupt ({file.stat().st_size} bytes)"
@@ -253,12 +256,13 @@ def verify_files(path: Path, saved_meta: dict, dist: DistEnv) -> str | None:
         not isinstance(r, dict) or not isinstance(r.get("bytes"), int) or not isinstance(r.get("sha256"), str)
         for r in files.values())
     if malformed:
-        return f"{path / META_NAME}: its \"files\" entry does not give a size and a sha256 for every file"
+        return f"{path / record}: its \"files\" entry does not give a size and a sha256 for every file"
     unlisted = sorted(set(p.name for p in path.glob("*.pt")) - set(files))
     if unlisted:
-        return f"{path / unlisted[0]}: not written by this checkpoint's save (its {META_NAME} does not list it)"
+        return f"{path / unlisted[0]}: not written by this {owner}'s save (its {record} does not list it)"
     names = sorted(files)
-    mine = next((p for p in (check_file(path / n, files[n]) for n in names[dist.rank::dist.world_size]) if p), None)
+    mine = next((p for p in (check_file(path / n, files[n], record, owner) for n in names[dist.rank::dist.world_size])
+                 if p), None)
     return next((p for p in dist.gather_objects(mine) if p), None)
 
 

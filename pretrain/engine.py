@@ -926,7 +926,7 @@ def universal_problem(universal: Path, dist: DistEnv) -> str | None:
         recorded = json.loads((universal / UNIVERSAL_CHECKSUMS).read_text())
     except (OSError, ValueError) as e:
         return f"{universal / UNIVERSAL_CHECKSUMS}: no record of the conversion's files ({e})"
-    return verify_files(universal, recorded, dist)
+    return verify_files(universal, recorded, dist, UNIVERSAL_CHECKSUMS, "conversion")
 
 
 @contextmanager

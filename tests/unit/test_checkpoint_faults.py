@@ -228,3 +228,27 @@ def test_a_checkpoint_without_a_frozen_groups_moments_is_refused_saying_how_to_c
                        r".*no Adam moments \('exp_avg'\).*Resume it once on its original 2 processes"):
         convert_to_universal(checkpoint, torch.nn.Linear(2, 2), DistEnv())
     assert not (checkpoint / UNIVERSAL_DIR).exists() and [p.name for p in checkpoint.iterdir()] == ["meta.json"]
+
+
+def test_a_changed_universal_conversion_is_named_with_its_own_record(tmp_path):
+    """The universal conversion's files are recorded in its checksums.json, not in a meta.json: the
+    messages name the record that holds the checksum."""
+    from pretrain.checkpoint import file_checksum
+    from pretrain.engine import UNIVERSAL_CHECKSUMS, universal_problem
+
+    universal = tmp_path / "universal"
+    universal.mkdir()
+    torch.save({"weights": torch.arange(64.0)}, universal / "buffers.pt")
+    (universal / UNIVERSAL_CHECKSUMS).write_text(json.dumps({"files": {"buffers.pt":
+                                                                       file_checksum(universal / "buffers.pt")}}))
+    assert universal_problem(universal, DistEnv()) is None
+    flip_bytes(universal / "buffers.pt")
+    assert universal_problem(universal, DistEnv()) == (
+        f"{universal / 'buffers.pt'}: corrupt: its sha256 differs from the one recorded in checksums.json when it "
+        f"was written (bytes changed on disk)")
+    (universal / "buffers.pt").unlink()
+    assert universal_problem(universal, DistEnv()).startswith(
+        f"{universal / 'buffers.pt'}: missing (the conversion's checksums.json lists it, ")
+    torch.save({}, universal / "extra.pt")
+    assert universal_problem(universal, DistEnv()) == (
+        f"{universal / 'extra.pt'}: not written by this conversion's save (its checksums.json does not list it)")
