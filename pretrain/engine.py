@@ -889,7 +889,9 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
         except CheckpointError as e:
             failure = e
         except KeyError as e:
-            if e.args[:1] not in (("exp_avg",), ("exp_avg_sq",)):
+            # A group's state without its moments, or (an index) with no state at all.
+            missing = e.args[0] if e.args else None
+            if missing not in ("exp_avg", "exp_avg_sq") and not isinstance(missing, int):
                 raise
             failure = unconvertible_error(checkpoint, e, dist.world_size)
         finally:
@@ -914,7 +916,7 @@ def unconvertible_error(checkpoint: Path, error: KeyError, world_size: int) -> C
         saved = None
     original = f"its original {saved} processes" if saved else "the number of processes that wrote it"
     return CheckpointError(f"{checkpoint}: cannot be converted for {world_size} processes: its optimizer state has "
-                           f"no Adam moments ({error}) for a param group that had not stepped yet (a checkpoint "
+                           f"no Adam moments (KeyError: {error}) for a param group that had not stepped yet (a checkpoint "
                            f"written before vitscale saved them). Resume it once on {original} (its next "
                            f"checkpoint converts), then on {world_size}")
 

@@ -208,28 +208,6 @@ def test_deepspeed_states_load_weights_only_and_a_payload_does_not_run(tmp_path)
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # as it was before
 
 
-def test_a_checkpoint_without_a_frozen_groups_moments_is_refused_saying_how_to_convert_it(tmp_path, monkeypatch):
-    """Checkpoints written before a frozen param group got its first Adam state (DINO's last layer)
-    fail DeepSpeed's universal conversion inside ``extract_zero_shards``; the resume on another number
-    of processes says which checkpoint and what to do instead of DeepSpeed's bare KeyError."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    from pretrain.engine import UNIVERSAL_DIR, convert_to_universal
-
-    checkpoint = tmp_path / "checkpoints" / tag_for(4)
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "meta.json").write_text(json.dumps({"world_size": 2, "files": {}}))
-
-    def convert_without_moments(args):
-        raise KeyError("exp_avg")  # as extract_zero_shards raises it on such a checkpoint
-
-    monkeypatch.setattr(ds_to_universal, "main", convert_without_moments)
-    with pytest.raises(CheckpointError, match=re.escape(f"{checkpoint}: cannot be converted for 1 processes: ") +
-                       r".*no Adam moments \('exp_avg'\).*Resume it once on its original 2 processes"):
-        convert_to_universal(checkpoint, torch.nn.Linear(2, 2), DistEnv())
-    assert not (checkpoint / UNIVERSAL_DIR).exists() and [p.name for p in checkpoint.iterdir()] == ["meta.json"]
-
-
 def test_a_changed_universal_conversion_is_named_with_its_own_record(tmp_path):
     """The universal conversion's files are recorded in its checksums.json, not in a meta.json: the
     messages name the record that holds the checksum."""
