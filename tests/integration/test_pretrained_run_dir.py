@@ -4,6 +4,8 @@ student and MoBY's momentum target were found)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 from finetune import weights
 from pretrain.checkpoint import tag_for
 from pretrain.engine import weights_only_loading, zero_checkpoint_fp32_weights
-from tests.conftest import run_module
+from tests.conftest import flip_bytes, run_module
 from tests.helpers import RESUME_DINO, RUN_MOBY
 
 COMMON = ["run.threads=1", "train.progress=false", "data.workers=0", "data.synthetic=true", "data.image_size=32",
@@ -47,3 +49,8 @@ def test_a_run_without_an_export_gives_the_network_its_export_holds(tmp_path, ob
     other = {k[len(other):]: v for k, v in consolidated.items() if k.startswith(other)}
     assert set(other) == set(exported)
     assert any(not torch.equal(other[key], value) for key, value in exported.items())  # the other network
+
+    damaged = sorted((run_dir / "checkpoints" / tag_for(STOP)).glob("*model_states.pt"))[0]
+    flip_bytes(damaged)  # refused as a resume refuses it, naming the file
+    with pytest.raises(weights.WeightsError, match=f"^{re.escape(str(damaged))}: corrupt: its sha256 differs"):
+        weights.load(run_dir / "checkpoints", model_keys)
