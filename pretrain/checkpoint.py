@@ -102,10 +102,10 @@ class Checkpoints:
             return None
         except UnicodeDecodeError:
             raise CheckpointError(f"{pointer}: not a checkpoint tag (not UTF-8 text); "
-                                  f"{self._alternatives(None)}") from None
+                                  f"{self.alternatives(None)}") from None
         if not TAG_PATTERN.match(tag) or not (self.directory / tag).is_dir():
             raise CheckpointError(f"{pointer} names {tag!r}, which is not a checkpoint here; "
-                                  f"{self._alternatives(None)}")
+                                  f"{self.alternatives(None)}")
         return tag
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
@@ -181,7 +181,7 @@ class Checkpoints:
             refused = str(e)
         if not (self.directory / fallback / META_NAME).is_file():
             raise CheckpointError(f"train.resume_from={fallback}: {self.directory / fallback} is not a complete "
-                                  f"checkpoint; {self._alternatives(None)}")
+                                  f"checkpoint; {self.alternatives(None)}")
         if self.dist.is_main:
             log.warning("%s\nresuming from %s instead, as train.resume_from asks", refused, fallback)
         self.verify(fallback, meta)
@@ -214,13 +214,18 @@ class Checkpoints:
                                   f"{listed}); use another run.dir or train.resume=false")
         problem = verify_files(path, saved, self.dist)
         if problem:
-            raise CheckpointError(f"{problem}; {self._alternatives(tag)}")
+            raise CheckpointError(f"{problem}; {self.alternatives(tag)}")
         return saved
 
-    def _alternatives(self, refused: str | None) -> str:
-        """What a user can do about a refused checkpoint, naming the other complete ones."""
-        others = sorted((d.name for d in self.directory.iterdir() if d.name != refused and
-                         TAG_PATTERN.match(d.name) and (d / META_NAME).is_file()), reverse=True)
+    def complete_tags(self, excluding: str | None = None) -> list[str]:
+        """The tags of the complete checkpoints here (with a ``meta.json``), newest first."""
+        return sorted((d.name for d in self.directory.iterdir() if d.name != excluding and
+                       TAG_PATTERN.match(d.name) and (d / META_NAME).is_file()), reverse=True)
+
+    def alternatives(self, refused: str | None) -> str:
+        """What a user can do about a refused checkpoint, naming the other complete ones (a resume's
+        options; a reader of checkpoints for another purpose overrides it)."""
+        others = self.complete_tags(excluding=refused)
         older = (f"to resume from an older complete checkpoint ({', '.join(others[:5])}), set "
                  f"train.resume_from=TAG; " if others else "")
         return f"{older}to start afresh, use another run.dir or train.resume=false"

@@ -51,7 +51,7 @@ def checkpoint_backbone(run_dir: str | Path, tag: str | None = None) -> tuple[di
     cfg = _config(run_dir)
     objective = _objective(cfg, run_dir)
     dist = DistEnv()  # this process alone: nothing is exchanged
-    checkpoints = Checkpoints(run_dir, cfg.train.keep_last, dist)
+    checkpoints = _PretrainedCheckpoints(run_dir, cfg.train.keep_last, dist)
     tag = tag or checkpoints.latest()
     if tag is None:
         raise CheckpointError(f"{run_dir}: no export and no complete checkpoint "
@@ -77,6 +77,18 @@ def checkpoint_backbone(run_dir: str | Path, tag: str | None = None) -> tuple[di
              for k, v in backbone.state_dict().items()}
     name = objective.backbone_prefix().rstrip(".")
     return state, f"{name} of {path} (objective.name={cfg.objective.name}, as its export would hold it)"
+
+
+class _PretrainedCheckpoints(Checkpoints):
+    """A run's checkpoints read as ``pretrained=``: a refused one points to the others by path, not
+    to the resume's keys."""
+
+    def alternatives(self, refused: str | None) -> str:
+        others = self.complete_tags(excluding=refused)
+        if not others:
+            return "the run has no other complete checkpoint"
+        return (f"to read an older complete checkpoint ({', '.join(others[:5])}), give "
+                f"pretrained={self.directory}/TAG")
 
 
 def _config(run_dir: Path) -> Config:
