@@ -2,8 +2,11 @@
 
 Sources (``pretrained=PATH``):
 - a vitscale export (``RUN_DIR/export`` or ``RUN_DIR``: ``backbone.safetensors`` + ``backbone.json``);
-- a vitscale run dir without an export, or a DeepSpeed checkpoint directory (``RUN_DIR/checkpoints``
-  or one ``step_*`` tag in it): consolidated from the ZeRO shards;
+- a vitscale pre-training run dir without an export (``RUN_DIR``, ``RUN_DIR/checkpoints`` or one
+  ``step_*`` tag in it): the network its export would hold (DINO's teacher, MoBY's online encoder or
+  its target, see pretrain.run_backbone), from the checkpoint, built from the run's config;
+- another DeepSpeed checkpoint directory (a fine-tuning run's, a foreign one): consolidated from the
+  ZeRO shards;
 - a ``.safetensors`` file, or a ``.pth``/``.pt``/``.bin`` file read with ``torch.load(weights_only=True)``.
 
 Layouts are recognized by their keys: timm state dicts, DINO (``teacher``/``student`` entries,
@@ -107,6 +110,11 @@ def read(path: str | Path, checkpoint_key: str | None = None) -> dict[str, torch
         if location is None:
             raise WeightsError(f"pretrained={str(path)!r}: a directory with neither an export "
                                f"(backbone.safetensors) nor a DeepSpeed checkpoint (latest, *model_states.pt)")
+        from pretrain.run_backbone import is_pretraining_run
+
+        run_dir = _run_dir_of(path)
+        if run_dir is not None and is_pretraining_run(run_dir):
+            return _exported_network(run_dir, location[1])
         return _consolidate(*location)
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
@@ -129,6 +137,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable safetensors file: {e}") from None
 
 
+def _exported_network(run_dir: Path, tag: str | None) -> dict[str, torch.Tensor]:
+    """The network a pre-training run's export would hold (DINO's teacher, not its student), from
+    its checkpoint ``tag`` (default: the latest), verified as a resume verifies it."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.run_backbone import checkpoint_backbone
+
+    try:
+        state, what = checkpoint_backbone(run_dir, tag)
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
+    log.info("%s has no export: reading the %s", run_dir, what)
+    return state
+
+
 def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     """The fp32 weights of a DeepSpeed checkpoint, gathered from its ZeRO partitions.
 
@@ -136,7 +158,8 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     file is read weights-only (DeepSpeed's own reader included), with only the few DeepSpeed classes
     its states hold allowed: a file that would unpickle anything else is refused, naming it.
     """
-    from pretrain.engine import weights_only_loading, zero_checkpoint_fp32_weights
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.engine import checkpoint_fp32_weights, weights_only_loading
 
     tag_dir = directory / (tag or _latest_tag(directory))
     if not tag_dir.is_dir():
@@ -144,17 +167,11 @@ def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     _verify_checksums(tag_dir)
     try:
         with weights_only_loading():
-            if any(tag_dir.glob("*optim_states.pt")):
-                state = zero_checkpoint_fp32_weights(directory, tag_dir.name)
-                return {k: v for k, v in state.items() if torch.is_tensor(v)}
-            # ZeRO stage 0 keeps whole weights in the model-states file.
-            files = sorted(tag_dir.glob("*model_states.pt"))
-            if not files:
-                raise WeightsError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
-            states = torch.load(files[0], map_location="cpu", weights_only=True)
+            return checkpoint_fp32_weights(directory, tag_dir.name)
     except pickle.UnpicklingError as e:
         raise _refused(tag_dir, e) from None
-    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
 
 
 def _latest_tag(directory: Path) -> str:

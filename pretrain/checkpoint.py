@@ -42,6 +42,13 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_identity(cfg, parameter_shapes: dict[str, list[int]]) -> dict:
+    """What a checkpoint's ``meta.json`` must match to be loaded into the objective that ``cfg`` builds,
+    whose parameters have ``parameter_shapes`` (see :meth:`Checkpoints.verify`)."""
+    return {"objective": cfg.objective.name, "model": cfg.model.name, "model_kwargs": cfg.model.kwargs,
+            "image_size": cfg.data.image_size, "parameters": parameter_shapes}
+
+
 def file_checksum(path: Path) -> dict:
     """``{"bytes": size, "sha256": hex digest}`` of ``path``, read in chunks (ZeRO shards can be GBs)."""
     digest = hashlib.sha256()
@@ -55,16 +62,17 @@ def file_checksum(path: Path) -> dict:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def check_file(path: Path, recorded: dict) -> str | None:
-    """Why ``path`` is not the file recorded at save time (``file_checksum``'s dict), or None."""
+def check_file(path: Path, recorded: dict, record: str = META_NAME, owner: str = "checkpoint") -> str | None:
+    """Why ``path`` is not the file recorded when it was written (``file_checksum``'s dict, kept in
+    the ``owner``'s ``record`` file), or None."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return f"{path}: missing (the checkpoint's {META_NAME} lists it, {recorded['bytes']} bytes)"
+        return f"{path}: missing (the {owner}'s {record} lists it, {recorded['bytes']} bytes)"
     if size != recorded["bytes"]:
         return f"{path}: truncated or corrupt ({size} bytes, {recorded['bytes']} when it was written)"
     if file_checksum(path)["sha256"] != recorded["sha256"]:
-        return (f"{path}: corrupt: its sha256 differs from the one recorded in {META_NAME} when it was "
+        return (f"{path}: corrupt: its sha256 differs from the one recorded in {record} when it was "
                 f"written (bytes changed on disk)")
     return None
 
@@ -94,10 +102,10 @@ class Checkpoints:
             return None
         except UnicodeDecodeError:
             raise CheckpointError(f"{pointer}: not a checkpoint tag (not UTF-8 text); "
-                                  f"{self._alternatives(None)}") from None
+                                  f"{self.alternatives(None)}") from None
         if not TAG_PATTERN.match(tag) or not (self.directory / tag).is_dir():
             raise CheckpointError(f"{pointer} names {tag!r}, which is not a checkpoint here; "
-                                  f"{self._alternatives(None)}")
+                                  f"{self.alternatives(None)}")
         return tag
 
     def save(self, engine, step: int, client_state: dict, meta: dict) -> str:
@@ -173,7 +181,7 @@ class Checkpoints:
             refused = str(e)
         if not (self.directory / fallback / META_NAME).is_file():
             raise CheckpointError(f"train.resume_from={fallback}: {self.directory / fallback} is not a complete "
-                                  f"checkpoint; {self._alternatives(None)}")
+                                  f"checkpoint; {self.alternatives(None)}")
         if self.dist.is_main:
             log.warning("%s\nresuming from %s instead, as train.resume_from asks", refused, fallback)
         self.verify(fallback, meta)
@@ -206,13 +214,18 @@ class Checkpoints:
                                   f"{listed}); use another run.dir or train.resume=false")
         problem = verify_files(path, saved, self.dist)
         if problem:
-            raise CheckpointError(f"{problem}; {self._alternatives(tag)}")
+            raise CheckpointError(f"{problem}; {self.alternatives(tag)}")
         return saved
 
-    def _alternatives(self, refused: str | None) -> str:
-        """What a user can do about a refused checkpoint, naming the other complete ones."""
-        others = sorted((d.name for d in self.directory.iterdir() if d.name != refused and
-                         TAG_PATTERN.match(d.name) and (d / META_NAME).is_file()), reverse=True)
+    def complete_tags(self, excluding: str | None = None) -> list[str]:
+        """The tags of the complete checkpoints here (with a ``meta.json``), newest first."""
+        return sorted((d.name for d in self.directory.iterdir() if d.name != excluding and
+                       TAG_PATTERN.match(d.name) and (d / META_NAME).is_file()), reverse=True)
+
+    def alternatives(self, refused: str | None) -> str:
+        """What a user can do about a refused checkpoint, naming the other complete ones (a resume's
+        options; a reader of checkpoints for another purpose overrides it)."""
+        others = self.complete_tags(excluding=refused)
         older = (f"to resume from an older complete checkpoint ({', '.join(others[:5])}), set "
                  f"train.resume_from=TAG; " if others else "")
         return f"{older}to start afresh, use another run.dir or train.resume=false"
@@ -228,16 +241,18 @@ class Checkpoints:
                 shutil.rmtree(self.directory / tag, ignore_errors=True)
 
 
-def verify_files(path: Path, saved_meta: dict, dist: DistEnv) -> str | None:
-    """Why the files of checkpoint directory ``path`` are not those its ``meta.json`` (``saved_meta``)
-    records, or None. Every listed file is checked (the ranks share the hashing: a collective, all
-    ranks get the same answer); a ``*.pt`` file it does not list is refused too. A checkpoint written
-    before vitscale recorded checksums only has its files checked for torch's complete zip format."""
+def verify_files(path: Path, saved_meta: dict, dist: DistEnv, record: str = META_NAME,
+                 owner: str = "checkpoint") -> str | None:
+    """Why the files of directory ``path`` are not those its ``record`` file (``saved_meta``: a
+    checkpoint's ``meta.json``, or the ``owner`` that wrote another record) lists, or None. Every listed
+    file is checked (the ranks share the hashing: a collective, all ranks get the same answer); a
+    ``*.pt`` file it does not list is refused too. A checkpoint written before vitscale recorded
+    checksums only has its files checked for torch's complete zip format."""
     files = saved_meta.get("files")
     if files is None:
         if dist.is_main:
             log.warning("%s: no checksums recorded (written by an older vitscale); files checked for "
-                        "completeness only", path / META_NAME)
+                        "completeness only", path / record)
         for file in sorted(path.glob("*.pt")):
             if not zipfile.is_zipfile(file):  # torch.save's format; a cut-off file loses its zip directory
                 return f"{file}: truncated or corrupt ({file.stat().st_size} bytes)"
@@ -246,12 +261,13 @@ def verify_files(path: Path, saved_meta: dict, dist: DistEnv) -> str | None:
         not isinstance(r, dict) or not isinstance(r.get("bytes"), int) or not isinstance(r.get("sha256"), str)
         for r in files.values())
     if malformed:
-        return f"{path / META_NAME}: its \"files\" entry does not give a size and a sha256 for every file"
+        return f"{path / record}: its \"files\" entry does not give a size and a sha256 for every file"
     unlisted = sorted(set(p.name for p in path.glob("*.pt")) - set(files))
     if unlisted:
-        return f"{path / unlisted[0]}: not written by this checkpoint's save (its {META_NAME} does not list it)"
+        return f"{path / unlisted[0]}: not written by this {owner}'s save (its {record} does not list it)"
     names = sorted(files)
-    mine = next((p for p in (check_file(path / n, files[n]) for n in names[dist.rank::dist.world_size]) if p), None)
+    mine = next((p for p in (check_file(path / n, files[n], record, owner) for n in names[dist.rank::dist.world_size])
+                 if p), None)
     return next((p for p in dist.gather_objects(mine) if p), None)
 
 

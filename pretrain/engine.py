@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import pickle
@@ -26,9 +27,10 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import META_NAME, CheckpointError, file_checksum, verify_files
 from pretrain.config import Config, ConfigError, merge
 from pretrain.dist import DistEnv
+from pretrain.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,21 @@ def zero_checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+
+
+def checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """The weights of DeepSpeed checkpoint ``directory/tag`` in fp32, whole: gathered from its ZeRO
+    partitions, or (ZeRO stage 0, no optimizer-state files) its model states as saved. Call it inside
+    :func:`weights_only_loading`."""
+    tag_dir = Path(directory) / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        state = zero_checkpoint_fp32_weights(directory, tag)
+        return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
+    states = torch.load(files[0], map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
 def is_partitioned(param: nn.Parameter) -> bool:
@@ -233,9 +250,37 @@ class SkipAndFreeze:
         finally:
             self.param_groups = groups
 
+    def state_dict(self):
+        """The optimizer's state dict, with a state for every parameter: one that has none yet (a
+        group frozen so far, DINO's last layer) gets the one its first step would create (zero
+        moments, step 0), so numerics do not change. DeepSpeed's universal conversion, which
+        re-shards a checkpoint for another number of processes, needs every group's moments
+        (``KeyError: 'exp_avg'`` otherwise). ZeRO's wrappers call this with every group's
+        partitions in place, ZeRO-3 included."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if not self.state.get(param):
+                    self.state[param] = self.first_state(param, group)
+        return super().state_dict()
+
+    def first_state(self, param: torch.Tensor, group: dict) -> dict:
+        """The state the optimizer creates for ``param`` at its first step."""
+        raise NotImplementedError
+
 
 class SkippableAdamW(SkipAndFreeze, torch.optim.AdamW):
     """torch's AdamW (fused on GPUs), with :class:`SkipAndFreeze`."""
+
+    def first_state(self, param: torch.Tensor, group: dict) -> dict:
+        # torch's own lazy initialization (step's dtype and device follow fused/capturable), run on a
+        # zero gradient that takes no memory; it reads nothing of the gradient's values.
+        grad = param.grad
+        param.grad = torch.zeros((), dtype=param.dtype, device=param.device).expand_as(param)
+        try:
+            self._init_group({**group, "params": [param]}, [], [], [], [], [], [])
+        finally:
+            param.grad = grad
+        return self.state[param]
 
 
 def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torch.optim.Optimizer:
@@ -250,7 +295,11 @@ def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torc
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     class SkippableCPUAdam(SkipAndFreeze, DeepSpeedCPUAdam):
-        pass
+        def first_state(self, param: torch.Tensor, group: dict) -> dict:
+            # As DeepSpeedCPUAdam.step creates it.
+            dtype = torch.float if self.fp32_optimizer_states else param.dtype
+            return {"step": 0, "exp_avg": torch.zeros_like(param.data, dtype=dtype, device="cpu"),
+                    "exp_avg_sq": torch.zeros_like(param.data, dtype=dtype, device="cpu")}
 
     return SkippableCPUAdam(param_groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
                             adamw_mode=True)
@@ -553,13 +602,14 @@ class Engine:
         finally:
             self.optimizer.skip = False
 
-    def fp16_overflow(self) -> tuple[float, float] | None:
-        """After an optimizer step: (loss scale, its minimum) when DeepSpeed skipped the step for an fp16
-        gradient overflow (and lowered the scale, down to the minimum); None otherwise."""
-        state = loss_scale_state(self.engine.optimizer)
-        if state is None or self.engine.was_step_applied():
+    def fp16_overflow(self) -> tuple[float, float] | tuple[None, None] | None:
+        """After an optimizer step: (loss scale, its minimum) when DeepSpeed skipped the step for a
+        gradient overflow (and lowered the fp16 scale, down to the minimum); None otherwise. Its ZeRO
+        optimizers skip steps whose gradients are not finite in fp32 and bf16 too ("OVERFLOW!
+        Skipping step"), with no scale to lower: (None, None)."""
+        if self.engine.was_step_applied():
             return None
-        return state
+        return loss_scale_state(self.engine.optimizer) or (None, None)
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it
@@ -783,6 +833,7 @@ class Engine:
 # -- resuming at another world size ---------------------------------------------------------------------
 UNIVERSAL_DIR = "universal"  # inside a checkpoint: its DeepSpeed universal conversion
 BUFFERS_FILE = "buffers.pt"  # inside the conversion: the module's buffers, whole
+UNIVERSAL_CHECKSUMS = "checksums.json"  # inside the conversion: each file's size and sha256
 
 
 def load_resharded(engine: Engine, checkpoint: Path) -> dict:
@@ -807,6 +858,8 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
         ds._config.load_universal_checkpoint = False
     if path is None:
         raise FileNotFoundError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    if hasattr(ds.optimizer, "fp32_partitioned_groups_flat"):
+        restore_zero3_step_counts(ds.optimizer, universal)
     buffers = torch.load(universal / BUFFERS_FILE, map_location=engine.dist.device, weights_only=True)
     result = engine.module.load_state_dict(buffers, strict=False)
     if result.unexpected_keys:
@@ -815,12 +868,38 @@ def load_resharded(engine: Engine, checkpoint: Path) -> dict:
     return client_state
 
 
+def restore_zero3_step_counts(zero3, universal: Path) -> None:
+    """Each ZeRO-3 sub-group's own Adam step count, as saved. DeepSpeed's universal load gives every
+    sub-group the first one's count, as one shared tensor that each sub-group's step then advances
+    again: a frozen group (DINO's last layer, 0 steps) would come back as old as the others, and
+    Adam's bias correction would be off. The conversion's ``optimizer_state.pt`` is rank 0's state,
+    which holds every sub-group's count (in the order ZeRO-3's state dict lists them: by group)."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    states = saved["optimizer_state_dict"]["state"]
+    groups = zero3.sub_group_to_group_id
+    listed = sorted(range(len(zero3.fp32_partitioned_groups_flat)), key=lambda sub_group: groups[sub_group])
+    base = zero3.optimizer
+    for index, sub_group in enumerate(listed):
+        flat = zero3.fp32_partitioned_groups_flat[sub_group]
+        step = states.get(index, {}).get("step")
+        if step is not None and flat in base.state:
+            base.state[flat]["step"] = step.clone() if torch.is_tensor(step) else step
+
+
 def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> Path:
     """``CHECKPOINT/universal``, converted by rank 0 if it is not there yet (a collective).
 
     Written under a temporary name and renamed when complete, so an interrupted conversion is
-    redone, never half-read."""
+    redone, never half-read. Every file of it is recorded (size, sha256) in ``checksums.json``;
+    a conversion whose files differ from their record (or that has none) is converted again from
+    the checkpoint, which was verified before: the conversion is derived data."""
     target = checkpoint / UNIVERSAL_DIR
+    if target.is_dir():
+        problem = universal_problem(target, dist)
+        if problem and dist.is_main:
+            log.warning("%s; converting %s again", problem, checkpoint)
+            shutil.rmtree(target)
+        dist.barrier()
     failure = None
     if dist.is_main and not target.is_dir():
         from deepspeed.checkpoint import ds_to_universal
@@ -836,9 +915,17 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), naming_refused_files():
                 ds_to_universal.main(args)
                 torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
+            files = {str(f.relative_to(out)): file_checksum(f) for f in sorted(out.rglob("*")) if f.is_file()}
+            atomic_write(out / UNIVERSAL_CHECKSUMS, json.dumps({"files": files}, indent=1).encode())
             os.replace(out, target)
         except CheckpointError as e:
             failure = e
+        except KeyError as e:
+            # A group's state without its moments, or (an index) with no state at all.
+            missing = e.args[0] if e.args else None
+            if missing not in ("exp_avg", "exp_avg_sq") and not isinstance(missing, int):
+                raise
+            failure = unconvertible_error(checkpoint, e, dist.world_size)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     # Every rank learns whether rank 0 converted it (a barrier that cannot leave the others waiting).
@@ -849,6 +936,31 @@ def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> 
         raise CheckpointError(f"{checkpoint}: rank 0 refused it while converting it for another number of "
                               f"processes (its error names the file)")
     return target
+
+
+def unconvertible_error(checkpoint: Path, error: KeyError, world_size: int) -> CheckpointError:
+    """The error for a checkpoint whose optimizer state lacks the Adam moments of a param group that
+    had not stepped when it was saved (DINO's frozen last layer): written before SkipAndFreeze gave
+    such groups their first state. DeepSpeed's conversion raises a bare ``KeyError: 'exp_avg'``."""
+    try:
+        saved = json.loads((checkpoint / META_NAME).read_text()).get("world_size")
+    except (OSError, ValueError):
+        saved = None
+    original = f"its original {saved} processes" if saved else "the number of processes that wrote it"
+    return CheckpointError(f"{checkpoint}: cannot be converted for {world_size} processes: its optimizer state has "
+                           f"no Adam moments (KeyError: {error}) for a param group that had not stepped yet (a checkpoint "
+                           f"written before vitscale saved them). Resume it once on {original} (its next "
+                           f"checkpoint converts), then on {world_size}")
+
+
+def universal_problem(universal: Path, dist: DistEnv) -> str | None:
+    """Why the conversion ``universal`` is not as it was written, or None (a collective: the ranks
+    share the hashing)."""
+    try:
+        recorded = json.loads((universal / UNIVERSAL_CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        return f"{universal / UNIVERSAL_CHECKSUMS}: no record of the conversion's files ({e})"
+    return verify_files(universal, recorded, dist, UNIVERSAL_CHECKSUMS, "conversion")
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 A run holds an exclusive ``flock`` on ``RUN_DIR/run.lock`` for its whole life (the launcher of a
 multi-process run, or the process of a single one); the kernel releases it when the holder exits,
 however it exits. A second run on the same directory is refused with the holder's pid and host,
-which the file records.
+which the file records. Other writers of a directory (the shard writer) hold it the same way, so
+that any two of them are refused.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def check_run_dir(run_dir: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def hold(run_dir: str | Path) -> Iterator[None]:
+def hold(run_dir: str | Path, holder: str = "run", advice: str = "choose another run.dir") -> Iterator[None]:
     """Hold ``run_dir`` for the life of the block, creating it; RunDirBusy when another run holds it.
 
-    A no-op in a process whose launcher already holds it (``VITSCALE_RUN_DIR_HELD``)."""
+    ``holder`` says what holds it (recorded, and named to whoever is refused); ``advice`` ends the
+    message of a refused ``holder``. A no-op in a process whose launcher already holds it
+    (``VITSCALE_RUN_DIR_HELD``)."""
     path = Path(run_dir).expanduser()
     if os.environ.get(HELD_ENV) == str(path.absolute()):
         yield
@@ -56,15 +59,14 @@ def hold(run_dir: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunDirBusy(f"{path} is in use by another run ({_holder(fd)}); wait for it to end, stop it, "
-                             f"or choose another run.dir") from None
+            raise RunDirBusy(f"{path} is in use by {_holder(fd)}; wait for it to end, stop it, or {advice}") from None
         except OSError as e:  # a file system without locks: run, but say that nothing guards the directory
             log.warning("%s: cannot lock it (%s); nothing stops a second run from using it meanwhile",
                         path / LOCK_NAME, e.strerror)
             yield
             return
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "holder": holder,
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         previous = os.environ.get(HELD_ENV)
         os.environ[HELD_ENV] = str(path.absolute())  # inherited by the ranks this process starts
@@ -80,8 +82,10 @@ def hold(run_dir: str | Path) -> Iterator[None]:
 
 
 def _holder(fd: int) -> str:
+    """``another run (pid N on HOST, since ...)``, as the holder recorded itself."""
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+        return (f"another {holder.get('holder', 'run')} (pid {holder['pid']} on {holder['host']}, "
+                f"since {holder['since']})")
     except (ValueError, KeyError, OSError):
-        return "its pid and host are not recorded yet"
+        return "another run or writer (its pid and host are not recorded yet)"

@@ -3,7 +3,9 @@
 A non-finite loss (on any rank) skips its step, which is counted; ``max_in_a_row`` of them in a row
 stop the run. A step DeepSpeed skipped for an fp16 gradient overflow is counted too; the run stops
 once ``max_in_a_row`` in a row overflowed at the minimum loss scale, where lowering the scale can
-no longer help. Either stop names the step and the last complete checkpoint.
+no longer help. In fp32 and bf16, where DeepSpeed skips steps with non-finite gradients and has no
+scale to lower, ``max_in_a_row`` such steps in a row stop it. Every stop names the step and the last
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ class StepGuard:
         self.max_in_a_row = max_in_a_row
         self.last_checkpoint = last_checkpoint
         self.nonfinite_steps = 0  # in all (kept in checkpoints)
-        self.overflow_steps = 0  # fp16 steps DeepSpeed skipped, in all (kept in checkpoints)
+        self.overflow_steps = 0  # steps DeepSpeed skipped, in all (kept in checkpoints)
         self.nonfinite_in_a_row = 0
-        self.overflows_at_floor = 0  # fp16 overflows in a row at the minimum loss scale
+        self.overflows_at_floor = 0  # skipped in a row at the minimum fp16 loss scale, or without one
 
-    def record(self, step: int, nonfinite: bool, overflow: tuple[float, float] | None,
+    def record(self, step: int, nonfinite: bool, overflow: tuple[float, float] | tuple[None, None] | None,
                write: Callable[[str], None]) -> None:
         """Account for ``step``: ``nonfinite`` when its loss was not finite on some rank (it was
-        skipped), else ``overflow``, (loss scale now, minimum) when DeepSpeed skipped it for an fp16
-        overflow. ``write`` logs a line; NonFiniteLossError stops the run."""
+        skipped), else ``overflow`` when DeepSpeed skipped it for non-finite gradients: (loss scale
+        now, minimum) in fp16, (None, None) where there is no loss scale (fp32, bf16). ``write`` logs
+        a line; NonFiniteLossError stops the run."""
         if nonfinite:
             self.nonfinite_steps += 1
             self.nonfinite_in_a_row += 1
@@ -45,6 +48,14 @@ class StepGuard:
             return
         scale, floor = overflow
         self.overflow_steps += 1
+        if scale is None:  # nothing to lower: every such step counts towards the stop
+            self.overflows_at_floor += 1
+            write(f"step {step}: non-finite gradients, step skipped by DeepSpeed "
+                  f"({self.overflow_steps} such steps in all)")
+            self._stop_at_limit(self.overflows_at_floor,
+                                f"step {step}: the gradients were not finite in {self.overflows_at_floor} steps in "
+                                f"a row", advice="Use a lower lr or train.clip_grad. ")
+            return
         self.overflows_at_floor = self.overflows_at_floor + 1 if scale <= floor else 0
         write(f"step {step}: fp16 gradient overflow, step skipped (loss scale now {scale:g}, "
               f"{self.overflow_steps} overflows in all)")

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain import hooks
-from pretrain.checkpoint import CheckpointError, Checkpoints, export_backbone
+from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity, export_backbone
 from pretrain.config import Config, save_config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
@@ -139,10 +139,8 @@ class Trainer:
         """What a checkpoint must match to be resumed by this run (see Checkpoints.verify)."""
         shapes = {name: list(partitioned_shape(p))
                   for name, p in self.objective.named_parameters()}
-        return {"objective": self.cfg.objective.name, "model": self.cfg.model.name,
-                "model_kwargs": self.cfg.model.kwargs, "image_size": self.cfg.data.image_size,
-                "parameters": shapes, "world_size": self.dist.world_size, "data_workers": self.cfg.data.workers,
-                "global_batch": self.plan.global_batch,
+        return {**checkpoint_identity(self.cfg, shapes), "world_size": self.dist.world_size,
+                "data_workers": self.cfg.data.workers, "global_batch": self.plan.global_batch,
                 "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -241,8 +239,8 @@ class Trainer:
         steps_in_window, values = self.window.flush(self.dist, self.plan.global_batch)
         values.update({"train/lr": lr, "train/weight_decay": wd, "train/memory_gib": memory_gib(self.dist.device),
                        "train/nonfinite_steps": float(self.guard.nonfinite_steps)})
-        if self.cfg.engine.precision == "fp16":
-            values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
+        # Steps DeepSpeed skipped for non-finite gradients, in any precision (its name predates that).
+        values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
         grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = grad_norm

@@ -29,6 +29,7 @@ that are finished (``OUT/.write/`` remembers them) and writes the rest.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -50,6 +51,7 @@ from pretrain.data.hub import repo_shards, resolve_repo
 from pretrain.data.readers.parquet import Columns, footer
 from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, write_index
 from pretrain.files import atomic_write
+from pretrain.rundir import RunDirBusy, hold
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SOURCE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -350,6 +352,21 @@ def _done(out: Path, name: str) -> dict | None:
     return record if (out / name).stat().st_size == record["bytes"] else None
 
 
+def _holding_out_dir(write):
+    """``write`` with its output directory held for the whole write (pretrain.rundir's lock): a second
+    writer, or a run, on the same directory is refused at once. Without it two writers started together
+    both pass the plan check and interleave the shards of two plans."""
+    @functools.wraps(write)
+    def held(items, classes, out: Path, *args, **kwargs):
+        try:
+            with hold(out, holder="shard writer", advice="write into another directory"):
+                return write(items, classes, out, *args, **kwargs)
+        except RunDirBusy as e:
+            raise WriteError(str(e)) from None
+    return held
+
+
+@_holding_out_dir
 def write_shards(items: Iterable[Item], classes: list[str], out: Path, *, per_shard: int | None = 1000,
                  shard_bytes: int | None = None, val_fraction: float = 0.0, seed: int = 0,
                  max_side: int | None = None, workers: int = 0, problems: list[dict] | None = None,

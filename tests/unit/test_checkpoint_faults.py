@@ -206,3 +206,27 @@ def test_deepspeed_states_load_weights_only_and_a_payload_does_not_run(tmp_path)
     assert loaded["zero_stage"] is ZeroStageEnum.weights and loaded["mappings"]["w"].start == 8
     assert torch.equal(loaded["fp32"], torch.arange(4.0))
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # as it was before
+
+
+def test_a_changed_universal_conversion_is_named_with_its_own_record(tmp_path):
+    """The universal conversion's files are recorded in its checksums.json, not in a meta.json: the
+    messages name the record that holds the checksum."""
+    from pretrain.checkpoint import file_checksum
+    from pretrain.engine import UNIVERSAL_CHECKSUMS, universal_problem
+
+    universal = tmp_path / "universal"
+    universal.mkdir()
+    torch.save({"weights": torch.arange(64.0)}, universal / "buffers.pt")
+    (universal / UNIVERSAL_CHECKSUMS).write_text(json.dumps({"files": {"buffers.pt":
+                                                                       file_checksum(universal / "buffers.pt")}}))
+    assert universal_problem(universal, DistEnv()) is None
+    flip_bytes(universal / "buffers.pt")
+    assert universal_problem(universal, DistEnv()) == (
+        f"{universal / 'buffers.pt'}: corrupt: its sha256 differs from the one recorded in checksums.json when it "
+        f"was written (bytes changed on disk)")
+    (universal / "buffers.pt").unlink()
+    assert universal_problem(universal, DistEnv()).startswith(
+        f"{universal / 'buffers.pt'}: missing (the conversion's checksums.json lists it, ")
+    torch.save({}, universal / "extra.pt")
+    assert universal_problem(universal, DistEnv()) == (
+        f"{universal / 'extra.pt'}: not written by this conversion's save (its checksums.json does not list it)")

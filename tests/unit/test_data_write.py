@@ -100,6 +100,54 @@ def test_writer_is_deterministic_parallel_and_resumable(photo_folder, tmp_path):
         write.write_shards(items, classes, serial, per_shard=2, seed=5)
 
 
+def _writer(src: Path, out: Path, per_shard: int, together, results) -> None:
+    """One writer process; ``together`` holds it until the other has passed the plan check too,
+    as happens to two commands started at once (after a few seconds it goes on alone)."""
+    atomic_write = write.atomic_write
+
+    def after_both_checked_the_plan(path, data):
+        if path.name == "plan.json":
+            try:
+                together.wait(timeout=3)
+            except threading.BrokenBarrierError:
+                pass
+        atomic_write(path, data)
+
+    write.atomic_write = after_both_checked_the_plan
+    classes, items, _ = write.list_source(src)
+    try:
+        write.write_shards(items, classes, out, per_shard=per_shard)
+        results.put((per_shard, "written"))
+    except write.WriteError as e:
+        results.put((per_shard, str(e)))
+
+
+def test_a_second_writer_on_the_same_directory_is_refused(photo_folder, tmp_path):
+    import multiprocessing
+
+    out = tmp_path / "shards"
+    fork = multiprocessing.get_context("fork")
+    together, results = fork.Barrier(2), fork.Queue()
+    writers = [fork.Process(target=_writer, args=(photo_folder, out, n, together, results)) for n in (3, 5)]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(60)
+    outcome = dict(results.get(timeout=5) for _ in writers)
+    refused = [n for n, said in outcome.items() if said != "written"]
+    assert len(refused) == 1, outcome
+    assert f"{out} is in use by another shard writer (pid " in outcome[refused[0]]
+    # The directory holds the other writer's plan alone: every image once, the check finds nothing.
+    index = json.loads((out / "index.json").read_text())
+    kept = 3 if refused == [5] else 5
+    shards = index["splits"]["train"]["shards"]
+    assert sum(s["samples"] for s in shards) == 12 and len(shards) == -(-14 // kept)
+    assert check.main([str(out)]) == 0
+    with pytest.raises(write.WriteError, match="other inputs or options"):
+        classes, items, _ = write.list_source(photo_folder)
+        write.write_shards(items, classes, out, per_shard=refused[0])
+
+
 def test_writer_max_side_and_shard_bytes(photo_folder, tmp_path):
     out = tmp_path / "small"
     write.main([str(photo_folder), str(out), "--shard-bytes", "200kB", "--max-side", "128", "--no-progress"])

@@ -88,3 +88,27 @@ def test_non_finite_losses_are_counted_and_several_in_a_row_stop_the_run():
                                                  r"stopping. The last complete checkpoint is none$"):
         guard.record(5, True, None, log.write)
     assert guard.nonfinite_steps == 4
+
+
+def test_steps_deepspeed_skips_without_a_loss_scale_are_counted():
+    # fp32 and bf16: DeepSpeed's ZeRO optimizers skip a step whose gradients are not finite, with no
+    # scale to lower (issue 29: five "OVERFLOW! Skipping step" lines, run.json said 0).
+    applied = [False]
+    engine = Engine.__new__(Engine)
+    engine.engine = SimpleNamespace(optimizer=SimpleNamespace(), was_step_applied=lambda: applied[0])
+    guard = StepGuard(max_in_a_row=3, last_checkpoint=lambda: "step_00000002")
+    log = Log()
+    guard.record(0, False, engine.fp16_overflow(), log.write)
+    applied[0] = True
+    guard.record(1, False, engine.fp16_overflow(), log.write)
+    assert guard.overflow_steps == 1
+    # No fp16 and no loss scale in these precisions: the lines say what happened in any precision.
+    assert log.lines == ["step 0: non-finite gradients, step skipped by DeepSpeed (1 such steps in all)"]
+    applied[0] = False
+    with pytest.raises(NonFiniteLossError) as stopped:
+        for step in range(2, 10):
+            guard.record(step, False, engine.fp16_overflow(), log.write)
+    assert guard.overflow_steps == 4
+    assert str(stopped.value) == ("step 4: the gradients were not finite in 3 steps in a row (train.max_nonfinite=3); "
+                                  "stopping. Use a lower lr or train.clip_grad. The last complete checkpoint is "
+                                  "step_00000002")
