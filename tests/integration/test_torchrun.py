@@ -92,26 +92,17 @@ def test_two_nodes_train_to_the_end_and_node_0_holds_the_run_dir(tmp_path):
     assert json.loads((nodes.run_dir / "run.lock").read_text())["pid"] == nodes.launchers[0].pid
 
 
-def test_sigterm_to_one_node_saves_and_stops_every_node(tmp_path):
+@pytest.mark.parametrize("target", ["node 1's launcher", "every process"])
+def test_sigterm_saves_and_stops_every_node(tmp_path, target):
+    """SIGTERM to one node's launcher (not the node holding the run dir: any node may be told), or to
+    every process of both nodes at once (systemd, a cgroup kill: launchers, torchrun agents and ranks;
+    torchrun's own SIGTERM handling would stop the ranks mid-save)."""
     nodes = Nodes(tmp_path, steps=5000)
     try:
         nodes.wait_training()
-        nodes.launchers[1].send_signal(signal.SIGTERM)  # not the node holding the run dir: any node may be told
-        codes = nodes.wait(timeout=120)
-    finally:
-        nodes.close()
-    assert codes == [STOPPED_EXIT_CODE] * 2, nodes.output()
-    step = int((nodes.run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    assert 2 <= step < 5000 and f"stopped on request at step {step}" in nodes.output(), nodes.output()
-
-
-def test_sigterm_to_every_process_of_both_nodes_saves_and_stops(tmp_path):
-    """A stop of every process (systemd, a cgroup kill): launchers, torchrun agents and ranks all get
-    SIGTERM at once; torchrun's own SIGTERM handling would stop the ranks mid-save."""
-    nodes = Nodes(tmp_path, steps=5000)
-    try:
-        nodes.wait_training()
-        for p in nodes.family(0) + nodes.family(1):
+        chosen = [psutil.Process(nodes.launchers[1].pid)] if target != "every process" else \
+            nodes.family(0) + nodes.family(1)
+        for p in chosen:
             p.send_signal(signal.SIGTERM)
         codes = nodes.wait(timeout=120)
     finally:
