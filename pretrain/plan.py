@@ -98,11 +98,14 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
                                     f"or unreadable:\n  {listed}")
         found.append(shard_set)
     train = found[0]
-    if train is not None and cfg.objective.uses_labels and train.labels != "class":
+    # Pre-training's supervised objective and every later stage (a probe, a fine-tuning) train on classes.
+    objective = getattr(cfg, "objective", None)
+    if train is not None and (objective is None or objective.uses_labels) and train.labels != "class":
         what = ("holds lists of classes (multi-label)" if train.labels == "multi" else
                 "has no label column (looked for label, labels, cls, fine_label, ...)")
-        raise ConfigError(f"data.train={cfg.data.train!r}: its Parquet label column {what}; "
-                          f"objective.name={cfg.objective.name!r} needs one class per image: name such a column "
-                          f"with data.label_column, or train a self-supervised objective")
+        needs = f"objective.name={objective.name!r}" if objective is not None else "this stage"
+        raise ConfigError(f"data.train={cfg.data.train!r}: its Parquet label column {what}; {needs} needs one "
+                          f"class per image: name such a column with data.label_column"
+                          + (", or train a self-supervised objective" if objective is not None else ""))
     shards.check_train_and_val(found[0], found[1], cfg.data.train, cfg.data.val)
     return found[0], found[1]
