@@ -11,6 +11,7 @@ import pytest
 
 from pretrain.config import ConfigError
 from pretrain.engine import check_accelerator, check_offload, import_deepspeed, offload_config
+from tests.accelerator import answers_of
 from tests.conftest import REPO, python_env
 from tests.helpers import synthetic_config
 
@@ -21,7 +22,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402  (after import_d
 @pytest.mark.parametrize("answers", ["fp16=no,bf16=no", "fp16=no,bf16=yes", "fp16=yes,bf16=yes"])
 def test_a_precision_is_refused_where_the_accelerator_denies_it(force_accelerator, answers):
     force_accelerator(answers)
-    offered = {name: value == "yes" for name, value in (part.split("=") for part in answers.split(","))}
+    offered = answers_of(answers)
     check_accelerator("fp32")  # always
     for precision in ("bf16", "fp16"):
         if offered[precision]:
