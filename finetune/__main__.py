@@ -18,7 +18,7 @@ from finetune.weights import WeightsError
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.data.shards import ShardError
-from pretrain.dist import STOPPED_EXIT_CODE
+from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
 
 from finetune.reference import STAGE_MODULES
 
@@ -130,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -17,7 +17,7 @@ from pretrain import DEMO_RECIPE
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.data.shards import ShardError
-from pretrain.dist import STOPPED_EXIT_CODE
+from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
 from pretrain.rundir import RunDirBusy
 from pretrain.step_guard import NonFiniteLossError
 
@@ -178,4 +178,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as tdist
@@ -175,6 +175,23 @@ def save_on_signals(request_save: Callable[[], None]) -> None:
         request_save()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a stage's process (``python -m pretrain`` / ``finetune``) with ``code``, skipping the
+    interpreter's teardown. DeepSpeed keeps the gloo process group referenced after
+    ``destroy_process_group`` (its groups module, each engine, each ZeRO-3 parameter), so gloo's
+    backend is destroyed only in that teardown, where it can abort ("terminate called without an
+    active exception", SIGABRT): a rank that finished and saved then "dies", and its launcher
+    reports a failure. Everything the stage writes is on disk by then; what the teardown would still
+    do is done here: the data workers ended, the logs and output flushed."""
+    from pretrain.data.workers import end_all_workers
+
+    end_all_workers()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def end_with_launcher() -> None:

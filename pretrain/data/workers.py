@@ -77,7 +77,7 @@ def end_workers_at_exit(batches: Iterator) -> None:
         _open_iterators.add(batches)
         _started_workers.update(workers)  # multiprocessing holds each until it is joined
     if not _exit_hook_registered:
-        atexit.register(_end_workers)
+        atexit.register(end_all_workers)
         _exit_hook_registered = True
 
 
@@ -91,7 +91,8 @@ def end_workers_now(batches: Iterator) -> None:
     _kill_alive(workers)
 
 
-def _end_workers() -> None:
+def end_all_workers() -> None:
+    """Shut every open loader down and kill every worker still alive (at exit)."""
     for batches in list(_open_iterators):
         batches._shutdown_workers()
     _kill_alive(list(_started_workers))
