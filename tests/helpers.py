@@ -4,13 +4,11 @@ configs, building an objective without an engine, a worker's last words, a view 
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import torch
 
 from pretrain.config import load_config
-from pretrain.dist import DistEnv, leave_process_group
+from pretrain.dist import DistEnv, exit_without_teardown, leave_process_group
 from pretrain.objectives.base import RunContext, build_objective
 from tests.conftest import TINY_SWIN, TINY_VIT
 
@@ -65,15 +63,11 @@ def finish_worker(dist, result_path, results: dict) -> None:
 
 def end_worker() -> None:
     """All ranks leave the process group together, then exit at once with status 0, skipping the
-    interpreter's teardown. DeepSpeed keeps the process group referenced past destroy_process_group
-    (its groups module, each engine, each ZeRO-3 parameter), so gloo's backend is destroyed only in
-    that teardown, where it can abort: "terminate called without an active exception", a SIGABRT
-    after the results are written (twice in one CI pass, once in 120 clip_worker runs on a loaded
-    machine here). These workers check what is on disk by then; stages exit through the runs' tests."""
+    interpreter's teardown (pretrain.dist.exit_without_teardown: DeepSpeed keeps gloo's process group
+    alive into it, where it can abort after the results are written). These workers check what is
+    on disk by then; stages exit the same way."""
     leave_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)
 
 
 # -- data ---------------------------------------------------------------------------------------------
