@@ -67,7 +67,7 @@ def test_nvme_offload_is_refused_where_the_async_io_op_cannot_build(monkeypatch,
 
 # zero.Init made to build bf16 (its config says bf16): the check after the build names the parameter.
 OTHER_DTYPE_BUILD = """
-import pretrain.engine as engine
+import pretrain.engine.partitions as engine
 from pretrain.dist import init_distributed
 from pretrain.objectives.base import RunContext, build_objective
 from tests.conftest import TINY_VIT

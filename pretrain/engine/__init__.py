@@ -1,0 +1,41 @@
+"""The engine: the only package that imports DeepSpeed.
+
+What the rest of vitscale asks of an engine (the trainer, the objectives, the checkpointer, the
+benchmarks), so that a second engine (PyTorch's FSDP2) would be one more module behind it:
+
+- building: :func:`build_module` (the model, partitioned from the start where the engine shards
+  parameters), then ``Engine(module, param_groups, cfg, dist)``;
+- one step: ``forward``, ``backward``, ``step(skip)``, ``set_hyperparameters``, ``fp16_overflow``,
+  ``grad_norm``; ``train`` / ``eval``;
+- the fp32 master weights: ``master_slices`` (what a momentum teacher follows, no communication),
+  ``full_fp32_state_dict`` (whole, a collective), ``weights_finite``;
+- its shards of a checkpoint: ``save(directory, tag, client_state) -> files written`` and
+  ``load(directory, tag, saved_world_size) -> client_state``; the layout around them (meta data,
+  checksums, ``latest``) is the checkpointer's;
+- parameters as built, also when partitioned: :func:`partitioned_shape`, :func:`partitioned_numel`,
+  :func:`local_shard`, :func:`is_partitioned`, :func:`kept_whole`, :func:`refresh_gathered`.
+
+One module per concern: ``config`` (the DeepSpeed config and its checks), ``precision``,
+``optimizer`` (and its groups), ``partitions``, ``masters``, ``clipping``, ``compilation``,
+``checkpoint_io`` and ``universal`` (its shards, and re-sharding them), ``deepspeed_engine``.
+"""
+
+from pretrain.engine.checkpoint_io import (checkpoint_fp32_weights, merged_buffers, naming_refused_files,
+                                           refused_file_error, weights_only_loading, zero_checkpoint_fp32_weights)
+from pretrain.engine.config import check_deepspeed_overrides, check_offload, deepspeed_config, offload_config
+from pretrain.engine.deepspeed_engine import Engine
+from pretrain.engine.imports import import_deepspeed
+from pretrain.engine.optimizer import SkippableAdamW
+from pretrain.engine.partitions import (MasterSlice, build_module, is_partitioned, kept_whole, local_shard,
+                                        partitioned_numel, partitioned_shape, refresh_gathered)
+from pretrain.engine.precision import (check_accelerator, compute_dtype, loss_scale_state,
+                                       report_loss_scale_floor_in_trainer)
+from pretrain.engine.universal import UNIVERSAL_CHECKSUMS, UNIVERSAL_DIR, convert_to_universal, universal_problem
+
+__all__ = ["Engine", "MasterSlice", "SkippableAdamW", "UNIVERSAL_CHECKSUMS", "UNIVERSAL_DIR", "build_module",
+           "check_accelerator", "check_deepspeed_overrides", "check_offload", "checkpoint_fp32_weights",
+           "compute_dtype", "convert_to_universal", "deepspeed_config", "import_deepspeed", "is_partitioned",
+           "kept_whole", "local_shard", "loss_scale_state", "merged_buffers", "naming_refused_files",
+           "offload_config", "partitioned_numel", "partitioned_shape", "refresh_gathered", "refused_file_error",
+           "report_loss_scale_floor_in_trainer", "universal_problem", "weights_only_loading",
+           "zero_checkpoint_fp32_weights"]

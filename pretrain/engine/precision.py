@@ -1,0 +1,80 @@
+"""The engine's compute dtype, what the accelerator supports, and keeping DeepSpeed's casts from
+touching what must stay in its own dtype (buffers, masks); fp16's loss scale as DeepSpeed keeps it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import ConfigError
+from pretrain.engine.imports import import_deepspeed
+
+
+def loss_scale_state(optimizer) -> tuple[float, float] | None:
+    """(current, minimum) of DeepSpeed's dynamic fp16 loss scale; None without one (bf16, fp32, static).
+
+    ZeRO's optimizers keep a ``DynamicLossScaler``; FP16_Optimizer (no ZeRO) a ``loss_scale_config``."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):
+        return float(scaler.cur_scale), float(scaler.min_scale)
+    config = getattr(optimizer, "loss_scale_config", None)
+    if getattr(config, "dynamic_loss_scale", False):
+        return float(config.cur_scale), float(config.min_loss_scale)
+    return None
+
+
+def report_loss_scale_floor_in_trainer(optimizer) -> None:
+    """ZeRO's fp16 loss scaler raises a bare Exception when it overflows at its minimum (FP16_Optimizer
+    stays there, skipping steps silently); the trainer counts such steps and stops naming the step."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):
+        scaler.raise_error_at_min_scale = False
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the engine computes in for ``engine.precision`` (its fp32 masters aside)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_accelerator(precision: str) -> None:
+    """ConfigError unless DeepSpeed's accelerator is the device the run computes on (``init_distributed``
+    picks CUDA where torch sees it, else the CPU) and it can train in ``precision``."""
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator.device_name() != device:
+        raise ConfigError(f"DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}: DeepSpeed's accelerator is "
+                          f"{accelerator.device_name()!r}, but this run computes on {device!r} (with the "
+                          f"{'NCCL' if device == 'cuda' else 'gloo'} backend); unset DS_ACCELERATOR")
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        raise ConfigError(f"engine.precision={precision!r}: not supported on {accelerator.device_name()} "
+                          f"(supported here: {', '.join(k for k, ok in supported.items() if ok)})")
+
+
+def keep_buffer_dtypes(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Floating buffers back in the dtype (and with the values) they had before ``deepspeed.initialize``.
+    DeepSpeed before 0.19 casts them to bf16/fp16 with the parameters, 0.19 leaves them alone; the
+    older cast would round a momentum teacher's fp32 masters (and batch-norm statistics) to bf16."""
+    for name, buffer in module.named_buffers():
+        original = before.get(name)
+        if original is not None and buffer.dtype != original.dtype:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, original.to(buffer.device))
+
+
+def cast_attention_masks(module: nn.Module, dtype: torch.dtype) -> None:
+    """Swin's shifted-window masks (float ``attn_mask`` buffers) in the parameters' dtype. DeepSpeed
+    (0.18 on) casts parameters to bf16/fp16 but leaves buffers in fp32, so the relative-position bias
+    (a parameter) and the mask disagree, and CUDA's fused attention refuses a bias whose dtype is not
+    the query's (seen on an H200: "invalid dtype for bias")."""
+    for layer in module.modules():
+        mask = getattr(layer, "attn_mask", None)
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point() and mask.dtype != dtype:
+            layer.attn_mask = mask.to(dtype)
+
+
