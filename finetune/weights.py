@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,22 +77,13 @@ def describe(path: str | Path) -> tuple[str, dict] | None:
 
 def _run_dir_of(path: Path) -> Path | None:
     """The run dir that holds ``path`` (itself, its checkpoints dir, or one checkpoint tag)."""
-    if (path / "checkpoints").is_dir():
+    from pretrain.state.layout import CHECKPOINTS_DIR
+
+    if (path / CHECKPOINTS_DIR).is_dir():
         return path
     for parent in (path.parent, path.parent.parent):
-        if parent.name != "checkpoints" and (parent / "checkpoints").is_dir():
+        if parent.name != CHECKPOINTS_DIR and (parent / CHECKPOINTS_DIR).is_dir():
             return parent
-    return None
-
-
-def _deepspeed_location(path: Path) -> tuple[Path, str | None] | None:
-    """(checkpoint directory, tag) for a run dir, a checkpoints dir or a tag dir; None otherwise."""
-    if (path / "checkpoints" / "latest").is_file():
-        return path / "checkpoints", None
-    if (path / "latest").is_file():
-        return path, None
-    if any(path.glob("*model_states.pt")):
-        return path.parent, path.name
     return None
 
 
@@ -106,10 +96,12 @@ def read(path: str | Path, checkpoint_key: str | None = None) -> dict[str, torch
         for weights in (path / "backbone.safetensors", path / "export" / "backbone.safetensors"):
             if weights.is_file():
                 return _read_safetensors(weights)
-        location = _deepspeed_location(path)
+        from pretrain.state import reading
+
+        location = reading.locate(path)
         if location is None:
             raise WeightsError(f"pretrained={str(path)!r}: a directory with neither an export "
-                               f"(backbone.safetensors) nor a DeepSpeed checkpoint (latest, *model_states.pt)")
+                               f"(backbone.safetensors) nor a DeepSpeed checkpoint ({reading.CHECKPOINT_FILES})")
         from pretrain.run_backbone import is_pretraining_run
 
         run_dir = _run_dir_of(path)
@@ -152,69 +144,15 @@ def _exported_network(run_dir: Path, tag: str | None) -> dict[str, torch.Tensor]
 
 
 def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint, gathered from its ZeRO partitions.
-
-    A vitscale checkpoint's files are first checked against the checksums in its ``meta.json``. Every
-    file is read weights-only (DeepSpeed's own reader included), with only the few DeepSpeed classes
-    its states hold allowed: a file that would unpickle anything else is refused, naming it.
-    """
+    """The fp32 weights of a DeepSpeed checkpoint, gathered from its ZeRO partitions, verified and
+    read weights-only (:func:`pretrain.state.reading.consolidated`)."""
     from pretrain.checkpoint import CheckpointError
-    from pretrain.engine import checkpoint_fp32_weights, weights_only_loading
+    from pretrain.state.reading import consolidated
 
-    tag_dir = directory / (tag or _latest_tag(directory))
-    if not tag_dir.is_dir():
-        raise WeightsError(f"{directory / 'latest'} names {tag_dir.name!r}, which is not a checkpoint in {directory}")
-    _verify_checksums(tag_dir)
     try:
-        with weights_only_loading():
-            return checkpoint_fp32_weights(directory, tag_dir.name)
-    except pickle.UnpicklingError as e:
-        raise _refused(tag_dir, e) from None
+        return consolidated(directory, tag)
     except CheckpointError as e:
         raise WeightsError(str(e)) from None
-
-
-def _latest_tag(directory: Path) -> str:
-    pointer = directory / "latest"
-    try:
-        return pointer.read_bytes().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{pointer}: not a readable checkpoint tag ({e})") from None
-
-
-def _verify_checksums(tag_dir: Path) -> None:
-    """WeightsError naming the file when a vitscale checkpoint's files differ from its ``meta.json``."""
-    from pretrain.checkpoint import META_NAME, verify_files
-    from pretrain.dist import DistEnv
-
-    meta = tag_dir / META_NAME
-    if not meta.is_file():
-        return  # not written by vitscale: nothing recorded to check against
-    try:
-        saved = json.loads(meta.read_text())
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{meta}: unreadable ({e})") from None
-    problem = verify_files(tag_dir, saved, DistEnv())
-    if problem:
-        raise WeightsError(problem)
-
-
-def _refused(tag_dir: Path, error: Exception) -> WeightsError:
-    """Name the file that weights-only loading refused: DeepSpeed's reader does not say which it was.
-    Each file is opened again weights-only with its tensors memory-mapped (cheap), until one fails."""
-    from pretrain.engine import refused_file_error, weights_only_loading
-
-    culprit = str(tag_dir)
-    with weights_only_loading():
-        for file in sorted(tag_dir.glob("*.pt")):
-            try:
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except pickle.UnpicklingError as e:
-                culprit, error = str(file), e
-                break
-            except Exception:  # not what is being diagnosed
-                continue
-    return WeightsError(str(refused_file_error(culprit, error)))
 
 
 def _unwrap(raw, source: str, checkpoint_key: str | None) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ each rank; nothing here touches a model."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.data import shards
 from pretrain.data.readers.parquet import Columns
 from pretrain.schedules import scaled_lr
+from pretrain.state.layout import CHECKPOINTS_DIR, latest_meta
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,11 @@ def check_resume(cfg: Config, world_size: int, train: shards.ShardSet | None) ->
     """ConfigError, before any process starts, when run.dir's latest checkpoint cannot be taken up by
     ``world_size`` processes: another number of readers needs per-shard sample counts to finish the
     interrupted epoch exactly."""
-    directory = Path(cfg.run.dir) / "checkpoints"
-    try:
-        tag = (directory / "latest").read_text().strip()
-        saved = json.loads((directory / tag / "meta.json").read_text())
-    except (OSError, ValueError):
+    directory = Path(cfg.run.dir) / CHECKPOINTS_DIR
+    latest = latest_meta(directory)
+    if latest is None:
         return  # a fresh run, or a fault the resume itself reports
+    tag, saved = latest
     before = (saved.get("world_size"), saved.get("data_workers"))
     if not cfg.train.resume or before[0] is None or before == (world_size, cfg.data.workers):
         return

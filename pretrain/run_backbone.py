@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, load_config, read_recipe
 from pretrain.dist import DistEnv
-from pretrain.engine import (checkpoint_fp32_weights, merged_buffers, naming_refused_files, refused_file_error,
-                             weights_only_loading)
 from pretrain.objectives.base import RunContext, build_objective
+from pretrain.state.checkpoints import Checkpoints
+from pretrain.state.layout import LATEST_NAME, checkpoint_identity
+from pretrain.state.reading import fp32_state
 
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "run.json"
@@ -55,17 +55,11 @@ def checkpoint_backbone(run_dir: str | Path, tag: str | None = None) -> tuple[di
     tag = tag or checkpoints.latest()
     if tag is None:
         raise CheckpointError(f"{run_dir}: no export and no complete checkpoint "
-                              f"({checkpoints.directory / 'latest'} is absent)")
+                              f"({checkpoints.directory / LATEST_NAME} is absent)")
     shapes = {name: list(p.shape) for name, p in objective.named_parameters()}
     checkpoints.verify(tag, checkpoint_identity(cfg, shapes))
     path = checkpoints.directory / tag
-    try:
-        with weights_only_loading(), naming_refused_files():
-            state = checkpoint_fp32_weights(checkpoints.directory, tag)
-            # Whole: a ZeRO-3 run's teacher master is saved in parts, one per rank.
-            state.update(merged_buffers(path, objective))
-    except pickle.UnpicklingError as e:  # a file read outside torch.load's patched name
-        raise refused_file_error(str(path), e) from None
+    state = fp32_state(checkpoints.directory, tag, buffers_of=objective)
     expected = objective.state_dict()
     try:
         # The teacher's weights are rebuilt from its saved master, as a resume rebuilds them.

@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain import hooks
-from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity, export_backbone
+from pretrain.checkpoint import CheckpointError, export_backbone
 from pretrain.config import Config, save_config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
@@ -32,6 +32,9 @@ from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.plan import Plan, make_plan, resolve_sources
 from pretrain.schedules import cosine, group_lr, warmup_cosine
+from pretrain.state.checkpointer import load_shards
+from pretrain.state.checkpoints import Checkpoints
+from pretrain.state.layout import checkpoint_identity
 from pretrain.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
@@ -128,7 +131,7 @@ class Trainer:
         if tag is not None:
             saved = self.checkpoints.meta(tag)
             self.resized = resize_note(saved, self.dist.world_size, self.plan)
-            self.load_state_dict(self.engine.load(str(self.checkpoints.directory), tag, saved.get("world_size")))
+            self.load_state_dict(load_shards(self.engine, self.checkpoints, tag, saved.get("world_size")))
             self.checkpoints.saved_step = self.step
         return tag
 

@@ -3,7 +3,7 @@
     python -m pretrain.bench checksum [--mib 1024] [--repeats 3] [--dir DIR]
 
 Each repeat writes one fp32 tensor of ``--mib`` MiB with ``torch.save`` and fsync (what a rank's
-share of a save costs), then hashes the file with :func:`pretrain.checkpoint.file_checksum` (sha256,
+share of a save costs), then hashes the file with :func:`pretrain.state.layout.file_checksum` (sha256,
 streamed; a save hashes the files its rank just wrote, a resume the files it is given), once while
 the file is in the page cache (at a save) and once after dropping it from the cache where the OS
 allows (``posix_fadvise``; a resume on another node reads from disk). Medians over the repeats;
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import file_checksum
+from pretrain.state.layout import file_checksum
 
 
 def write(path: Path, tensor: torch.Tensor) -> float:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {"write (torch.save + fsync)": [], "sha256, in page cache": [],
                                      "sha256, from disk": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        path = Path(tmp) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        path = Path(tmp) / "optimizer_shard.pt"
         for _ in range(args.repeats):
             times["write (torch.save + fsync)"].append(write(path, tensor))
             times["sha256, in page cache"].append(hash_time(path, cold=False))

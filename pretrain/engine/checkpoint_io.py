@@ -18,6 +18,15 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.engine.imports import import_deepspeed
 
 
+MODEL_STATES = "*model_states.pt"  # every DeepSpeed checkpoint has one or (ZeRO-3) one per rank
+OPTIMIZER_STATES = "*optim_states.pt"  # ZeRO's partitions of the optimizer state and fp32 masters
+
+
+def holds_shards(path: Path) -> bool:
+    """Whether directory ``path`` is one checkpoint of DeepSpeed's (a tag directory), vitscale's or not."""
+    return any(path.glob(MODEL_STATES))
+
+
 def zero_checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict:
     """The fp32 weights of a DeepSpeed checkpoint with ZeRO optimizer states, gathered from its
     partitions by DeepSpeed's own ``zero_to_fp32`` (on its CPU accelerator without a GPU)."""
@@ -32,10 +41,10 @@ def checkpoint_fp32_weights(directory: str | os.PathLike, tag: str) -> dict[str,
     partitions, or (ZeRO stage 0, no optimizer-state files) its model states as saved. Call it inside
     :func:`weights_only_loading`."""
     tag_dir = Path(directory) / tag
-    if any(tag_dir.glob("*optim_states.pt")):
+    if any(tag_dir.glob(OPTIMIZER_STATES)):
         state = zero_checkpoint_fp32_weights(directory, tag)
         return {k: v for k, v in state.items() if torch.is_tensor(v)}
-    files = sorted(tag_dir.glob("*model_states.pt"))
+    files = sorted(tag_dir.glob(MODEL_STATES))
     if not files:
         raise CheckpointError(f"{tag_dir}: no DeepSpeed model states in this checkpoint")
     states = torch.load(files[0], map_location="cpu", weights_only=True)

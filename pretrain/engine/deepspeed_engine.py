@@ -27,7 +27,7 @@ from pretrain.engine.optimizer import apply_hyperparameters, make_optimizer
 from pretrain.engine.partitions import MasterSlice
 from pretrain.engine.precision import (cast_attention_masks, check_accelerator, compute_dtype, keep_buffer_dtypes,
                                        loss_scale_state, report_loss_scale_floor_in_trainer)
-from pretrain.engine.universal import load_resharded
+from pretrain.engine.universal import load_universal
 
 
 class Engine:
@@ -145,20 +145,24 @@ class Engine:
         """Write this rank's share of checkpoint ``tag``; the paths of the files it wrote."""
         return self._files.save(self.engine, directory, tag, client_state)
 
-    def load(self, directory: str, tag: str, saved_world_size: int | None = None) -> dict:
-        """Load checkpoint ``tag`` weights-only (CheckpointError naming a file that would run code);
-        written by ``saved_world_size`` processes (None: by as many as now). Returns its client state.
+    def reshards(self, saved_world_size: int | None) -> bool:
+        """Whether a checkpoint written by ``saved_world_size`` processes (None: by as many as now)
+        loads only through its universal conversion (:meth:`load_universal`): ZeRO's partitions,
+        written for another number of processes."""
+        return saved_world_size not in (None, self.dist.world_size) and self.cfg.engine.zero_stage > 0
 
-        With ZeRO at another world size, DeepSpeed's universal checkpoint re-shards the weights and
-        the optimizer (see :func:`load_resharded`); its conversion reads weights-only too."""
-        resharded = saved_world_size not in (None, self.dist.world_size) and self.cfg.engine.zero_stage > 0
-
+    def load(self, directory: str, tag: str) -> dict:
+        """Load checkpoint ``tag``, written by as many processes (or without ZeRO), weights-only
+        (CheckpointError naming a file that would run code). Returns its client state."""
         def load() -> dict:
-            if resharded:
-                return load_resharded(self, Path(directory) / tag)
             path, client_state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"DeepSpeed could not load checkpoint {os.path.join(directory, tag)}")
             return client_state
 
         return load_keeping_group_settings(self.optimizer, load, os.path.join(directory, tag))
+
+    def load_universal(self, universal: Path) -> dict:
+        """Load a ZeRO checkpoint written by another number of processes from its universal
+        conversion ``universal`` (:func:`write_universal`), weights-only. Returns its client state."""
+        return load_keeping_group_settings(self.optimizer, lambda: load_universal(self, universal), str(universal))

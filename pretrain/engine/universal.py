@@ -1,14 +1,11 @@
-"""Resuming at another world size: DeepSpeed's universal checkpoint, converted once per checkpoint
-and loaded with the module's buffers, whole."""
+"""Resuming at another world size: DeepSpeed's universal checkpoint, written into the directory the
+checkpointer keeps for it (:mod:`pretrain.state.conversion`: where, checksums, when to redo it) and
+loaded, with the module's buffers whole."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import logging
-import os
-import shutil
 from argparse import Namespace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,33 +13,51 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from pretrain.checkpoint import META_NAME, CheckpointError, file_checksum, verify_files
-from pretrain.dist import DistEnv
 from pretrain.engine.checkpoint_io import merged_buffers, naming_refused_files
-from pretrain.files import atomic_write
 
 if TYPE_CHECKING:
     from pretrain.engine.deepspeed_engine import Engine
 
-log = logging.getLogger(__name__)
-
-
-UNIVERSAL_DIR = "universal"  # inside a checkpoint: its DeepSpeed universal conversion
 BUFFERS_FILE = "buffers.pt"  # inside the conversion: the module's buffers, whole
-UNIVERSAL_CHECKSUMS = "checksums.json"  # inside the conversion: each file's size and sha256
 
 
-def load_resharded(engine: Engine, checkpoint: Path) -> dict:
-    """Load a ZeRO checkpoint written by another number of processes; returns its client state
-    (the param groups' settings are the caller's to restore: :meth:`Engine.load`).
+class NoAdamMoments(Exception):
+    """DeepSpeed's conversion met a param group whose optimizer state has no Adam moments; its
+    argument is the bare ``KeyError`` DeepSpeed raised."""
 
-    Weights and optimizer state go through DeepSpeed's universal checkpoint (``ds_to_universal``,
-    then ``load_checkpoint`` with ``checkpoint.load_universal``), converted once into
-    ``CHECKPOINT/universal``. That path loads no module buffers, so the buffers (a momentum
-    teacher's master, DINO's centre, MoBY's queues) come from ``buffers.pt``, written whole by the
-    conversion (:func:`merged_buffers`) and loaded by the module, which takes its own share.
+
+def write_universal(checkpoint: Path, out: Path, module: nn.Module) -> None:
+    """DeepSpeed's universal conversion (``ds_to_universal``) of ``checkpoint`` into ``out``, and
+    ``module``'s buffers, whole (:func:`merged_buffers`), into ``out/buffers.pt``: the universal load
+    reads no module buffers. A file that would run code raises the CheckpointError naming it; a
+    group without Adam moments raises :class:`NoAdamMoments`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    chatter = io.StringIO()  # its progress bars and prints
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), naming_refused_files():
+            ds_to_universal.main(args)
+            torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
+    except KeyError as e:
+        # A group's state without its moments, or (an index) with no state at all.
+        missing = e.args[0] if e.args else None
+        if missing not in ("exp_avg", "exp_avg_sq") and not isinstance(missing, int):
+            raise
+        raise NoAdamMoments(e) from e
+
+
+def load_universal(engine: Engine, universal: Path) -> dict:
+    """Load the universal conversion ``universal`` (of a ZeRO checkpoint written by another number
+    of processes); returns its client state (the param groups' settings are the caller's to restore:
+    :meth:`Engine.load_universal`).
+
+    Weights and optimizer state go through DeepSpeed's ``load_checkpoint`` with
+    ``checkpoint.load_universal``; that path loads no module buffers, so the buffers (a momentum
+    teacher's master, DINO's centre, MoBY's queues) come from ``buffers.pt``, loaded by the module,
+    which takes its own share.
     """
-    universal = convert_to_universal(checkpoint, engine.module, engine.dist)
     ds = engine.engine
     # The documented switch is the config's ``checkpoint: {load_universal: true}``, read at load time;
     # set only for this load, since the engine is built before the run knows which checkpoint it resumes.
@@ -80,82 +95,3 @@ def restore_zero3_step_counts(zero3, universal: Path) -> None:
         step = states.get(index, {}).get("step")
         if step is not None and flat in base.state:
             base.state[flat]["step"] = step.clone() if torch.is_tensor(step) else step
-
-
-def convert_to_universal(checkpoint: Path, module: nn.Module, dist: DistEnv) -> Path:
-    """``CHECKPOINT/universal``, converted by rank 0 if it is not there yet (a collective).
-
-    Written under a temporary name and renamed when complete, so an interrupted conversion is
-    redone, never half-read. Every file of it is recorded (size, sha256) in ``checksums.json``;
-    a conversion whose files differ from their record (or that has none) is converted again from
-    the checkpoint, which was verified before: the conversion is derived data."""
-    target = checkpoint / UNIVERSAL_DIR
-    if target.is_dir():
-        problem = universal_problem(target, dist)
-        if problem and dist.is_main:
-            log.warning("%s; converting %s again", problem, checkpoint)
-            shutil.rmtree(target)
-        dist.barrier()
-    failure = None
-    if dist.is_main and not target.is_dir():
-        from deepspeed.checkpoint import ds_to_universal
-
-        scratch = checkpoint / f".{UNIVERSAL_DIR}.tmp{os.getpid()}"
-        shutil.rmtree(scratch, ignore_errors=True)
-        out = scratch / UNIVERSAL_DIR
-        args = Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-        log.info("converting %s for another number of processes (DeepSpeed universal checkpoint)", checkpoint)
-        try:
-            chatter = io.StringIO()  # its progress bars and prints
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), naming_refused_files():
-                ds_to_universal.main(args)
-                torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
-            files = {str(f.relative_to(out)): file_checksum(f) for f in sorted(out.rglob("*")) if f.is_file()}
-            atomic_write(out / UNIVERSAL_CHECKSUMS, json.dumps({"files": files}, indent=1).encode())
-            os.replace(out, target)
-        except CheckpointError as e:
-            failure = e
-        except KeyError as e:
-            # A group's state without its moments, or (an index) with no state at all.
-            missing = e.args[0] if e.args else None
-            if missing not in ("exp_avg", "exp_avg_sq") and not isinstance(missing, int):
-                raise
-            failure = unconvertible_error(checkpoint, e, dist.world_size)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    # Every rank learns whether rank 0 converted it (a barrier that cannot leave the others waiting).
-    failed = dist.all_reduce(torch.tensor(float(failure is not None), device=dist.device), "max").item()
-    if failure is not None:
-        raise failure
-    if failed:
-        raise CheckpointError(f"{checkpoint}: rank 0 refused it while converting it for another number of "
-                              f"processes (its error names the file)")
-    return target
-
-
-def unconvertible_error(checkpoint: Path, error: KeyError, world_size: int) -> CheckpointError:
-    """The error for a checkpoint whose optimizer state lacks the Adam moments of a param group that
-    had not stepped when it was saved (DINO's frozen last layer): written before SkipAndFreeze gave
-    such groups their first state. DeepSpeed's conversion raises a bare ``KeyError: 'exp_avg'``."""
-    try:
-        saved = json.loads((checkpoint / META_NAME).read_text()).get("world_size")
-    except (OSError, ValueError):
-        saved = None
-    original = f"its original {saved} processes" if saved else "the number of processes that wrote it"
-    return CheckpointError(f"{checkpoint}: cannot be converted for {world_size} processes: its optimizer state has "
-                           f"no Adam moments (KeyError: {error}) for a param group that had not stepped yet (a checkpoint "
-                           f"written before vitscale saved them). Resume it once on {original} (its next "
-                           f"checkpoint converts), then on {world_size}")
-
-
-def universal_problem(universal: Path, dist: DistEnv) -> str | None:
-    """Why the conversion ``universal`` is not as it was written, or None (a collective: the ranks
-    share the hashing)."""
-    try:
-        recorded = json.loads((universal / UNIVERSAL_CHECKSUMS).read_text())
-    except (OSError, ValueError) as e:
-        return f"{universal / UNIVERSAL_CHECKSUMS}: no record of the conversion's files ({e})"
-    return verify_files(universal, recorded, dist, UNIVERSAL_CHECKSUMS, "conversion")
-
-

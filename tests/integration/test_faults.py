@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import Checkpoints, file_checksum, tag_for
 from pretrain.dist import DistEnv
+from pretrain.state.checkpoints import Checkpoints
+from pretrain.state.layout import file_checksum, tag_for
 from tests.conftest import QUIET, REPO, TINY_VIT, flip_bytes, python_env, run_module, write_code_payload
 from tests.faults import fault_env
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import weights
-from pretrain.checkpoint import tag_for
+from pretrain.state.layout import tag_for
 from pretrain.engine import weights_only_loading, zero_checkpoint_fp32_weights
 from tests.conftest import flip_bytes, run_module
 from tests.helpers import RESUME_DINO, RUN_MOBY

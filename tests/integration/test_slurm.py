@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import tag_for
+from pretrain.state.layout import tag_for
 from launch.__main__ import main
 from tests.conftest import QUIET, REPO, TINY_VIT
 from tests.faults import fault_env

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import tag_for
+from pretrain.state.layout import tag_for
 from pretrain.dist import STOPPED_EXIT_CODE
 from tests.conftest import QUIET, REPO, TINY_VIT, python_env
 from tests.faults import fault_env

@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, tag_for
+from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
-from pretrain.engine import UNIVERSAL_DIR, convert_to_universal, weights_only_loading
+from pretrain.engine import weights_only_loading
+from pretrain.state.conversion import UNIVERSAL_DIR, convert_to_universal
+from pretrain.state.layout import tag_for
 from tests.conftest import run_module
 from tests.helpers import RUN_DINO
 

@@ -14,8 +14,10 @@ import signal
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, Checkpoints, tag_for
+from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
+from pretrain.state.checkpoints import Checkpoints
+from pretrain.state.layout import tag_for
 from tests.conftest import flip_bytes, write_code_payload
 from tests.faults import KILL_ENV, KILL_POINTS
 
@@ -211,8 +213,8 @@ def test_deepspeed_states_load_weights_only_and_a_payload_does_not_run(tmp_path)
 def test_a_changed_universal_conversion_is_named_with_its_own_record(tmp_path):
     """The universal conversion's files are recorded in its checksums.json, not in a meta.json: the
     messages name the record that holds the checksum."""
-    from pretrain.checkpoint import file_checksum
-    from pretrain.engine import UNIVERSAL_CHECKSUMS, universal_problem
+    from pretrain.state.conversion import UNIVERSAL_CHECKSUMS, universal_problem
+    from pretrain.state.layout import file_checksum
 
     universal = tmp_path / "universal"
     universal.mkdir()

@@ -2,9 +2,10 @@
 
 import pytest
 
-from pretrain.checkpoint import Checkpoints, tag_for
-from pretrain.files import atomic_path, atomic_write
 from pretrain.dist import DistEnv
+from pretrain.files import atomic_path, atomic_write
+from pretrain.state.checkpoints import Checkpoints
+from pretrain.state.layout import tag_for
 
 
 def make(directory, steps):

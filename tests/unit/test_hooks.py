@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from pretrain import hooks
-from pretrain.checkpoint import Checkpoints
 from pretrain.dist import DistEnv
+from pretrain.state.checkpoints import Checkpoints
 from tests.conftest import REPO
 from tests.faults import fault_env
 from tests.unit.test_checkpoint_faults import META, FilesEngine
