@@ -25,7 +25,6 @@ epochs differ by at most one sample). Validation streams are finite and see each
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
@@ -46,8 +45,8 @@ from pretrain import hooks
 from pretrain.data import readers
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, seed_of, shuffle_rng
 from pretrain.data.readers.parquet import Columns
-from pretrain.data.shards import IMAGE_EXTENSIONS, SHARD_REASONS, BrokenShard, ShardError
-from pretrain.data.decode import DECODE_ERRORS, EncodedImage, load_rgb
+from pretrain.data.shards import SHARD_REASONS, BrokenShard, ShardError
+from pretrain.data.decode import DECODE_ERRORS, BadSample, decode
 from pretrain.data.device_decode import collate
 from pretrain.data.workers import end_workers_at_exit, end_workers_now, shield_worker
 
@@ -56,47 +55,8 @@ log = logging.getLogger(__name__)
 MAX_BROKEN_NAMED = 5  # broken shards a skip-rate error names
 
 
-class BadSample(Exception):
-    """A sample that cannot be used; ``reason`` is the counter it is filed under."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
 class SkipRateError(ShardError):
     """Too many samples were skipped: the data is broken, and training on the rest would mislead."""
-
-
-def decode(sample: dict, lazy: bool = False, labelled: bool = True) -> tuple[Image.Image | EncodedImage, int]:
-    """(image, class index) of one raw sample, or BadSample; without ``labelled`` (an objective that
-    does not train on labels), a sample without one gets -1.
-
-    The image is a decoded RGB PIL image or, with ``lazy``, an :class:`EncodedImage` (header read,
-    pixels not decoded) for a view that decodes only what its crop needs.
-    """
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        raise BadSample("no_image", f"{sample['__key__']} has {sorted(k for k in sample if not k.startswith('__'))}")
-    label = -1 if "cls" not in sample and not labelled else label_of(sample)
-    try:
-        image = EncodedImage.open(sample[ext]) if lazy else load_rgb(Image.open(io.BytesIO(sample[ext])))
-    except DECODE_ERRORS as e:
-        raise BadSample("undecodable", f"{sample['__key__']}: {e}") from None
-    return image, label
-
-
-def label_of(sample: dict) -> int:
-    """The class index of a raw sample, or BadSample (``no_label``, ``bad_label``)."""
-    if "cls" not in sample:
-        raise BadSample("no_label", sample["__key__"])
-    try:
-        label = int(sample["cls"])
-    except ValueError:
-        raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
-    if label < 0:
-        raise BadSample("bad_label", f"{sample['__key__']}: {label}")
-    return label
 
 
 _seed = seed_of
