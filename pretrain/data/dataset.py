@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from typing import Callable, Iterator
 
 import numpy as np
@@ -81,7 +82,7 @@ class ShardDataset(IterableDataset):
         self.faults = Faults()  # since the last batch
 
     @property
-    def counters(self):
+    def counters(self) -> Counter:
         """Samples skipped since the last batch, by reason."""
         return self.faults.skipped
 

@@ -74,6 +74,7 @@ class Loader:
 
     @property
     def seen(self) -> int:
+        """Raw samples the consumed batches' workers decoded or tried."""
         return self.faults.seen
 
     def __iter__(self) -> Iterator[dict]:
