@@ -16,8 +16,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data._utils.collate import default_collate
 
 from pretrain import hooks
 from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity, export_backbone
@@ -26,6 +24,7 @@ from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
 from pretrain.engine import Engine, build_module, partitioned_shape
+from pretrain.evaluator import Evaluator
 from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
@@ -57,7 +56,9 @@ class Trainer:
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
         self.train_loader = build_train_loader(cfg, train_set, self.objective.train_view(), dist, self.plan.num_classes)
         self.batches: DeviceBatches | None = None  # the training batches on the device, while fit() runs
-        self.val_loader = build_val_loader(cfg, val_set, self.objective.eval_view(), dist)
+        val_loader = build_val_loader(cfg, val_set, self.objective.eval_view(), dist)
+        self.evaluator = Evaluator(self.objective, self.engine, val_loader, dist, cfg.train.eval_every,
+                                   cfg.data.image_size)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist, every=cfg.train.ckpt_every)
         self.step = 0
         self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest)
@@ -66,11 +67,6 @@ class Trainer:
         self.window = _Window(dist.device)  # the loss and metrics since the last log line
         self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
-
-    # -- data ---------------------------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items() if not k.startswith("__")}
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -179,7 +175,7 @@ class Trainer:
         try:
             while self.step < end:
                 stop = self._step(batches, metrics)
-                if self._evaluation_due(end):
+                if self.evaluator.due(self.step, end):
                     metrics.log(self.step, self.evaluate())
                 if self.checkpoints.due(self.step, stop_requested=stop):
                     self.save()
@@ -228,11 +224,6 @@ class Trainer:
         if log_now:
             self._log(metrics, batches, lr, wd, grad_norm)
         return stop
-
-    def _evaluation_due(self, end: int) -> bool:
-        """Every ``train.eval_every`` steps before the end (the end evaluates anyway, in _finish)."""
-        every = self.cfg.train.eval_every
-        return bool(every) and self.step % every == 0 and self.step < end
 
     def _log(self, metrics: Metrics, batches: DeviceBatches, lr: float, wd: float, grad_norm: float | None) -> None:
         """The window's metrics (a collective), to TensorBoard, the log file and the progress bar."""
@@ -310,39 +301,9 @@ class Trainer:
         return skip, stop, grad_norm
 
     # -- evaluation and export ----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Every validation sample once across ranks; metrics are ``sum / count`` over all of them."""
-        if self.val_loader is None:
-            return {}
-        self.engine.eval()
-        sums: dict[str, torch.Tensor] = {}
-        batches = iter(self.val_loader)
-        placeholder = None
-        while True:
-            batch = next(batches, None)
-            # Under ZeRO-3 a forward gathers weights from every rank, so ranks whose share of the
-            # validation set ran out keep stepping (on a placeholder) until all are done.
-            more = torch.tensor(float(batch is not None), device=self.dist.device)
-            if not self.dist.all_reduce(more, "max").item():
-                break
-            if batch is None:
-                placeholder = placeholder or self._placeholder_batch()
-            else:
-                placeholder = batch
-            out = self.objective.val_step(self._to_device(placeholder))
-            if batch is not None:
-                for key, value in out.items():
-                    sums[key] = sums.get(key, 0.0) + value.detach().float()
-        self.engine.train()
-        totals = self.dist.sum_counts({k: v.item() for k, v in sums.items()})
-        count = totals.pop("count", 0)
-        return {f"val/{k}": v / max(count, 1) for k, v in sorted(totals.items())}
-
-    def _placeholder_batch(self) -> dict:
-        size = self.cfg.data.image_size
-        view = self.objective.eval_view()(Image.new("RGB", (size, size)))
-        return default_collate([{**view, "label": 0}])
+        """The validation metrics now (a stage may act on them: finetune keeps its best weights)."""
+        return self.evaluator.evaluate()
 
     def export(self, directory: Path | None = None, extra: dict | None = None) -> Path | None:
         """The backbone's fp32 master weights in timm's format, into ``directory`` (``RUN_DIR/export``)
