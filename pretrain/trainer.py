@@ -27,6 +27,7 @@ from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.evaluator import Evaluator
 from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
+from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.plan import Plan, make_plan, resolve_sources
@@ -64,7 +65,7 @@ class Trainer:
         self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest)
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.stopped_on_request = False  # saved and stopped before the end of this invocation
-        self.window = _Window(dist.device)  # the loss and metrics since the last log line
+        self.window = MetricsWindow(dist, self.plan.global_batch, cfg.train.log_every, self.plan.total_steps)
         self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
@@ -79,7 +80,7 @@ class Trainer:
         ranks = self.dist.gather_objects(data)
         return {"trainer": {"step": self.step, "nonfinite_steps": self.guard.nonfinite_steps,
                             "overflow_steps": self.guard.overflow_steps, "world_size": self.dist.world_size,
-                            "global_batch": self.plan.global_batch, "log_window": self.window.state_dict(self.dist)},
+                            "global_batch": self.plan.global_batch, "log_window": self.window.state_dict()},
                 "data": {"ranks": ranks, "plan": plan}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -89,7 +90,7 @@ class Trainer:
         self.guard.nonfinite_steps = trainer["nonfinite_steps"]
         self.guard.overflow_steps = trainer.get("overflow_steps", 0)
         if "log_window" in trainer:
-            self.window.load_state_dict(trainer["log_window"])
+            self.window.load_state_dict(self.window.reshard(trainer["log_window"], saved_world))
         if "ranks" not in data:  # written before every rank's position was kept
             if saved_world != self.dist.world_size:
                 raise CheckpointError(f"the checkpoint was written by {saved_world} processes by an older vitscale, "
@@ -211,9 +212,7 @@ class Trainer:
         lr, wd = self.hyperparameters(step)
         self.engine.set_hyperparameters(lr, wd, step, self.lr_of_scale(step))
         self.engine.train()
-        # Whole windows only (and the run's last step): a window cut by the end of this invocation
-        # goes into the checkpoint and is logged, whole, by the resumed run.
-        log_now = (step + 1) % self.cfg.train.log_every == 0 or step + 1 == self.plan.total_steps
+        log_now = self.window.logs_after(step)
         skip, stop, grad_norm = self._train_step(step, batches, self.window, want_grad_norm=log_now)
         self.guard.record(step, skip, None if skip else self.engine.fp16_overflow(), metrics.write)
         if not skip:
@@ -226,19 +225,16 @@ class Trainer:
         return stop
 
     def _log(self, metrics: Metrics, batches: DeviceBatches, lr: float, wd: float, grad_norm: float | None) -> None:
-        """The window's metrics (a collective), to TensorBoard, the log file and the progress bar."""
-        steps_in_window, values = self.window.flush(self.dist, self.plan.global_batch)
-        values.update({"train/lr": lr, "train/weight_decay": wd, "train/memory_gib": memory_gib(self.dist.device),
-                       "train/nonfinite_steps": float(self.guard.nonfinite_steps)})
+        """The window's metrics with this step's own (collectives)."""
+        extra = {"train/lr": lr, "train/weight_decay": wd, "train/memory_gib": memory_gib(self.dist.device),
+                 "train/nonfinite_steps": float(self.guard.nonfinite_steps)}
         # Steps DeepSpeed skipped for non-finite gradients, in any precision (its name predates that).
-        values["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
+        extra["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
         grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
         if grad_norm is not None:
-            values["train/grad_norm"] = grad_norm
-        values.update({f"data/skipped_{k}": float(v) for k, v in self.dist.sum_counts(batches.skipped).items()})
-        metrics.log(self.step, values)
-        metrics.progress(steps_in_window, loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}",
-                         img_s=f"{values['train/images_per_s']:.0f}")
+            extra["train/grad_norm"] = grad_norm
+        extra.update({f"data/skipped_{k}": float(v) for k, v in self.dist.sum_counts(batches.skipped).items()})
+        self.window.log(metrics, self.step, extra)
 
     def _finish(self, metrics: Metrics) -> dict:
         """The end of an invocation that was not stopped: validation, the last save, the export."""
@@ -268,7 +264,7 @@ class Trainer:
             return "finished"
         return "stopped" if self.stopped_on_request else "stop_at"
 
-    def _train_step(self, step: int, batches, window: "_Window", want_grad_norm: bool):
+    def _train_step(self, step: int, batches, window: MetricsWindow, want_grad_norm: bool):
         """One optimizer step over ``train.grad_accum`` micro-batches.
 
         Returns (skipped, stop requested, grad norm measured here or None). Non-finite losses are
@@ -346,54 +342,3 @@ def resize_note(saved: dict, world_size: int, plan: Plan) -> dict | None:
     else:
         message += f"; the global batch stays {plan.global_batch}"
     return {**changes, "message": message}
-
-
-class _Window:
-    """Sums over the steps since the last log line, kept on the device until they are printed."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)  # summed over this rank's micro-batches
-        self.values: dict[str, torch.Tensor] = {}
-        self.micro = 0
-        self.steps = 0
-        self.data_time = 0.0
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        self.loss += loss
-        for key, value in values.items():
-            self.values[key] = self.values.get(key, 0.0) + value.detach().float()
-        self.micro += 1
-
-    def state_dict(self, dist: DistEnv) -> dict:
-        """The sums so far, averaged over the ranks (a collective): every rank restores the same
-        share, and the ranks' sum at the next flush is the uninterrupted run's. Time is not carried:
-        throughput counts the steps since the resume."""
-        keys = sorted(self.values)
-        stacked = torch.stack([self.loss, *[self.values[k] for k in keys]]).float()
-        dist.all_reduce(stacked)
-        stacked = (stacked / dist.world_size).tolist()
-        return {"loss": stacked[0], "values": dict(zip(keys, stacked[1:])), "micro": self.micro}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loss = torch.tensor(state["loss"], dtype=torch.float32, device=self.device)
-        self.values = {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in state["values"].items()}
-        self.micro = state["micro"]
-
-    def flush(self, dist: DistEnv, global_batch: int) -> tuple[int, dict[str, float]]:
-        """(steps in the window, rank-averaged metrics with throughput and data-wait share); resets."""
-        keys = sorted(self.values)
-        stacked = torch.stack([self.loss, *[self.values[k] for k in keys]]) / max(self.micro, 1)
-        dist.all_reduce(stacked)
-        stacked /= dist.world_size
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {"train/loss": stacked[0].item(), **{f"train/{k}": stacked[i + 1].item() for i, k in enumerate(keys)},
-               "train/images_per_s": self.steps * global_batch / elapsed,
-               "train/data_wait": self.data_time / elapsed}
-        steps = self.steps
-        self.reset()
-        return steps, out
