@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from pretrain import hooks
@@ -31,8 +29,8 @@ from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.plan import Plan, make_plan, resolve_sources
-from pretrain.schedules import cosine, group_lr, warmup_cosine
 from pretrain.step_guard import StepGuard
+from pretrain.train_step import StepTaken, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +60,11 @@ class Trainer:
                                    cfg.data.image_size)
         self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist, every=cfg.train.ckpt_every)
         self.step = 0
-        self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest)
+        self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest, dist)
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.stopped_on_request = False  # saved and stopped before the end of this invocation
         self.window = MetricsWindow(dist, self.plan.global_batch, cfg.train.log_every, self.plan.total_steps)
+        self.train_step = TrainStep(cfg, self.plan, dist, self.engine, self.guard, self.window)
         self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
@@ -78,8 +77,7 @@ class Trainer:
         data = dict((self.batches or self.train_loader).state_dict())
         plan = data.pop("plan", None)  # the same on every rank: kept once
         ranks = self.dist.gather_objects(data)
-        return {"trainer": {"step": self.step, "nonfinite_steps": self.guard.nonfinite_steps,
-                            "overflow_steps": self.guard.overflow_steps, "world_size": self.dist.world_size,
+        return {"trainer": {"step": self.step, **self.guard.state_dict(), "world_size": self.dist.world_size,
                             "global_batch": self.plan.global_batch, "log_window": self.window.state_dict()},
                 "data": {"ranks": ranks, "plan": plan}}
 
@@ -87,8 +85,7 @@ class Trainer:
         trainer, data = state["trainer"], state["data"]
         saved_world = trainer["world_size"]
         self.step = trainer["step"]
-        self.guard.nonfinite_steps = trainer["nonfinite_steps"]
-        self.guard.overflow_steps = trainer.get("overflow_steps", 0)
+        self.guard.load_state_dict(self.guard.reshard(trainer, saved_world))  # its keys sit in the trainer's
         if "log_window" in trainer:
             self.window.load_state_dict(self.window.reshard(trainer["log_window"], saved_world))
         if "ranks" not in data:  # written before every rank's position was kept
@@ -141,29 +138,6 @@ class Trainer:
                 "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _seed_micro_step(self, step: int, micro: int) -> None:
-        """Seed the model-side randomness (drop path, Mixup) from (seed, rank, step, micro-step) alone,
-        so it does not depend on what the data pipeline drew, nor on where a run was resumed."""
-        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step, micro]).generate_state(1)[0])
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    def hyperparameters(self, step: int) -> tuple[float, float]:
-        o, p = self.cfg.optim, self.plan
-        lr = warmup_cosine(step, p.total_steps, p.peak_lr, p.min_lr, p.warmup_steps)
-        wd = o.weight_decay if o.weight_decay_end is None else \
-            cosine(step, p.total_steps, o.weight_decay, o.weight_decay_end)
-        return lr, wd
-
-    def lr_of_scale(self, step: int):
-        """Each layer-decay group's lr at ``step`` as a function of its lr_scale, when groups end at
-        a shared floor (optim.lr_floor); None: the scheduled lr times each group's scale."""
-        p = self.plan
-        if self.cfg.optim.lr_floor != "shared":
-            return None
-        return lambda scale: group_lr(step, p.total_steps, p.peak_lr, p.min_lr, p.warmup_steps, scale, "shared")
-
     def fit(self) -> dict:
         """Train from the last checkpoint (if any) to ``train.steps`` or ``train.stop_at``, or until a
         stop request; returns the final validation metrics (empty when it stopped early)."""
@@ -209,30 +183,24 @@ class Trainer:
         """One training step, accounted for and logged; whether the ranks agreed to stop after it."""
         step = self.step
         hooks.fire("step", rank=self.dist.rank, step=step)
-        lr, wd = self.hyperparameters(step)
-        self.engine.set_hyperparameters(lr, wd, step, self.lr_of_scale(step))
-        self.engine.train()
         log_now = self.window.logs_after(step)
-        skip, stop, grad_norm = self._train_step(step, batches, self.window, want_grad_norm=log_now)
-        self.guard.record(step, skip, None if skip else self.engine.fp16_overflow(), metrics.write)
-        if not skip:
+        taken = self.train_step(step, batches, self.stop_requested, measure_grad_norm=log_now)
+        self.guard.record(step, taken.skipped, None if taken.skipped else self.engine.fp16_overflow(), metrics.write)
+        if not taken.skipped:
             self.objective.after_step(step, self.engine)
         self.step = step + 1
         self.step_times.append(time.perf_counter())
         self.window.steps += 1
         if log_now:
-            self._log(metrics, batches, lr, wd, grad_norm)
-        return stop
+            self._log(metrics, batches, taken)
+        return taken.stop
 
-    def _log(self, metrics: Metrics, batches: DeviceBatches, lr: float, wd: float, grad_norm: float | None) -> None:
+    def _log(self, metrics: Metrics, batches: DeviceBatches, taken: StepTaken) -> None:
         """The window's metrics with this step's own (collectives)."""
-        extra = {"train/lr": lr, "train/weight_decay": wd, "train/memory_gib": memory_gib(self.dist.device),
-                 "train/nonfinite_steps": float(self.guard.nonfinite_steps)}
-        # Steps DeepSpeed skipped for non-finite gradients, in any precision (its name predates that).
-        extra["train/fp16_overflow_steps"] = float(self.guard.overflow_steps)
-        grad_norm = self.engine.grad_norm() if grad_norm is None else grad_norm
-        if grad_norm is not None:
-            extra["train/grad_norm"] = grad_norm
+        extra = {"train/lr": taken.lr, "train/weight_decay": taken.weight_decay,
+                 "train/memory_gib": memory_gib(self.dist.device), **self.guard.log_values()}
+        if taken.grad_norm is not None:
+            extra["train/grad_norm"] = taken.grad_norm
         extra.update({f"data/skipped_{k}": float(v) for k, v in self.dist.sum_counts(batches.skipped).items()})
         self.window.log(metrics, self.step, extra)
 
@@ -263,38 +231,6 @@ class Trainer:
         if self.step >= self.plan.total_steps:
             return "finished"
         return "stopped" if self.stopped_on_request else "stop_at"
-
-    def _train_step(self, step: int, batches, window: MetricsWindow, want_grad_norm: bool):
-        """One optimizer step over ``train.grad_accum`` micro-batches.
-
-        Returns (skipped, stop requested, grad norm measured here or None). Non-finite losses are
-        detected on the device and agreed on across ranks in the step's single host sync.
-        """
-        dist = self.dist
-        nonfinite = torch.zeros((), device=dist.device)
-        accum = self.cfg.train.grad_accum
-        grad_norm = None
-        for micro in range(accum):
-            waited = time.perf_counter()
-            batch = next(batches)
-            window.data_time += time.perf_counter() - waited
-            # Seeded after the fetch: the first fetch starts the loader's workers, which draws from
-            # torch's RNG, and a resumed run makes it at another step.
-            self._seed_micro_step(step, micro)
-            loss, values = self.engine.forward(batch, step)
-            hooks.fire("loss", rank=dist.rank, step=step, micro=micro, loss=loss)
-            loss_ok = torch.isfinite(loss.detach())
-            nonfinite = torch.maximum(nonfinite, (~loss_ok).float())
-            window.add(torch.where(loss_ok, loss.detach().float(), 0.0), values)
-            self.engine.backward(loss)
-            if micro < accum - 1:
-                self.engine.step()
-        if want_grad_norm and not self.engine.tracks_grad_norm:
-            grad_norm = self.engine.local_grad_norm()
-        stop_flag = torch.tensor(float(self.stop_requested), device=dist.device)
-        skip, stop = (bool(f) for f in dist.all_reduce(torch.stack([nonfinite, stop_flag]), "max").tolist())
-        self.engine.step(skip=skip)
-        return skip, stop, grad_norm
 
     # -- evaluation and export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
