@@ -7,7 +7,6 @@ resumed run continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -17,18 +16,18 @@ import torch
 
 from pretrain import hooks
 from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity, export_backbone
-from pretrain.config import Config, save_config
+from pretrain.config import Config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
 from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.evaluator import Evaluator
-from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
-from pretrain.plan import Plan, make_plan, resolve_sources
+from pretrain.plan import make_plan, resolve_sources
+from pretrain.run_summary import RunSummary, resize_note, run_state
 from pretrain.step_guard import StepGuard
 from pretrain.train_step import StepTaken, TrainStep
 
@@ -65,6 +64,7 @@ class Trainer:
         self.stopped_on_request = False  # saved and stopped before the end of this invocation
         self.window = MetricsWindow(dist, self.plan.global_batch, cfg.train.log_every, self.plan.total_steps)
         self.train_step = TrainStep(cfg, self.plan, dist, self.engine, self.guard, self.window)
+        self.summary = RunSummary(self.run_dir, self.plan, dist)
         self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
@@ -163,15 +163,11 @@ class Trainer:
         finally:
             batches.close()
             metrics.close()
-        self._end_run(resumed, final, batches)
+        self.summary.end(self.state, self.step, final, self.guard, batches.skipped)
         return final
 
     def _start_run(self, resumed: str | None) -> Metrics:
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            self._write_summary({"resumed_from": resumed, "state": "running", "step": self.step,
-                                 **self._resize_summary()})
+        self.summary.start(self.cfg, resumed, self.step, self.resized)
         metrics = Metrics(self.run_dir, self.dist, self.step, self.plan.total_steps, self.cfg.train.progress)
         if resumed:
             metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
@@ -216,21 +212,10 @@ class Trainer:
             self.export()
         return final
 
-    def _end_run(self, resumed: str | None, final: dict, batches: DeviceBatches) -> None:
-        skipped = self.dist.sum_counts(batches.skipped)  # a collective: before the rank-0 branch
-        if self.dist.is_main:
-            self._write_summary({"resumed_from": resumed, "state": self.state, **self._resize_summary(),
-                                 "step": self.step, "final": final, "nonfinite_steps": self.guard.nonfinite_steps,
-                                 "fp16_overflow_steps": self.guard.overflow_steps, "skipped_samples": skipped})
-
     @property
     def state(self) -> str:
-        """How this invocation ended, as ``run.json`` records it: ``finished`` (train.steps reached),
-        ``stopped`` (saved and stopped on a signal before that; the process exits with
-        STOPPED_EXIT_CODE), or ``stop_at`` (ended at train.stop_at, as asked)."""
-        if self.step >= self.plan.total_steps:
-            return "finished"
-        return "stopped" if self.stopped_on_request else "stop_at"
+        """How this invocation ended (pretrain.run_summary.run_state)."""
+        return run_state(self.step, self.plan.total_steps, self.stopped_on_request)
 
     # -- evaluation and export ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -251,30 +236,3 @@ class Trainer:
                                    extra={"step": self.step, "objective": self.cfg.objective.name, **(extra or {})})
         self.dist.barrier()
         return path
-
-    def _resize_summary(self) -> dict:
-        return {"resized": {k: v for k, v in self.resized.items() if k != "message"}} if self.resized else {}
-
-    def _write_summary(self, extra: dict) -> None:
-        summary = {**self.plan.__dict__, **extra}
-        atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
-
-
-def resize_note(saved: dict, world_size: int, plan: Plan) -> dict | None:
-    """What changes when a checkpoint's run (its meta data: ``saved``) continues on ``world_size``
-    processes: None if nothing; else the numbers before and after and a message for the log."""
-    before = saved.get("world_size")
-    if before in (None, world_size):
-        return None
-    changes = {"world_size": [before, world_size]}
-    for key in ("global_batch", "peak_lr", "total_steps"):
-        if key in saved and saved[key] != getattr(plan, key):
-            changes[key] = [saved[key], getattr(plan, key)]
-    message = f"resuming a run written by {before} processes on {world_size}"
-    if "global_batch" in changes:
-        message += (f"; the global batch changes from {changes['global_batch'][0]} to {plan.global_batch} "
-                    f"(data.batch_size is per process; set data.global_batch to keep it)")
-        message += "".join(f", {k} {a:g} -> {b:g}" for k, (a, b) in changes.items() if k in ("peak_lr", "total_steps"))
-    else:
-        message += f"; the global batch stays {plan.global_batch}"
-    return {**changes, "message": message}
