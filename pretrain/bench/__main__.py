@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHMARKS = {
+    "ops": "pretrain.bench.ops",
     "step": "pretrain.bench.step",
     "data": "pretrain.bench.data",
     "views": "pretrain.bench.views",

@@ -17,7 +17,7 @@ import tracemalloc
 import numpy as np
 
 from pretrain.data.deal import Generation, Plan, consumed, shuffle_rng
-from pretrain.data.stream import pieces_at
+from pretrain.data.split import pieces_at
 
 EPOCH = 3  # the interrupted epoch
 

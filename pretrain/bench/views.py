@@ -28,7 +28,7 @@ from PIL import Image
 
 from pretrain.bench.data import HEIGHT, WIDTH, imagenet_like_jpegs, jpeg_benchmark_parser
 from pretrain.config import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.data.stream import decode
+from pretrain.data.decode import decode
 from pretrain.data.transforms import normalize
 from pretrain.data.views import MultiCropView, Photometric
 

@@ -25,7 +25,7 @@ from pretrain.data import readers
 from pretrain.data.hub import repo_shards
 from pretrain.data.readers.parquet import Columns, footer
 from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, expand, is_local, read_index
-from pretrain.data.stream import BadSample, decode, label_of
+from pretrain.data.decode import BadSample, decode, label_of
 
 MAX_LISTED = 50
 

@@ -1,5 +1,8 @@
-"""Image bytes -> 8-bit RGB pixels: every image format and mode a shard may hold, decoded as cheaply as
-the caller's crop allows. Light on imports (PIL, numpy, simplejpeg), so the shard writer uses it too.
+"""The decode stage: a raw sample -> (image, class index), or :class:`BadSample` saying why not.
+
+Below it, image bytes -> 8-bit RGB pixels: every image format and mode a shard may hold, decoded as
+cheaply as the caller's crop allows. Light on imports (PIL, numpy, simplejpeg), so the shard writer
+uses it too.
 """
 
 from __future__ import annotations
@@ -12,10 +15,51 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pretrain.data.shards import IMAGE_EXTENSIONS
+
 # What PIL and simplejpeg raise for broken files (a truncated JPEG fails only when its pixels are decoded).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is the counter it is filed under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def decode(sample: dict, lazy: bool = False, labelled: bool = True) -> tuple[Image.Image | EncodedImage, int]:
+    """(image, class index) of one raw sample, or BadSample; without ``labelled`` (an objective that
+    does not train on labels), a sample without one gets -1.
+
+    The image is a decoded RGB PIL image or, with ``lazy``, an :class:`EncodedImage` (header read,
+    pixels not decoded) for a view that decodes only what its crop needs.
+    """
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise BadSample("no_image", f"{sample['__key__']} has {sorted(k for k in sample if not k.startswith('__'))}")
+    label = -1 if "cls" not in sample and not labelled else label_of(sample)
+    try:
+        image = EncodedImage.open(sample[ext]) if lazy else load_rgb(Image.open(io.BytesIO(sample[ext])))
+    except DECODE_ERRORS as e:
+        raise BadSample("undecodable", f"{sample['__key__']}: {e}") from None
+    return image, label
+
+
+def label_of(sample: dict) -> int:
+    """The class index of a raw sample, or BadSample (``no_label``, ``bad_label``)."""
+    if "cls" not in sample:
+        raise BadSample("no_label", sample["__key__"])
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        raise BadSample("bad_label", f"{sample['__key__']}: {sample['cls'][:20]!r}") from None
+    if label < 0:
+        raise BadSample("bad_label", f"{sample['__key__']}: {label}")
+    return label
 
 
 @dataclass

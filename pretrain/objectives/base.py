@@ -125,7 +125,7 @@ def check_model_inputs(cfg: Config, ctx: RunContext) -> None:
     from PIL import Image
 
     from pretrain.config import ConfigError
-    from pretrain.data.stream import decode
+    from pretrain.data.decode import decode
     from pretrain.models.backbone import on_meta_device
 
     model = f"model.name={cfg.model.name!r}, model.kwargs={cfg.model.kwargs}"

@@ -14,7 +14,7 @@ import pytest
 
 from pretrain.bench import elastic as bench
 from pretrain.data.deal import Generation, Plan, buffer_shuffle, consumed, shuffle_rng
-from pretrain.data.stream import Piece, pieces_at
+from pretrain.data.split import Piece, pieces_at
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import FORMATS
 

@@ -18,7 +18,8 @@ import pytest
 
 from pretrain.config import ConfigError, load_config
 from pretrain.data import check
-from pretrain.data.stream import Loader, ShardDataset, SkipRateError
+from pretrain.data.faults import SkipRateError
+from pretrain.data.stream import Loader, ShardDataset
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import write_counted_shards
 

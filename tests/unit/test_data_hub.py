@@ -31,7 +31,8 @@ from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import check, readers, write  # noqa: E402
 from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
 from pretrain.data.shards import BrokenShard, ShardError, resolve  # noqa: E402
-from pretrain.data.stream import BadSample, Loader, ShardDataset, decode  # noqa: E402
+from pretrain.data.decode import BadSample, decode  # noqa: E402
+from pretrain.data.stream import Loader, ShardDataset  # noqa: E402
 from pretrain.data.transforms import EvalView  # noqa: E402
 from pretrain.plan import make_plan, resolve_sources  # noqa: E402
 from tests.helpers import TINY_DINO, KeyOnlyView  # noqa: E402

@@ -17,7 +17,8 @@ import pytest
 
 from pretrain.data import check, readers, write
 from pretrain.data.shards import BrokenShard, resolve
-from pretrain.data.stream import Loader, ShardDataset, SkipRateError
+from pretrain.data.faults import SkipRateError
+from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import bad_samples, shard_bytes, tiny_jpeg, write_counted_shards

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pretrain.data.shards import ShardError, resolve
-from pretrain.data.stream import Loader, ShardDataset, SkipRateError
+from pretrain.data.faults import SkipRateError
+from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView, SupervisedTrainView
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import FORMATS, shard_number, write_bad_shards, write_counted_shards

@@ -10,7 +10,7 @@ A format is a module here with
 - ``shard_bytes(samples, classes=None)``: a shard in memory, for ``pretrain.data.write --format`` and
   the tests (``classes``: the class names, for a format that stores them).
 
-The stream (:mod:`pretrain.data.stream`) splits, shuffles and resumes the samples of every format
+The stream (:mod:`pretrain.data.dataset`) splits, shuffles and resumes the samples of every format
 alike; a new format is a module here and its name in FORMATS.
 """
 

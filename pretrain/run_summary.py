@@ -1,0 +1,76 @@
+"""``RUN_DIR/run.json``: the plan of a run and how its last invocation started and ended (rank 0 writes it).
+
+An invocation that started writes ``state: running``; one that ended writes how (:func:`run_state`),
+at which step, its final validation metrics and what it skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pretrain.config import Config, save_config
+from pretrain.dist import DistEnv
+from pretrain.files import atomic_write
+from pretrain.plan import Plan
+from pretrain.step_guard import StepGuard
+
+
+def run_state(step: int, total_steps: int, stopped_on_request: bool) -> str:
+    """How an invocation ended, as ``run.json`` records it: ``finished`` (train.steps reached),
+    ``stopped`` (saved and stopped on a signal before that; the process exits with
+    STOPPED_EXIT_CODE), or ``stop_at`` (ended at train.stop_at, as asked)."""
+    if step >= total_steps:
+        return "finished"
+    return "stopped" if stopped_on_request else "stop_at"
+
+
+class RunSummary:
+    def __init__(self, run_dir: Path, plan: Plan, dist: DistEnv) -> None:
+        self.run_dir, self.plan, self.dist = run_dir, plan, dist
+        self.resumed: str | None = None
+        self.resized: dict | None = None
+
+    def start(self, cfg: Config, resumed: str | None, step: int, resized: dict | None) -> None:
+        """Creates the run directory with ``config.yaml`` and a running ``run.json``; ``resumed``: the
+        checkpoint's tag, ``resized``: its :func:`resize_note`."""
+        self.resumed, self.resized = resumed, resized
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self._write({"resumed_from": resumed, "state": "running", "step": step, **self._resize_summary()})
+
+    def end(self, state: str, step: int, final: dict, guard: StepGuard, skipped: dict[str, float]) -> None:
+        """How the invocation ended; ``skipped``: this rank's skipped samples (summed: a collective)."""
+        skipped = self.dist.sum_counts(skipped)
+        if self.dist.is_main:
+            self._write({"resumed_from": self.resumed, "state": state, **self._resize_summary(),
+                         "step": step, "final": final, "nonfinite_steps": guard.nonfinite_steps,
+                         "fp16_overflow_steps": guard.overflow_steps, "skipped_samples": skipped})
+
+    def _resize_summary(self) -> dict:
+        return {"resized": {k: v for k, v in self.resized.items() if k != "message"}} if self.resized else {}
+
+    def _write(self, extra: dict) -> None:
+        summary = {**self.plan.__dict__, **extra}
+        atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
+
+
+def resize_note(saved: dict, world_size: int, plan: Plan) -> dict | None:
+    """What changes when a checkpoint's run (its meta data: ``saved``) continues on ``world_size``
+    processes: None if nothing; else the numbers before and after and a message for the log."""
+    before = saved.get("world_size")
+    if before in (None, world_size):
+        return None
+    changes = {"world_size": [before, world_size]}
+    for key in ("global_batch", "peak_lr", "total_steps"):
+        if key in saved and saved[key] != getattr(plan, key):
+            changes[key] = [saved[key], getattr(plan, key)]
+    message = f"resuming a run written by {before} processes on {world_size}"
+    if "global_batch" in changes:
+        message += (f"; the global batch changes from {changes['global_batch'][0]} to {plan.global_batch} "
+                    f"(data.batch_size is per process; set data.global_batch to keep it)")
+        message += "".join(f", {k} {a:g} -> {b:g}" for k, (a, b) in changes.items() if k in ("peak_lr", "total_steps"))
+    else:
+        message += f"; the global batch stays {plan.global_batch}"
+    return {**changes, "message": message}

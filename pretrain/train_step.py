@@ -1,0 +1,96 @@
+"""One optimizer step over ``train.grad_accum`` micro-batches: its scheduled hyperparameters, its
+seeds, its micro-batches, and the optimizer step at its boundary, which the step guard may skip."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pretrain import hooks
+from pretrain.config import Config
+from pretrain.dist import DistEnv
+from pretrain.metrics_window import MetricsWindow
+from pretrain.plan import Plan
+from pretrain.schedules import cosine, group_lr, warmup_cosine
+from pretrain.step_guard import StepGuard
+
+
+@dataclass(frozen=True)
+class StepTaken:
+    skipped: bool  # a loss was not finite on some rank: the optimizer did not step
+    stop: bool  # some rank was asked to stop: all save and stop after this step
+    lr: float
+    weight_decay: float
+    grad_norm: float | None  # when asked for, where the engine can tell it
+
+
+class TrainStep:
+    def __init__(self, cfg: Config, plan: Plan, dist: DistEnv, engine, guard: StepGuard,
+                 window: MetricsWindow) -> None:
+        self.cfg, self.plan, self.dist = cfg, plan, dist
+        self.engine, self.guard, self.window = engine, guard, window
+
+    def __call__(self, step: int, batches: Iterator[dict], stop_requested: bool,
+                 measure_grad_norm: bool) -> StepTaken:
+        """Optimizer step ``step`` on the next ``train.grad_accum`` batches; ``stop_requested``: this
+        rank was asked to stop (the ranks agree on it with the skip, in the step's one host sync)."""
+        lr, wd = self.hyperparameters(step)
+        self.engine.set_hyperparameters(lr, wd, step, self.lr_of_scale(step))
+        self.engine.train()
+        self.guard.start_step()
+        accum = self.cfg.train.grad_accum
+        for micro in range(accum):
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.window.data_time += time.perf_counter() - waited
+            # Seeded after the fetch: the first fetch starts the loader's workers, which draws from
+            # torch's RNG, and a resumed run makes it at another step.
+            self._seed_micro_step(step, micro)
+            loss, values = self.engine.forward(batch, step)
+            hooks.fire("loss", rank=self.dist.rank, step=step, micro=micro, loss=loss)
+            self.window.add(self.guard.finite_loss(loss), values)
+            self.engine.backward(loss)
+            if micro < accum - 1:
+                self.engine.step()
+        skip, stop = self.guard.agree(stop_requested)
+        return StepTaken(skip, stop, lr, wd, boundary_step(self.engine, skip, measure_grad_norm))
+
+    def hyperparameters(self, step: int) -> tuple[float, float]:
+        o, p = self.cfg.optim, self.plan
+        lr = warmup_cosine(step, p.total_steps, p.peak_lr, p.min_lr, p.warmup_steps)
+        wd = o.weight_decay if o.weight_decay_end is None else \
+            cosine(step, p.total_steps, o.weight_decay, o.weight_decay_end)
+        return lr, wd
+
+    def lr_of_scale(self, step: int):
+        """Each layer-decay group's lr at ``step`` as a function of its lr_scale, when groups end at
+        a shared floor (optim.lr_floor); None: the scheduled lr times each group's scale."""
+        p = self.plan
+        if self.cfg.optim.lr_floor != "shared":
+            return None
+        return lambda scale: group_lr(step, p.total_steps, p.peak_lr, p.min_lr, p.warmup_steps, scale, "shared")
+
+    def _seed_micro_step(self, step: int, micro: int) -> None:
+        """Seed the model-side randomness (drop path, Mixup) from (seed, rank, step, micro-step) alone,
+        so it does not depend on what the data pipeline drew, nor on where a run was resumed."""
+        seed = int(np.random.SeedSequence([self.cfg.run.seed, self.dist.rank, step, micro]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+def boundary_step(engine, skip: bool, measure_grad_norm: bool) -> float | None:
+    """The optimizer step at the accumulation boundary (skipped when ``skip``) and, when asked, the
+    gradient norm before clipping: measured here, before the step, where DeepSpeed keeps none (ZeRO-0
+    in fp32), else the engine's after it. Where the norm comes from is the engine's business: this
+    belongs in the engine, as ``Engine.step(skip, measure_grad_norm)`` returning it."""
+    local = engine.local_grad_norm() if measure_grad_norm and not engine.tracks_grad_norm else None
+    engine.step(skip=skip)
+    if not measure_grad_norm or local is not None:
+        return local
+    return engine.grad_norm()
