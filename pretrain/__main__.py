@@ -105,7 +105,7 @@ def train(cfg: Config) -> str:
         trainer.fit()
         if dist.is_main:
             print(f"run dir: {cfg.run.dir}\n  TensorBoard: tensorboard --logdir {Path(cfg.run.dir) / 'tb'}\n"
-                  f"  checkpoints: {trainer.checkpoints.directory}\n  export: {export_line(cfg, trainer)}")
+                  f"  checkpoints: {trainer.checkpointer.directory}\n  export: {export_line(cfg, trainer)}")
         leave_process_group()
     return trainer.state
 

@@ -33,7 +33,7 @@ class RunSummary:
 
     def start(self, cfg: Config, resumed: str | None, step: int, resized: dict | None) -> None:
         """Creates the run directory with ``config.yaml`` and a running ``run.json``; ``resumed``: the
-        checkpoint's tag, ``resized``: its :func:`resize_note`."""
+        checkpoint's tag, ``resized``: its :func:`pretrain.state.checkpointer.resize_note`."""
         self.resumed, self.resized = resumed, resized
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,22 +55,3 @@ class RunSummary:
         summary = {**self.plan.__dict__, **extra}
         atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
 
-
-def resize_note(saved: dict, world_size: int, plan: Plan) -> dict | None:
-    """What changes when a checkpoint's run (its meta data: ``saved``) continues on ``world_size``
-    processes: None if nothing; else the numbers before and after and a message for the log."""
-    before = saved.get("world_size")
-    if before in (None, world_size):
-        return None
-    changes = {"world_size": [before, world_size]}
-    for key in ("global_batch", "peak_lr", "total_steps"):
-        if key in saved and saved[key] != getattr(plan, key):
-            changes[key] = [saved[key], getattr(plan, key)]
-    message = f"resuming a run written by {before} processes on {world_size}"
-    if "global_batch" in changes:
-        message += (f"; the global batch changes from {changes['global_batch'][0]} to {plan.global_batch} "
-                    f"(data.batch_size is per process; set data.global_batch to keep it)")
-        message += "".join(f", {k} {a:g} -> {b:g}" for k, (a, b) in changes.items() if k in ("peak_lr", "total_steps"))
-    else:
-        message += f"; the global batch stays {plan.global_batch}"
-    return {**changes, "message": message}

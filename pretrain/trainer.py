@@ -1,8 +1,9 @@
 """The one training loop: batch -> objective -> engine -> after_step -> metrics -> checkpoint.
 
 It names no objective. Everything random is seeded from (run seed, rank, step), and every piece of
-state (step, data position, weights, optimizer, objective buffers) goes into the checkpoint, so a
-resumed run continues exactly as if it had never stopped.
+state (step, data position, weights, optimizer, objective buffers) goes into the checkpoint (its
+components are handed to pretrain.state's Checkpointer by name), so a resumed run continues exactly
+as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -15,22 +16,21 @@ from typing import Callable
 import torch
 
 from pretrain import hooks
-from pretrain.checkpoint import CheckpointError, export_backbone
+from pretrain.checkpoint import export_backbone
 from pretrain.config import Config
 from pretrain.data.loaders import build_train_loader, build_val_loader
+from pretrain.data.position import DataPosition
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
-from pretrain.engine import Engine, build_module, partitioned_shape
+from pretrain.engine import Engine, build_module
 from pretrain.evaluator import Evaluator
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs
 from pretrain.objectives.base import Objective, RunContext, build_objective
 from pretrain.plan import make_plan, resolve_sources
-from pretrain.run_summary import RunSummary, resize_note, run_state
-from pretrain.state.checkpointer import load_shards
-from pretrain.state.checkpoints import Checkpoints
-from pretrain.state.layout import checkpoint_identity
+from pretrain.run_summary import RunSummary, run_state
+from pretrain.state.checkpointer import Checkpointer
 from pretrain.step_guard import StepGuard
 from pretrain.train_step import StepTaken, TrainStep
 
@@ -56,56 +56,33 @@ class Trainer:
         self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
         self.train_loader = build_train_loader(cfg, train_set, self.objective.train_view(), dist, self.plan.num_classes)
-        self.batches: DeviceBatches | None = None  # the training batches on the device, while fit() runs
+        self.data_position = DataPosition(self.train_loader, dist)
         val_loader = build_val_loader(cfg, val_set, self.objective.eval_view(), dist)
         self.evaluator = Evaluator(self.objective, self.engine, val_loader, dist, cfg.train.eval_every,
                                    cfg.data.image_size)
-        self.checkpoints = Checkpoints(self.run_dir, cfg.train.keep_last, dist, every=cfg.train.ckpt_every)
         self.step = 0
-        self.guard = StepGuard(cfg.train.max_nonfinite, self.checkpoints.latest, dist)
+        # Its stop message names the last checkpoint: the checkpointer's, built below with the guard in it.
+        self.guard = StepGuard(cfg.train.max_nonfinite, lambda: self.checkpointer.latest(), dist)
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
         self.stopped_on_request = False  # saved and stopped before the end of this invocation
         self.window = MetricsWindow(dist, self.plan.global_batch, cfg.train.log_every, self.plan.total_steps)
         self.train_step = TrainStep(cfg, self.plan, dist, self.engine, self.guard, self.window)
+        # What a resumed run needs besides the engine's state, by the names checkpoints keep it under.
+        self.checkpointer = Checkpointer(cfg, self.plan, dist, self.engine, {
+            "trainer": self, "step_guard": self.guard, "log_window": self.window, "data": self.data_position})
         self.summary = RunSummary(self.run_dir, self.plan, dist)
-        self.resized: dict | None = None  # set by resume() when the run continues on another world size
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
-    # -- state --------------------------------------------------------------------------------------
+    # -- its own state: the step (the run's other state is its components', see pretrain.state) -------
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly; a collective: the partial logging window
-        is averaged over the ranks (the first log line after a resume is the uninterrupted run's), and
-        the data position of every rank goes into every rank's copy, so that a run on any number of
-        processes can take it up (DeepSpeed keeps rank 0's copy below ZeRO-3)."""
-        data = dict((self.batches or self.train_loader).state_dict())
-        plan = data.pop("plan", None)  # the same on every rank: kept once
-        ranks = self.dist.gather_objects(data)
-        return {"trainer": {"step": self.step, **self.guard.state_dict(), "world_size": self.dist.world_size,
-                            "global_batch": self.plan.global_batch, "log_window": self.window.state_dict()},
-                "data": {"ranks": ranks, "plan": plan}}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        trainer, data = state["trainer"], state["data"]
-        saved_world = trainer["world_size"]
-        self.step = trainer["step"]
-        self.guard.load_state_dict(self.guard.reshard(trainer, saved_world))  # its keys sit in the trainer's
-        if "log_window" in trainer:
-            self.window.load_state_dict(self.window.reshard(trainer["log_window"], saved_world))
-        if "ranks" not in data:  # written before every rank's position was kept
-            if saved_world != self.dist.world_size:
-                raise CheckpointError(f"the checkpoint was written by {saved_world} processes by an older vitscale, "
-                                      f"which kept one rank's data position: resume it on {saved_world} processes")
-            self.train_loader.load_state_dict(data)
-            return
-        ranks = [{**state, "plan": data.get("plan")} for state in data["ranks"]]
-        if len(ranks) == self.dist.world_size and ranks[0]["workers"] == self.train_loader.workers:
-            self.train_loader.load_state_dict(ranks[self.dist.rank])
-            return
-        try:
-            self.train_loader.resume_elsewhere(ranks)
-        except ValueError as e:
-            raise CheckpointError(f"resuming on {self.dist.world_size} processes x {self.train_loader.workers} "
-                                  f"data workers: {e}") from None
+        self.step = state["step"]
+
+    def reshard(self, state: dict, saved_world_size: int) -> dict:
+        """Unchanged: the step counts optimizer steps, whatever the number of processes."""
+        return state
 
     def request_stop(self) -> None:
         """Save and stop at the next step boundary (safe to call from a signal handler)."""
@@ -118,27 +95,11 @@ class Trainer:
         save_on_signals(self.request_stop)
 
     def resume(self) -> str | None:
-        if not self.cfg.train.resume:
-            return None
-        # Verified (meta data, every file's checksum) before anything is loaded.
-        tag = self.checkpoints.resumable(self.checkpoint_meta(), fallback=self.cfg.train.resume_from)
-        if tag is not None:
-            saved = self.checkpoints.meta(tag)
-            self.resized = resize_note(saved, self.dist.world_size, self.plan)
-            self.load_state_dict(load_shards(self.engine, self.checkpoints, tag, saved.get("world_size")))
-            self.checkpoints.saved_step = self.step
-        return tag
+        """Take up the run's last checkpoint, verified before anything is loaded; its tag, or None."""
+        return self.checkpointer.resume()
 
     def save(self) -> str:
-        return self.checkpoints.save(self.engine, self.step, self.state_dict(), self.checkpoint_meta())
-
-    def checkpoint_meta(self) -> dict:
-        """What a checkpoint must match to be resumed by this run (see Checkpoints.verify)."""
-        shapes = {name: list(partitioned_shape(p))
-                  for name, p in self.objective.named_parameters()}
-        return {**checkpoint_identity(self.cfg, shapes), "world_size": self.dist.world_size,
-                "data_workers": self.cfg.data.workers, "global_batch": self.plan.global_batch,
-                "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
+        return self.checkpointer.save(self.step)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -148,14 +109,15 @@ class Trainer:
         end = min(self.plan.total_steps, self.cfg.train.stop_at or self.plan.total_steps)
         metrics = self._start_run(resumed)
         # Copied (and decoded) to the device ahead of the step that needs them.
-        batches = self.batches = DeviceBatches(self.train_loader, self.dist.device)
+        batches = DeviceBatches(self.train_loader, self.dist.device)
+        self.data_position.follow(batches)
         final: dict = {}
         try:
             while self.step < end:
                 stop = self._step(batches, metrics)
                 if self.evaluator.due(self.step, end):
                     metrics.log(self.step, self.evaluate())
-                if self.checkpoints.due(self.step, stop_requested=stop):
+                if self.checkpointer.due(self.step, stop_requested=stop):
                     self.save()
                 if stop and self.step < end:
                     self.stopped_on_request = True
@@ -170,12 +132,13 @@ class Trainer:
         return final
 
     def _start_run(self, resumed: str | None) -> Metrics:
-        self.summary.start(self.cfg, resumed, self.step, self.resized)
+        resized = self.checkpointer.resized
+        self.summary.start(self.cfg, resumed, self.step, resized)
         metrics = Metrics(self.run_dir, self.dist, self.step, self.plan.total_steps, self.cfg.train.progress)
         if resumed:
-            metrics.write(f"resumed from {self.checkpoints.directory / resumed} at step {self.step}")
-        if self.resized:
-            metrics.write(self.resized["message"])
+            metrics.write(f"resumed from {self.checkpointer.directory / resumed} at step {self.step}")
+        if resized:
+            metrics.write(resized["message"])
         return metrics
 
     def _step(self, batches: DeviceBatches, metrics: Metrics) -> bool:
@@ -209,7 +172,7 @@ class Trainer:
         if final:
             metrics.log(self.step, final)
             metrics.write("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-        if self.checkpoints.due(self.step, last=True):
+        if self.checkpointer.due(self.step, last=True):
             self.save()
         if self.cfg.train.export and self.step == self.plan.total_steps:
             self.export()

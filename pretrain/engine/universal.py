@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from pretrain.engine.checkpoint_io import merged_buffers, naming_refused_files
+from pretrain.engine.checkpoint_io import merged_buffers, naming_refused_files, weights_only_loading
 
 if TYPE_CHECKING:
     from pretrain.engine.deepspeed_engine import Engine
@@ -29,15 +29,16 @@ class NoAdamMoments(Exception):
 def write_universal(checkpoint: Path, out: Path, module: nn.Module) -> None:
     """DeepSpeed's universal conversion (``ds_to_universal``) of ``checkpoint`` into ``out``, and
     ``module``'s buffers, whole (:func:`merged_buffers`), into ``out/buffers.pt``: the universal load
-    reads no module buffers. A file that would run code raises the CheckpointError naming it; a
-    group without Adam moments raises :class:`NoAdamMoments`."""
+    reads no module buffers. Every file is read weights-only: one that would run code raises the
+    CheckpointError naming it. A group without Adam moments raises :class:`NoAdamMoments`."""
     from deepspeed.checkpoint import ds_to_universal
 
     args = Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     chatter = io.StringIO()  # its progress bars and prints
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), naming_refused_files():
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), weights_only_loading(), \
+                naming_refused_files():
             ds_to_universal.main(args)
             torch.save(merged_buffers(checkpoint, module), out / BUFFERS_FILE)
     except KeyError as e:

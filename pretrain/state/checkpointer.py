@@ -56,12 +56,21 @@ class Checkpointer:
             return None
         saved = self.files.meta(tag)
         self.resized = resize_note(saved, self.dist.world_size, self.plan)
-        state = upgraded(load_shards(self.engine, self.files, tag, saved.get(WORLD_SIZE)))
+        state = upgraded(self._load_shards(tag, saved.get(WORLD_SIZE)))
         for name, component in self.components.items():
             if name in state:
                 component.load_state_dict(self._resharded(component, state[name], state[WORLD_SIZE]))
         self.files.saved_step = step_of(tag)
         return tag
+
+    def _load_shards(self, tag: str, saved_world_size: int | None) -> dict:
+        """Have the engine load its shards of checkpoint ``tag``, written by ``saved_world_size``
+        processes (None: as many as now), through their universal conversion where the engine needs
+        one; the client state saved with them."""
+        engine = self.engine
+        if engine.reshards(saved_world_size):
+            return engine.load_universal(convert_to_universal(self.directory / tag, engine.module, self.dist))
+        return engine.load(str(self.directory), tag)
 
     def _resharded(self, component: Stateful, state: dict, saved_world_size: int) -> dict:
         if saved_world_size == self.dist.world_size:
@@ -75,15 +84,6 @@ class Checkpointer:
         return {**checkpoint_identity(self.cfg, shapes), WORLD_SIZE: self.dist.world_size,
                 "data_workers": self.cfg.data.workers, "global_batch": self.plan.global_batch,
                 "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
-
-
-def load_shards(engine, files: Checkpoints, tag: str, saved_world_size: int | None) -> dict:
-    """Have ``engine`` load its shards of checkpoint ``tag``, written by ``saved_world_size`` processes
-    (None: as many as now), through its universal conversion where the engine needs one; returns the
-    client state saved with them."""
-    if engine.reshards(saved_world_size):
-        return engine.load_universal(convert_to_universal(files.directory / tag, engine.module, engine.dist))
-    return engine.load(str(files.directory), tag)
 
 
 def upgraded(client_state: dict) -> dict:

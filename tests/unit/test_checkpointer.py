@@ -137,3 +137,12 @@ def test_the_meta_data_names_what_a_resume_must_match(tmp_path):
     assert meta["parameters"] == {"weight": [2, 4], "bias": [2]}
     assert {k: meta[k] for k in ("world_size", "global_batch", "total_steps", "data_workers")} == \
         {"world_size": 1, "global_batch": 64, "total_steps": 8, "data_workers": 4}
+
+
+def test_the_trainers_components_keep_the_contract():
+    from pretrain.data.position import DataPosition
+    from pretrain.metrics_window import MetricsWindow
+    from pretrain.step_guard import StepGuard
+
+    components = [StepGuard(3, lambda: None), MetricsWindow(DistEnv(), 8, 1, 4), DataPosition(None, DistEnv())]
+    assert all(isinstance(c, Stateful) for c in components)

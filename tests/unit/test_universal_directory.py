@@ -53,3 +53,19 @@ def test_a_conversion_refused_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="x.pt: refused"):
         conversion.convert_to_universal(tmp_path, torch.nn.Module(), DistEnv())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_engines_conversion_reads_weights_only(tmp_path):
+    """DeepSpeed's conversion asks torch to unpickle fully; a crafted model-states file is refused,
+    naming it, and its code does not run, whoever calls the conversion."""
+    from pretrain.engine import write_universal
+    from tests.conftest import write_code_payload
+
+    checkpoint = tmp_path / "step_00000002"
+    checkpoint.mkdir()
+    torch.save({"optimizer_state_dict": {}}, checkpoint / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    marker = tmp_path / "payload-ran"
+    write_code_payload(checkpoint / "mp_rank_00_model_states.pt", marker)
+    with pytest.raises(CheckpointError, match=f"^{checkpoint / 'mp_rank_00_model_states.pt'}: refused"):
+        write_universal(checkpoint, tmp_path / "universal", torch.nn.Module())
+    assert not marker.exists()
