@@ -140,7 +140,8 @@ def probe_demo(cfg: Config) -> None:
     import torch
 
     from pretrain.models.backbone import create_backbone
-    from pretrain.probe import load_export, probe_accuracy, raw_pixel_accuracy
+    from pretrain.export import load_export
+    from pretrain.probe import probe_accuracy, raw_pixel_accuracy
 
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     size, mean, std = cfg.data.image_size, cfg.data.mean, cfg.data.std

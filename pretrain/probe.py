@@ -3,27 +3,13 @@ tests' measure of what self-supervised pre-training learned; finetune.linear is 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from pretrain.data import shards
 from pretrain.data.stream import ShardDataset
 from pretrain.data.transforms import EvalView, normalize
-
-
-def load_export(export_dir: str | Path) -> nn.Module:
-    """The backbone written by the trainer's export (``backbone.json`` + ``backbone.safetensors``)."""
-    export_dir = Path(export_dir)
-    meta = json.loads((export_dir / "backbone.json").read_text())
-    model = timm.create_model(meta["model"], pretrained=False, **meta["kwargs"])
-    model.load_state_dict(load_file(str(export_dir / meta["weights"])))
-    return model
 
 
 @torch.no_grad()

@@ -20,12 +20,13 @@ from PIL import Image
 from torch.utils.data._utils.collate import default_collate
 
 from pretrain import hooks
-from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity, export_backbone
+from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity
 from pretrain.config import Config, save_config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
 from pretrain.engine import Engine, build_module, partitioned_shape
+from pretrain.export import export_backbone
 from pretrain.files import atomic_write
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.models.backbone import backbone_kwargs
