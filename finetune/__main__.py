@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from finetune.config import ROOTS, FullConfig
-from finetune.weights import WeightsError
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
-from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
+from pretrain.errors import reported
 
 from finetune.reference import STAGE_MODULES
 
@@ -110,22 +108,19 @@ def run(stage: str, cfg):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        cfg = load(args.stage, args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
-            preflight(args.stage, cfg, 1)
-        if run(args.stage, cfg).get("state") == "stopped":  # full fine-tuning saved and stopped on a signal
-            return STOPPED_EXIT_CODE
-    except (ConfigError, ShardError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:  # full fine-tuning resumes and saves through pre-training's trainer
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # Full fine-tuning resumes and saves through pre-training's trainer: its CheckpointError is a failed run.
+    return reported(_main, parse_args(argv), failures=(CheckpointError,))
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = load(args.stage, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
+        preflight(args.stage, cfg, 1)
+    if run(args.stage, cfg).get("state") == "stopped":  # full fine-tuning saved and stopped on a signal
+        return STOPPED_EXIT_CODE
     return 0
 
 

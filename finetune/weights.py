@@ -31,6 +31,7 @@ import yaml
 
 from pretrain import export
 from pretrain.config import ModelConfig
+from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ KNOWN_PREFIXES = ("", "module.", "backbone.", "module.backbone.", "teacher.backb
                   "encoder.", "module.encoder.", "model.", "model.backbone.", "backbone.model.", "student.backbone.")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be read or do not fit the model; the message names the file and keys."""
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from launch.backend import Backend, reported
+from launch.backend import Backend
 from launch.stage import split_stage
 from pretrain.config import ConfigError
+from pretrain.errors import reported
 from pretrain.processes import spawn_local
 from pretrain.rundir import hold
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from pretrain import DEMO_RECIPE
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
-from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
-from pretrain.rundir import RunDirBusy
+from pretrain.errors import reported
 from pretrain.step_guard import NonFiniteLossError
 
 DEMO_PROCESSES = 2
@@ -156,26 +154,21 @@ def probe_demo(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    return reported(_main, parse_args(argv), failures=(NonFiniteLossError, CheckpointError))
+
+
+def _main(args: argparse.Namespace) -> int:
+    """What the command line asks for: the demo, the resolved config, or training; the exit code."""
     distributed = "WORLD_SIZE" in os.environ
-    try:
-        if not args.config and not args.overrides and not args.print_config and not distributed:
-            return run_demo()
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        if not distributed:
-            preflight(cfg, 1)
-        if train(cfg) == "stopped":
-            return STOPPED_EXIT_CODE
-    except (ConfigError, ShardError, RunDirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if not args.config and not args.overrides and not args.print_config and not distributed:
+        return run_demo()
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if not distributed:
+        preflight(cfg, 1)
+    return STOPPED_EXIT_CODE if train(cfg) == "stopped" else 0
 
 
 if __name__ == "__main__":
