@@ -43,10 +43,10 @@ def load(stage: str, config: str, overrides: list[str]):
 
 
 def preflight(stage: str, cfg, world_size: int) -> None:
-    """What can be checked before any process starts: the model exists, the data is there."""
+    """What can be checked before any process starts: the model exists, the data is there (written
+    before, when ``data.prepare`` names a built-in data set). Writes nothing."""
     import timm
 
-    from pretrain.data.builtin import prepare
     from pretrain.plan import resolve_sources
 
     if isinstance(cfg, FullConfig):
@@ -61,8 +61,6 @@ def preflight(stage: str, cfg, world_size: int) -> None:
     if not timm.is_model(model.name):
         raise ConfigError(f"model.name={model.name!r}: timm has no such model")
     check_features(cfg, model)
-    if cfg.data.prepare != "none":
-        prepare(cfg.data.prepare, cfg.data.train)
     resolve_sources(cfg)
 
 
@@ -82,9 +80,17 @@ def config(argv: list[str]):
     return load_config(recipe, overrides, root=ROOTS[stage])
 
 
+def prepare(argv: list[str]) -> None:
+    """For launchers, before :func:`check`: write the built-in data set ``data.prepare`` names, unless it is there."""
+    from pretrain.data.builtin import prepare_data
+
+    prepare_data(config(argv).data)
+
+
 def check(argv: list[str], world_size: int):
     """For launchers: ``STAGE CONFIG [key=value ...]`` loaded (the pre-trained weights found) and checked
-    for ``world_size`` processes before any starts (ConfigError/ShardError naming the key or file); the config."""
+    for ``world_size`` processes before any starts (ConfigError/ShardError naming the key or file); the config.
+    Writes nothing."""
     stage, recipe, overrides = _command(argv)
     cfg = load(stage, recipe, overrides)
     preflight(stage, cfg, world_size)
@@ -117,7 +123,10 @@ def _main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
+    if "WORLD_SIZE" not in os.environ:  # alone; a launcher prepared and checked before starting the ranks
+        from pretrain.data.builtin import prepare_data
+
+        prepare_data(cfg.data)
         preflight(args.stage, cfg, 1)
     if run(args.stage, cfg).get("state") == "stopped":  # full fine-tuning saved and stopped on a signal
         return STOPPED_EXIT_CODE

@@ -44,6 +44,7 @@ def _run(nproc: int, stage_tokens: list[str]) -> int:
     if not stage.argv:
         raise ConfigError("a CONFIG (recipe) is required: python -m launch local --nproc N [STAGE] CONFIG "
                           "[key=value ...]")
+    stage.prepare()
     cfg = stage.check(nproc)  # a bad config fails here, before any process starts
     with hold(cfg.run.dir):  # for the ranks' whole life: a second run on this run dir is refused
         return spawn_local(nproc, stage.package, stage.argv)

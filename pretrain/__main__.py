@@ -40,10 +40,10 @@ def parse_args(argv: list[str] | None, prog: str = "python -m pretrain") -> argp
 
 
 def preflight(cfg: Config, world_size: int) -> None:
-    """Everything that can be checked before any process starts: data present, arithmetic sound."""
+    """Everything that can be checked before any process starts: data present, arithmetic sound.
+    Writes nothing: the built-in data set ``data.prepare`` names is written before (:func:`prepare`)."""
     import timm
 
-    from pretrain.data.builtin import prepare
     from pretrain.dist import DistEnv
     from pretrain.engine import check_accelerator, check_deepspeed_overrides, check_offload
     from pretrain.objectives.base import RunContext, check_model_inputs
@@ -57,8 +57,6 @@ def preflight(cfg: Config, world_size: int) -> None:
     check_accelerator(cfg.engine.precision)
     check_offload(cfg)
     check_deepspeed_overrides(cfg, world_size)
-    if cfg.data.prepare != "none":
-        prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
     plan = make_plan(cfg, world_size, train_set)
     check_resume(cfg, world_size, train_set)
@@ -73,9 +71,17 @@ def config(argv: list[str]) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def prepare(argv: list[str]) -> None:
+    """For launchers, before :func:`check`: write the built-in data set the config's ``data.prepare``
+    names (the demo's digits), unless it is there."""
+    from pretrain.data.builtin import prepare_data
+
+    prepare_data(config(argv).data)
+
+
 def check(argv: list[str], world_size: int) -> Config:
     """For launchers: the command line's config, checked for ``world_size`` processes before any
-    starts (ConfigError or ShardError naming the key, file or value)."""
+    starts (ConfigError or ShardError naming the key, file or value); writes nothing."""
     cfg = config(argv)
     preflight(cfg, world_size)
     return cfg
@@ -123,7 +129,10 @@ def run_demo() -> int:
     from pretrain.processes import spawn_local
     from pretrain.rundir import hold
 
+    from pretrain.data.builtin import prepare_data
+
     cfg = load_config(DEMO_RECIPE)
+    prepare_data(cfg.data)  # the demo's digits, on first use
     preflight(cfg, DEMO_PROCESSES)
     print(f"vitscale demo: {DEMO_RECIPE.name} on {DEMO_PROCESSES} processes, run dir {cfg.run.dir}", flush=True)
     with hold(cfg.run.dir):
@@ -167,6 +176,9 @@ def _main(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         return 0
     if not distributed:
+        from pretrain.data.builtin import prepare_data
+
+        prepare_data(cfg.data)
         preflight(cfg, 1)
     return STOPPED_EXIT_CODE if train(cfg) == "stopped" else 0
 
