@@ -1,4 +1,5 @@
-"""Checkpoint cadence, an atomic ``latest`` pointer, keep-last-K pruning, and backbone export.
+"""Checkpoint cadence, an atomic ``latest`` pointer and keep-last-K pruning (the backbone's export
+is pretrain.export).
 
 Layout under ``RUN_DIR/checkpoints``: one DeepSpeed checkpoint directory per save (``step_00001000``)
 holding also ``meta.json`` (what wrote it: objective, model, parameter shapes, and the size and
@@ -19,12 +20,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from pretrain import hooks
 from pretrain.dist import DistEnv
-from pretrain.files import atomic_path, atomic_write
+from pretrain.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -270,15 +268,3 @@ def verify_files(path: Path, saved_meta: dict, dist: DistEnv, record: str = META
                  if p), None)
     return next((p for p in dist.gather_objects(mine) if p), None)
 
-
-def export_backbone(state_dict: dict[str, torch.Tensor], out_dir: str | Path, model_name: str,
-                    model_kwargs: dict, extra: dict | None = None) -> Path:
-    """Write ``backbone.safetensors`` (timm state-dict format) and ``backbone.json`` (how to build it)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "backbone.safetensors"
-    with atomic_path(weights) as tmp:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"model": model_name})
-    meta = {"model": model_name, "kwargs": model_kwargs, "weights": weights.name, **(extra or {})}
-    atomic_write(out_dir / "backbone.json", json.dumps(meta, indent=1).encode())
-    return weights

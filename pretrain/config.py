@@ -22,12 +22,13 @@ from typing import Any, Literal, Union
 import yaml
 
 from pretrain import recipe_path
+from pretrain.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, always naming the key or file it is about."""
 
 

@@ -15,13 +15,14 @@ from typing import Callable
 import torch
 
 from pretrain import hooks
-from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity, export_backbone
+from pretrain.checkpoint import CheckpointError, Checkpoints, checkpoint_identity
 from pretrain.config import Config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
 from pretrain.engine import Engine, build_module, partitioned_shape
 from pretrain.evaluator import Evaluator
+from pretrain.export import export_backbone
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs

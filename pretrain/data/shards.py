@@ -24,6 +24,7 @@ from typing import IO
 
 import braceexpand
 
+from pretrain.errors import UserError
 from pretrain.files import atomic_write
 
 INDEX_NAME = "index.json"
@@ -34,7 +35,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image")
 log = logging.getLogger(__name__)
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard source that cannot be used; the message names the shards or the file."""
 
 
