@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from pretrain.config import Config
 from pretrain.dist import DistEnv
 from pretrain.engine import compute_dtype, partitioned_shape
+from pretrain.sections import Config
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def check_model_inputs(cfg: Config, ctx: RunContext) -> None:
 
     from PIL import Image
 
-    from pretrain.config import ConfigError
+    from pretrain.sections import ConfigError
     from pretrain.data.decode import decode
     from pretrain.models.backbone import on_meta_device
 
