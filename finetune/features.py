@@ -18,7 +18,7 @@ import torch
 
 from finetune.config import ProbeConfig
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.data import shards
+from pretrain.data import shards, sources
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView
 from pretrain.dist import DistEnv
@@ -109,7 +109,7 @@ def compute(extractor: FeatureExtractor, urls: list[str], cfg: ProbeConfig, dist
 
 
 def resolve_splits(cfg: ProbeConfig) -> dict[str, shards.ShardSet]:
-    found = {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
+    found = {"train": sources.resolve(cfg.data.train, "train"), "val": sources.resolve(cfg.data.val, "val")}
     shards.check_train_and_val(found["train"], found["val"], cfg.data.train, cfg.data.val)
     return found
 

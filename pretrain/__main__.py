@@ -46,7 +46,8 @@ def preflight(cfg: Config, world_size: int) -> None:
 
     from pretrain.dist import DistEnv
     from pretrain.engine import check_accelerator, check_deepspeed_overrides, check_offload
-    from pretrain.objectives.base import RunContext, check_model_inputs
+    from pretrain.objectives.base import RunContext
+    from pretrain.objectives.build import check_model_inputs
     from pretrain.rundir import check_run_dir
     from pretrain.plan import check_resume, make_plan, resolve_sources
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pretrain.data import shards
+from pretrain.data import sources
 from pretrain.data.stream import ShardDataset
 from pretrain.data.transforms import EvalView
 from pretrain.features import POOLED, FeatureExtractor, extract
@@ -22,7 +22,7 @@ def features(model: nn.Module, source: str, split: str, image_size: int, mean, s
 
 def _split(source: str, split: str, image_size: int, batch_size: int) -> ShardDataset:
     """Every sample of one split once, in order, at ``image_size`` (no crop)."""
-    return ShardDataset(shards.resolve(source, split).urls, EvalView(image_size, crop_pct=1.0), batch_size,
+    return ShardDataset(sources.resolve(source, split).urls, EvalView(image_size, crop_pct=1.0), batch_size,
                         rank=0, world_size=1, seed=0, train=False)
 
 

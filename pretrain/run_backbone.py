@@ -22,7 +22,8 @@ from pretrain.config import Config, ConfigError, load_config, read_recipe
 from pretrain.dist import DistEnv
 from pretrain.engine import (checkpoint_fp32_weights, merged_buffers, naming_refused_files, refused_file_error,
                              weights_only_loading)
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 
 CONFIG_NAME = "config.yaml"
 SUMMARY_NAME = "run.json"

@@ -26,7 +26,8 @@ from pretrain.export import export_backbone
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs
-from pretrain.objectives.base import Objective, RunContext, build_objective
+from pretrain.objectives.base import Objective, RunContext
+from pretrain.objectives.build import build_objective
 from pretrain.plan import make_plan, resolve_sources
 from pretrain.run_summary import RunSummary, resize_note, run_state
 from pretrain.step_guard import StepGuard

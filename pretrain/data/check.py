@@ -24,8 +24,9 @@ from pathlib import Path
 from pretrain.data import readers
 from pretrain.data.hub import repo_shards
 from pretrain.data.readers.parquet import Columns, footer
-from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, expand, is_local, read_index
+from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, is_local, read_index
 from pretrain.data.decode import BadSample, decode, label_of
+from pretrain.data.urls import expand
 from pretrain.errors import reported
 
 MAX_LISTED = 50
