@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from finetune.config import ROOTS, FullConfig
-from finetune.weights import WeightsError
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
-from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
+from pretrain.errors import reported
 
 from finetune.reference import STAGE_MODULES
 
@@ -45,10 +43,10 @@ def load(stage: str, config: str, overrides: list[str]):
 
 
 def preflight(stage: str, cfg, world_size: int) -> None:
-    """What can be checked before any process starts: the model exists, the data is there."""
+    """What can be checked before any process starts: the model exists, the data is there (written
+    before, when ``data.prepare`` names a built-in data set). Writes nothing."""
     import timm
 
-    from pretrain.data.builtin import prepare
     from pretrain.plan import resolve_sources
 
     if isinstance(cfg, FullConfig):
@@ -63,8 +61,6 @@ def preflight(stage: str, cfg, world_size: int) -> None:
     if not timm.is_model(model.name):
         raise ConfigError(f"model.name={model.name!r}: timm has no such model")
     check_features(cfg, model)
-    if cfg.data.prepare != "none":
-        prepare(cfg.data.prepare, cfg.data.train)
     resolve_sources(cfg)
 
 
@@ -84,9 +80,17 @@ def config(argv: list[str]):
     return load_config(recipe, overrides, root=ROOTS[stage])
 
 
+def prepare(argv: list[str]) -> None:
+    """For launchers, before :func:`check`: write the built-in data set ``data.prepare`` names, unless it is there."""
+    from pretrain.data.builtin import prepare_data
+
+    prepare_data(config(argv).data)
+
+
 def check(argv: list[str], world_size: int):
     """For launchers: ``STAGE CONFIG [key=value ...]`` loaded (the pre-trained weights found) and checked
-    for ``world_size`` processes before any starts (ConfigError/ShardError naming the key or file); the config."""
+    for ``world_size`` processes before any starts (ConfigError/ShardError naming the key or file); the config.
+    Writes nothing."""
     stage, recipe, overrides = _command(argv)
     cfg = load(stage, recipe, overrides)
     preflight(stage, cfg, world_size)
@@ -110,22 +114,22 @@ def run(stage: str, cfg):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        cfg = load(args.stage, args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        if "WORLD_SIZE" not in os.environ:  # alone; a launcher checked before starting the ranks
-            preflight(args.stage, cfg, 1)
-        if run(args.stage, cfg).get("state") == "stopped":  # full fine-tuning saved and stopped on a signal
-            return STOPPED_EXIT_CODE
-    except (ConfigError, ShardError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:  # full fine-tuning resumes and saves through pre-training's trainer
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # Full fine-tuning resumes and saves through pre-training's trainer: its CheckpointError is a failed run.
+    return reported(_main, parse_args(argv), failures=(CheckpointError,))
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = load(args.stage, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if "WORLD_SIZE" not in os.environ:  # alone; a launcher prepared and checked before starting the ranks
+        from pretrain.data.builtin import prepare_data
+
+        prepare_data(cfg.data)
+        preflight(args.stage, cfg, 1)
+    if run(args.stage, cfg).get("state") == "stopped":  # full fine-tuning saved and stopped on a signal
+        return STOPPED_EXIT_CODE
     return 0
 
 

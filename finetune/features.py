@@ -4,10 +4,7 @@ Each rank reads its own share of a split (the validation-style stream: every sam
 by rank and worker), runs the frozen backbone and writes ``{split}-{rank}-of-{world}.safetensors``
 with one tensor per feature variant plus the labels. The files carry a fingerprint of what made
 them (weights, model, image size, variants); a later run with the same fingerprint reuses them.
-
-Variants. ViT: ``cls{n}`` is the concatenated CLS tokens of the last n blocks, each through the
-final norm, ``cls{n}_avg`` adds the mean patch token of the last block (DINO's linear protocol).
-Swin: ``avg{n}`` is the spatial mean of each of the last n stages (``avg1``: the usual pooled feature).
+The variants (``cls{n}``, ``cls{n}_avg`` for ViT, ``avg{n}`` for Swin) are pretrain.features'.
 """
 
 from __future__ import annotations
@@ -15,79 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
 
-from finetune.config import FeaturesConfig, ProbeConfig
+from finetune.config import ProbeConfig
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.data import shards
+from pretrain.data import shards, sources
 from pretrain.data.stream import Loader, ShardDataset
-from pretrain.data.transforms import EvalView, normalize
+from pretrain.data.transforms import EvalView
 from pretrain.dist import DistEnv
+from pretrain.features import FeatureExtractor, Features, extract
 from pretrain.files import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Features:
-    """One rank's share of a split (or, gathered, all of it): variant name -> (N, D), and labels (N,)."""
-
-    variants: dict[str, torch.Tensor]
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-class FeatureExtractor(nn.Module):
-    """Images (normalized) -> {variant: features}, from a frozen timm ViT or Swin."""
-
-    def __init__(self, model: nn.Module, cfg: FeaturesConfig) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        if isinstance(model, VisionTransformer):
-            if model.cls_token is None:
-                raise ConfigError(f"{type(model).__name__} without a CLS token (class_token=False): the ViT "
-                                  f"features (features.blocks: the CLS tokens of the last blocks) need one")
-            self.depth = max(cfg.blocks)
-            if self.depth > len(model.blocks):
-                raise ConfigError(f"features.blocks={cfg.blocks}: the model has only {len(model.blocks)} blocks")
-            self.names = [(n, a) for n in cfg.blocks for a in dict.fromkeys(cfg.avgpool)]
-        elif isinstance(model, SwinTransformer):
-            self.depth = max(cfg.stages)
-            if self.depth > len(model.layers):
-                raise ConfigError(f"features.stages={cfg.stages}: the model has only {len(model.layers)} stages")
-            self.names = [(n, None) for n in cfg.stages]
-        else:
-            raise ValueError(f"{type(model).__name__}: features are defined for timm ViT and Swin models")
-        self.vit = isinstance(model, VisionTransformer)
-
-    @property
-    def variant_names(self) -> list[str]:
-        if self.vit:
-            return [f"cls{n}" + ("_avg" if avg else "") for n, avg in self.names]
-        return [f"avg{n}" for n, _ in self.names]
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.vit:
-            layers = self.model.forward_intermediates(images, indices=self.depth, return_prefix_tokens=True,
-                                                      norm=True, output_fmt="NLC", intermediates_only=True)
-            cls = [prefix[:, 0] for _, prefix in layers]
-            mean_patch = layers[-1][0].mean(dim=1)
-            parts = [cls[-n:] + ([mean_patch] if avg else []) for n, avg in self.names]
-        else:
-            stages = self.model.forward_intermediates(images, indices=self.depth, norm=True, output_fmt="NCHW",
-                                                      intermediates_only=True)
-            pooled = [s.mean(dim=(2, 3)) for s in stages]
-            parts = [pooled[-n:] for n, _ in self.names]
-        return {name: torch.cat(p, dim=1).float() for name, p in zip(self.variant_names, parts)}
 
 
 def fingerprint(cfg: ProbeConfig, model_name: str, variants: list[str], random_init: bool = False) -> str:
@@ -157,7 +95,6 @@ def check_features(cfg: ProbeConfig, model: ModelConfig) -> None:
         raise ConfigError(f"pretrained={cfg.pretrained!r} ({model.name}, {model.kwargs}): {e}") from None
 
 
-@torch.no_grad()
 def compute(extractor: FeatureExtractor, urls: list[str], cfg: ProbeConfig, dist: DistEnv) -> Features:
     """This rank's share of ``urls`` through the frozen backbone."""
     d, f = cfg.data, cfg.features
@@ -165,29 +102,14 @@ def compute(extractor: FeatureExtractor, urls: list[str], cfg: ProbeConfig, dist
     dataset = ShardDataset(urls, view, d.val_batch_size or d.batch_size, rank=dist.rank,
                            world_size=dist.world_size, seed=cfg.run.seed, train=False)
     loader = Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda")
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in extractor.variant_names}
-    labels = []
-    for batch in loader:
-        images = normalize(batch["image"].to(dist.device, non_blocking=True), d.mean, d.std, torch.float32)
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
-            out = extractor(images)
-        for name, value in out.items():
-            chunks[name].append(value.cpu())
-        labels.append(batch["label"])
+    features = extract(extractor, loader, d.mean, d.std, dist.device)
     if loader.skipped:
         log.warning("rank %d skipped samples: %s", dist.rank, dict(loader.skipped))
-    dims = {name: _dim(extractor, name) for name in chunks}
-    return Features({name: torch.cat(v) if v else torch.zeros(0, dims[name]) for name, v in chunks.items()},
-                    torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
-
-
-def _dim(extractor: FeatureExtractor, name: str) -> int:
-    probe = torch.zeros(1, 3, *extractor.model.patch_embed.img_size, device=next(extractor.parameters()).device)
-    return extractor(probe)[name].shape[1]
+    return features
 
 
 def resolve_splits(cfg: ProbeConfig) -> dict[str, shards.ShardSet]:
-    found = {"train": shards.resolve(cfg.data.train, "train"), "val": shards.resolve(cfg.data.val, "val")}
+    found = {"train": sources.resolve(cfg.data.train, "train"), "val": sources.resolve(cfg.data.val, "val")}
     shards.check_train_and_val(found["train"], found["val"], cfg.data.train, cfg.data.val)
     return found
 

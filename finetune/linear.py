@@ -21,7 +21,7 @@ from finetune.config import LinearConfig, LinearSection
 from finetune.features import Features, FeatureExtractor
 from pretrain.config import ConfigError
 from pretrain.data.stream import Loader, ShardDataset
-from pretrain.data.transforms import SupervisedTrainView, normalize
+from pretrain.data.transforms import SupervisedTrainView
 from pretrain.dist import DistEnv
 from pretrain.files import atomic_write
 from pretrain.schedules import cosine, scaled_lr
@@ -83,10 +83,7 @@ def augmented_batches(extractor: FeatureExtractor, urls: list[str], cfg: LinearC
     dataset = ShardDataset(urls, view, s.batch_size, rank=dist.rank, world_size=dist.world_size,
                            seed=cfg.run.seed, train=True, shuffle_buffer=d.shuffle_buffer)
     for batch in Loader(dataset, d.workers, pin_memory=d.pin_memory and dist.device.type == "cuda"):
-        images = normalize(batch["image"].to(dist.device, non_blocking=True), d.mean, d.std, torch.float32)
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
-            variants = extractor(images)
-        yield variants, batch["label"].to(dist.device)
+        yield extractor.of_batch(batch["image"], d.mean, d.std, dist.device), batch["label"].to(dist.device)
 
 
 def fit_grid(batches: Iterator[Batch | None], total: int, dims: dict[str, int], num_classes: int,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,9 @@ import torch
 import torch.nn as nn
 import yaml
 
+from pretrain import export
 from pretrain.config import ModelConfig
+from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ KNOWN_PREFIXES = ("", "module.", "backbone.", "module.backbone.", "teacher.backb
                   "encoder.", "module.encoder.", "model.", "model.backbone.", "backbone.model.", "student.backbone.")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be read or do not fit the model; the message names the file and keys."""
 
 
@@ -60,10 +61,10 @@ class Pretrained:
 def describe(path: str | Path) -> tuple[str, dict] | None:
     """(timm model name, kwargs) when ``path`` is a vitscale export, run dir or checkpoint; else None."""
     path = Path(path).expanduser()
-    for meta in (path / "backbone.json", path / "export" / "backbone.json"):
-        if meta.is_file():
-            info = json.loads(meta.read_text())
-            return info["model"], dict(info.get("kwargs", {}))
+    export_dir = export.find_export(path)
+    if export_dir is not None:
+        meta = export.read_meta(export_dir)
+        return meta["model"], dict(meta.get("kwargs", {}))
     run_dir = _run_dir_of(path) if path.is_dir() else None
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -93,9 +94,9 @@ def read(path: str | Path, checkpoint_key: str | None = None) -> dict[str, torch
     if not path.exists():
         raise WeightsError(f"pretrained={str(path)!r}: no such file or directory")
     if path.is_dir():
-        for weights in (path / "backbone.safetensors", path / "export" / "backbone.safetensors"):
-            if weights.is_file():
-                return _read_safetensors(weights)
+        export_dir = export.find_export(path, export.WEIGHTS_NAME)
+        if export_dir is not None:
+            return _read_safetensors(export_dir / export.WEIGHTS_NAME)
         from pretrain.state import reading
 
         location = reading.locate(path)
@@ -121,12 +122,10 @@ def read(path: str | Path, checkpoint_key: str | None = None) -> dict[str, torch
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
-        return load_file(str(path))
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable safetensors file: {e}") from None
+        return export.read_weights(path)
+    except export.ExportError as e:
+        raise WeightsError(str(e)) from None
 
 
 def _exported_network(run_dir: Path, tag: str | None) -> dict[str, torch.Tensor]:

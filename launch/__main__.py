@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from launch.backend import reported
+from pretrain.errors import reported
 
 BACKENDS = ("local", "torchrun", "slurm")  # modules of this package, each with a BACKEND (launch.backend)
 

@@ -9,21 +9,15 @@ A backend is a module of this package (``launch/NAME.py``) with a ``BACKEND`` ob
   reach the stage through pretrain.processes (``supervise`` or ``SaveForwarder``), so that every
   backend stops the same way: ranks save at the next step boundary and exit with STOPPED_EXIT_CODE.
 
-A backend raises ConfigError, ShardError or RunDirBusy for what the user must fix; :func:`reported`
-prints them as ``error: ...`` with exit code 2. Backends are listed in ``launch.__main__.BACKENDS``.
+A backend raises ConfigError, ShardError or RunDirBusy (pretrain.errors.UserError) for what the user must
+fix; ``launch.__main__`` reports them (pretrain.errors.reported: ``error: ...``, exit code 2). Backends
+are listed in ``launch.__main__.BACKENDS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Protocol
-
-from pretrain.config import ConfigError
-from pretrain.data.shards import ShardError
-from pretrain.rundir import RunDirBusy
-
-USER_ERRORS = (ConfigError, ShardError, RunDirBusy)  # what a user fixes: a message and exit code 2
 
 
 class Backend(Protocol):
@@ -35,11 +29,3 @@ class Backend(Protocol):
 
     def run(self, args: argparse.Namespace) -> int: ...
 
-
-def reported(run, *args) -> int:
-    """``run(*args)``, with a user's error printed as ``error: ...`` and exit code 2 (no traceback)."""
-    try:
-        return run(*args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from launch.backend import Backend, reported
+from launch.backend import Backend
 from launch.stage import split_stage
 from pretrain.config import ConfigError
+from pretrain.errors import reported
 from pretrain.processes import spawn_local
 from pretrain.rundir import hold
 
@@ -43,6 +44,7 @@ def _run(nproc: int, stage_tokens: list[str]) -> int:
     if not stage.argv:
         raise ConfigError("a CONFIG (recipe) is required: python -m launch local --nproc N [STAGE] CONFIG "
                           "[key=value ...]")
+    stage.prepare()
     cfg = stage.check(nproc)  # a bad config fails here, before any process starts
     with hold(cfg.run.dir):  # for the ranks' whole life: a second run on this run dir is refused
         return spawn_local(nproc, stage.package, stage.argv)

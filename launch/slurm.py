@@ -236,7 +236,10 @@ def run(options: SlurmOptions, stage_tokens: list[str], dry_run: bool = False) -
     if len(stages) > 1 and any(sweep_points(s) for s in stages):
         raise ConfigError("a sweep (key=v1,v2) cannot be part of a chain: submit the sweep on its own")
     for i, stage in enumerate([stage for _, stage in points] or stages):
-        check_stage(stage, options, first=i == 0 or bool(points))
+        first = i == 0 or bool(points)
+        if first:  # a later stage's inputs are an earlier one's outputs
+            stage.prepare()
+        check_stage(stage, options, first=first)
     if not dry_run or shutil.which("sinfo"):
         check_partition(options)
     if dry_run:

@@ -1,11 +1,13 @@
 """A stage as every backend sees it: one package's command line (``pretrain CONFIG k=v ...``,
 ``finetune linear CONFIG k=v ...``).
 
-Each stage package's ``__main__`` exposes the same three functions, imported here lazily:
-``main(argv) -> exit code`` runs it (in-process: one rank), ``check(argv, world_size) -> config``
-does its pre-flight checks for a world size (config, model, data, batch arithmetic; ConfigError or
-ShardError naming the key or file), and ``config(argv) -> config`` only loads its config (for a
-chain's later stage, whose inputs an earlier stage writes). Backends know no stage by name.
+Each stage package's ``__main__`` exposes the same four functions, imported here lazily:
+``main(argv) -> exit code`` runs it (in-process: one rank), ``prepare(argv)`` writes the built-in
+data set its config's ``data.prepare`` names (before the checks, which read it),
+``check(argv, world_size) -> config`` does its pre-flight checks for a world size (config, model,
+data, batch arithmetic; ConfigError or ShardError naming the key or file; it writes nothing), and
+``config(argv) -> config`` only loads its config (for a chain's later stage, whose inputs an earlier
+stage writes). Backends know no stage by name.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class Stage:
     def config(self):
         """The stage's config, loaded and checked on its own (not against a world size or its inputs)."""
         return self._entry().config(list(self.argv))
+
+    def prepare(self) -> None:
+        """Write what the stage's config asks to be prepared (``data.prepare``), before :meth:`check`."""
+        self._entry().prepare(list(self.argv))
 
     def check(self, world_size: int):
         """The stage's pre-flight checks for ``world_size`` processes; its config."""

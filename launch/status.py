@@ -12,10 +12,10 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from launch import events
+from pretrain.errors import UserError, reported
 
 ERROR_LINES = 8
 ERROR_PATTERN = re.compile(r"error|exception|traceback|killed|cancelled|aborted", re.I)
@@ -125,10 +125,14 @@ def summarize(run_dir: str | Path) -> list[str] | None:
 
 
 def show(run_dir: str) -> int:
+    """Print the run's summary; its exit code (2 when the run dir was never submitted)."""
+    return reported(_print_summary, run_dir)
+
+
+def _print_summary(run_dir: str) -> int:
     lines = summarize(run_dir)
     if lines is None:
-        print(f"error: {events.events_path(Path(run_dir).expanduser())} not found: "
-              "was this run dir submitted with `python -m launch slurm`?", file=sys.stderr)
-        return 2
+        raise UserError(f"{events.events_path(Path(run_dir).expanduser())} not found: "
+                        "was this run dir submitted with `python -m launch slurm`?")
     print("\n".join(lines))
     return 0

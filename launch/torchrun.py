@@ -89,6 +89,7 @@ def run(nnodes: int, nproc_per_node: int, endpoint: str, node_rank: int, rdzv_id
     if not stage.argv:
         raise ConfigError("a CONFIG (recipe) is required: python -m launch torchrun --nnodes N "
                           "--nproc-per-node G --rdzv-endpoint HOST:PORT -- [STAGE] CONFIG [key=value ...]")
+    stage.prepare()
     run_dir = stage.check(nnodes * nproc_per_node).run.dir  # a bad config fails here, on every node
     held = str(Path(run_dir).expanduser().absolute())
     # Both nodes derive the same id from the run dir: two runs on one endpoint never join each other.

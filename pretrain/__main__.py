@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from pretrain import DEMO_RECIPE
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
-from pretrain.data.shards import ShardError
 from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
-from pretrain.rundir import RunDirBusy
+from pretrain.errors import reported
 from pretrain.step_guard import NonFiniteLossError
 
 DEMO_PROCESSES = 2
@@ -42,13 +40,14 @@ def parse_args(argv: list[str] | None, prog: str = "python -m pretrain") -> argp
 
 
 def preflight(cfg: Config, world_size: int) -> None:
-    """Everything that can be checked before any process starts: data present, arithmetic sound."""
+    """Everything that can be checked before any process starts: data present, arithmetic sound.
+    Writes nothing: the built-in data set ``data.prepare`` names is written before (:func:`prepare`)."""
     import timm
 
-    from pretrain.data.builtin import prepare
     from pretrain.dist import DistEnv
     from pretrain.engine import check_accelerator, check_deepspeed_overrides, check_offload
-    from pretrain.objectives.base import RunContext, check_model_inputs
+    from pretrain.objectives.base import RunContext
+    from pretrain.objectives.build import check_model_inputs
     from pretrain.rundir import check_run_dir
     from pretrain.plan import check_resume, make_plan, resolve_sources
 
@@ -59,8 +58,6 @@ def preflight(cfg: Config, world_size: int) -> None:
     check_accelerator(cfg.engine.precision)
     check_offload(cfg)
     check_deepspeed_overrides(cfg, world_size)
-    if cfg.data.prepare != "none":
-        prepare(cfg.data.prepare, cfg.data.train)
     train_set, _ = resolve_sources(cfg)
     plan = make_plan(cfg, world_size, train_set)
     check_resume(cfg, world_size, train_set)
@@ -75,9 +72,17 @@ def config(argv: list[str]) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def prepare(argv: list[str]) -> None:
+    """For launchers, before :func:`check`: write the built-in data set the config's ``data.prepare``
+    names (the demo's digits), unless it is there."""
+    from pretrain.data.builtin import prepare_data
+
+    prepare_data(config(argv).data)
+
+
 def check(argv: list[str], world_size: int) -> Config:
     """For launchers: the command line's config, checked for ``world_size`` processes before any
-    starts (ConfigError or ShardError naming the key, file or value)."""
+    starts (ConfigError or ShardError naming the key, file or value); writes nothing."""
     cfg = config(argv)
     preflight(cfg, world_size)
     return cfg
@@ -125,7 +130,10 @@ def run_demo() -> int:
     from pretrain.processes import spawn_local
     from pretrain.rundir import hold
 
+    from pretrain.data.builtin import prepare_data
+
     cfg = load_config(DEMO_RECIPE)
+    prepare_data(cfg.data)  # the demo's digits, on first use
     preflight(cfg, DEMO_PROCESSES)
     print(f"vitscale demo: {DEMO_RECIPE.name} on {DEMO_PROCESSES} processes, run dir {cfg.run.dir}", flush=True)
     with hold(cfg.run.dir):
@@ -140,7 +148,8 @@ def probe_demo(cfg: Config) -> None:
     import torch
 
     from pretrain.models.backbone import create_backbone
-    from pretrain.probe import load_export, probe_accuracy, raw_pixel_accuracy
+    from pretrain.export import load_export
+    from pretrain.probe import probe_accuracy, raw_pixel_accuracy
 
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     size, mean, std = cfg.data.image_size, cfg.data.mean, cfg.data.std
@@ -155,26 +164,24 @@ def probe_demo(cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    return reported(_main, parse_args(argv), failures=(NonFiniteLossError, CheckpointError))
+
+
+def _main(args: argparse.Namespace) -> int:
+    """What the command line asks for: the demo, the resolved config, or training; the exit code."""
     distributed = "WORLD_SIZE" in os.environ
-    try:
-        if not args.config and not args.overrides and not args.print_config and not distributed:
-            return run_demo()
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        if not distributed:
-            preflight(cfg, 1)
-        if train(cfg) == "stopped":
-            return STOPPED_EXIT_CODE
-    except (ConfigError, ShardError, RunDirBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if not args.config and not args.overrides and not args.print_config and not distributed:
+        return run_demo()
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    if not distributed:
+        from pretrain.data.builtin import prepare_data
+
+        prepare_data(cfg.data)
+        preflight(cfg, 1)
+    return STOPPED_EXIT_CODE if train(cfg) == "stopped" else 0
 
 
 if __name__ == "__main__":

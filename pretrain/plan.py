@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.config import Config, ConfigError
-from pretrain.data import shards
+from pretrain.data import shards, sources
 from pretrain.data.readers.parquet import Columns
 from pretrain.schedules import scaled_lr
 from pretrain.state.layout import CHECKPOINTS_DIR, latest_meta
@@ -88,7 +88,7 @@ def resolve_sources(cfg: Config) -> tuple[shards.ShardSet | None, shards.ShardSe
         if source is None or (cfg.data.synthetic and split == "train"):
             found.append(None)
             continue
-        shard_set = shards.resolve(source, split, Columns(cfg.data.image_column, cfg.data.label_column),
+        shard_set = sources.resolve(source, split, Columns(cfg.data.image_column, cfg.data.label_column),
                                    cfg.data.shard_timeout)
         missing = shards.missing_shards(shard_set.urls)
         if missing:

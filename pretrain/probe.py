@@ -3,50 +3,33 @@ tests' measure of what self-supervised pre-training learned; finetune.linear is 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from pretrain.data import shards
+from pretrain.data import sources
 from pretrain.data.stream import ShardDataset
-from pretrain.data.transforms import EvalView, normalize
+from pretrain.data.transforms import EvalView
+from pretrain.features import POOLED, FeatureExtractor, extract
 
 
-def load_export(export_dir: str | Path) -> nn.Module:
-    """The backbone written by the trainer's export (``backbone.json`` + ``backbone.safetensors``)."""
-    export_dir = Path(export_dir)
-    meta = json.loads((export_dir / "backbone.json").read_text())
-    model = timm.create_model(meta["model"], pretrained=False, **meta["kwargs"])
-    model.load_state_dict(load_file(str(export_dir / meta["weights"])))
-    return model
-
-
-@torch.no_grad()
 def features(model: nn.Module, source: str, split: str, image_size: int, mean, std,
              batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(pooled features, labels) of every sample of one split, in order."""
-    model.eval()
-    dataset = ShardDataset(shards.resolve(source, split).urls, EvalView(image_size, crop_pct=1.0), batch_size,
-                           rank=0, world_size=1, seed=0, train=False)
-    feats, labels = [], []
-    for batch in dataset:
-        images = normalize(batch["image"], mean, std, torch.float32)
-        feats.append(model.forward_head(model.forward_features(images), pre_logits=True).float().numpy())
-        labels.append(batch["label"].numpy())
-    return np.concatenate(feats), np.concatenate(labels)
+    found = extract(FeatureExtractor(model), _split(source, split, image_size, batch_size), mean, std)
+    return found.variants[POOLED].numpy(), found.labels.numpy()
+
+
+def _split(source: str, split: str, image_size: int, batch_size: int) -> ShardDataset:
+    """Every sample of one split once, in order, at ``image_size`` (no crop)."""
+    return ShardDataset(sources.resolve(source, split).urls, EvalView(image_size, crop_pct=1.0), batch_size,
+                        rank=0, world_size=1, seed=0, train=False)
 
 
 @torch.no_grad()
 def pixels(source: str, split: str, image_size: int, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(flattened raw pixels, labels) of every sample of one split at ``image_size``, in order."""
-    dataset = ShardDataset(shards.resolve(source, split).urls, EvalView(image_size, crop_pct=1.0), batch_size,
-                           rank=0, world_size=1, seed=0, train=False)
-    batches = list(dataset)
+    batches = list(_split(source, split, image_size, batch_size))
     return (np.concatenate([b["image"].flatten(1).float().numpy() for b in batches]),
             np.concatenate([b["label"].numpy() for b in batches]))
 

@@ -19,7 +19,8 @@ import torch
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, load_config, read_recipe
 from pretrain.dist import DistEnv
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from pretrain.state.checkpoints import Checkpoints
 from pretrain.state.layout import LATEST_NAME, checkpoint_identity
 from pretrain.state.reading import fp32_state

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pretrain.config import ConfigError
+from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ LOCK_NAME = "run.lock"
 HELD_ENV = "VITSCALE_RUN_DIR_HELD"  # set by a launcher holding the lock for its ranks
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(UserError, RuntimeError):
     """Another run holds the run directory; the message names its pid and host."""
 
 

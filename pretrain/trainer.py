@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 
 from pretrain import hooks
-from pretrain.checkpoint import export_backbone
 from pretrain.config import Config
 from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.position import DataPosition
@@ -24,10 +23,12 @@ from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
 from pretrain.engine import Engine, build_module
 from pretrain.evaluator import Evaluator
+from pretrain.export import export_backbone
 from pretrain.metrics import Metrics, memory_gib
 from pretrain.metrics_window import MetricsWindow
 from pretrain.models.backbone import backbone_kwargs
-from pretrain.objectives.base import Objective, RunContext, build_objective
+from pretrain.objectives.base import Objective, RunContext
+from pretrain.objectives.build import build_objective
 from pretrain.plan import make_plan, resolve_sources
 from pretrain.run_summary import RunSummary, run_state
 from pretrain.state.checkpointer import Checkpointer

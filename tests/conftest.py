@@ -88,17 +88,16 @@ def load_export(run_dir: Path):
     built from the file). num_classes goes in the overlay, or timm takes the file for one with the
     hub's 1000-class head and keeps a random head; custom_load=False, or timm 1.0.15 reads it as the
     hub's .npz."""
-    import json
-
     import timm
-    from safetensors.torch import load_file
+
+    from pretrain.export import read_meta, read_weights
 
     export = Path(run_dir) / "export"
-    meta = json.loads((export / "backbone.json").read_text())
+    meta = read_meta(export)
     weights = export / meta["weights"]
     overlay = dict(file=str(weights), num_classes=meta["kwargs"]["num_classes"], custom_load=False)
     model = timm.create_model(meta["model"], pretrained=True, pretrained_cfg_overlay=overlay, **meta["kwargs"])
-    return meta, load_file(str(weights)), model.eval()
+    return meta, read_weights(weights), model.eval()
 
 
 class _RunsCode:

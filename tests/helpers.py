@@ -9,7 +9,8 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.dist import DistEnv, exit_without_teardown, leave_process_group
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from tests.conftest import TINY_SWIN, TINY_VIT
 
 # -- configs ------------------------------------------------------------------------------------------

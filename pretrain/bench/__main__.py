@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pretrain.errors import USER_ERROR_EXIT_CODE, reported
+
 BENCHMARKS = {
     "ops": "pretrain.bench.ops",
     "step": "pretrain.bench.step",
@@ -23,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: python -m pretrain.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
-        return 2
-    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0
+        return USER_ERROR_EXIT_CODE  # as argparse answers a command line it cannot parse
+    return reported(importlib.import_module(BENCHMARKS[argv[0]]).main, argv[1:]) or 0
 
 
 if __name__ == "__main__":

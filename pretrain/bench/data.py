@@ -10,7 +10,7 @@ scikit-image's sample photos) in one process with one thread, i.e. one core:
 - vitscale: ``ShardDataset`` with the supervised view (reduced JPEG decoding, crop before resize,
   uint8 batches; normalization belongs to the device), photometric augmentation off in both;
 - decode-only: PIL's full-size decoding of the same bytes, held in memory: the ceiling of a
-  pipeline that decodes every pixel with PIL (the issue's definition). For information, the table
+  pipeline that decodes every pixel with PIL (the ceiling the data pipeline's goal is read against). For information, the table
   also shows simplejpeg's full-size decoding, which vitscale uses for JPEGs.
 
 Rounds alternate between the pipelines so that load from other processes hits all of them alike;

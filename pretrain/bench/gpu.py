@@ -18,8 +18,8 @@ Figures: images/s; model FLOPs utilization (the backbone's forward FLOPs counted
 the device's dense bf16 peak from a small table or ``--peak-tflops``); peak memory
 (``torch.cuda.max_memory_allocated``; on the CPU the process's max RSS so far). The last line is
 ``ratio <value> (vitscale / bare timm images per second)``: the geometric mean over the rows of
-vitscale on synthetic batches against the bare loop. Without ``--model``, the rows of issue #7 and
-ViT-B/16 at ZeRO-1.
+vitscale on synthetic batches against the bare loop. Without ``--model``, the project's benchmark rows
+(``DEFAULT_ROWS``: the models of its throughput goals, docs/benchmarks.md, and ViT-B/16 at ZeRO 1-3).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ GPU_BATCH = {"vit_small": 256, "vit_base": 256, "vit_large": 128, "swin_tiny": 2
 def parse(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m pretrain.bench gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", nargs="+", help="timm model names (default: the issue's rows)")
+    p.add_argument("--model", nargs="+", help="timm model names (default: the project's benchmark rows, see docs/benchmarks.md)")
     p.add_argument("--objective", choices=["supervised", "dino", "dinov2", "moby", "simmim"], default="supervised")
     p.add_argument("--zero", type=int, nargs="+", default=[0], choices=[0, 1, 2, 3], help="ZeRO stages")
     p.add_argument("--batch", type=int, help="per-process batch (default: 256 or 128 on GPUs by model, 4 on CPU)")

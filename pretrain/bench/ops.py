@@ -159,9 +159,12 @@ def bare_supervised_run(steps: int, dist):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, device=dist.device)
     labels = torch.randint(0, 1000, (2,), device=dist.device)
+    def average(param: torch.Tensor) -> None:  # DDP's averaging, one all-reduce per gradient (DDP buckets them)
+        dist.all_reduce(param.grad.div_(dist.world_size))
+
     if dist.world_size > 1:
-        for p in model.parameters():  # DDP's averaging, one all-reduce per gradient (DDP buckets them: fewer)
-            p.register_post_accumulate_grad_hook(lambda p: dist.all_reduce(p.grad.div_(dist.world_size)))
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(average)
 
     def run(mark):
         for _ in range(steps):

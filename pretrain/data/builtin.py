@@ -75,6 +75,12 @@ def skimage_patches_items() -> tuple[list[str], list[Item]]:
 BUILTIN = {"digits": digits_items, "skimage_patches": skimage_patches_items}
 
 
+def prepare_data(data) -> bool:
+    """:func:`prepare` for a config's data section: the built-in data set ``data.prepare`` names, into
+    ``data.train`` (``none``: nothing). Called before the checks, which then read what it wrote."""
+    return data.prepare != "none" and prepare(data.prepare, data.train)
+
+
 def prepare(name: str, out: str | os.PathLike) -> bool:
     """Write dataset ``name`` into ``out`` unless its index is there; True when it wrote.
 

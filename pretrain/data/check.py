@@ -24,8 +24,10 @@ from pathlib import Path
 from pretrain.data import readers
 from pretrain.data.hub import repo_shards
 from pretrain.data.readers.parquet import Columns, footer
-from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, expand, is_local, read_index
+from pretrain.data.shards import INDEX_NAME, BrokenShard, ShardError, is_local, read_index
 from pretrain.data.decode import BadSample, decode, label_of
+from pretrain.data.urls import expand
+from pretrain.errors import reported
 
 MAX_LISTED = 50
 
@@ -121,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         every = int(args.decode)
     else:
         parser.error(f"--decode {args.decode!r}: use all, none or a positive number")
-    try:
-        shards, classes = shards_of(args.sources)
-    except ShardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return reported(_check, args, every)
+
+
+def _check(args: argparse.Namespace, every: int) -> int:
+    """Check the shards ``args.sources`` names, decoding every ``every``-th sample; print the table,
+    the class histogram and the problems; 1 when there are problems."""
+    shards, classes = shards_of(args.sources)
     columns = Columns(args.image_column, args.label_column)
     jobs = [(url, expected, every, columns) for url, expected in shards]
     if args.workers > 1:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data._utils.collate import default_collate
 
-from pretrain.config import ConfigError
 from pretrain.data.decode import EncodedImage, load_rgb
+from pretrain.sections import ConfigError
 
 DEFERRED = "__deferred__"  # the batch key that carries the samples left to the device
 

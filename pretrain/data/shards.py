@@ -1,29 +1,21 @@
-"""Where samples live: shard URL lists, the writer's index file, and opening one shard's bytes.
+"""What every part of the data pipeline says about shards: their errors, a resolved set of them
+(:class:`ShardSet`) and the writer's index file.
 
-What a shard holds, and how it is read, is its format's (:mod:`pretrain.data.readers`).
-
-A source (``data.train`` / ``data.val``) is one of:
-- a directory written by ``pretrain.data.write`` (its ``index.json`` names shards, counts and classes);
-- a brace pattern (``/data/in21k/train-{000000..001023}.tar``);
-- a list of paths or URLs (``pipe:`` commands, ``http(s)://``, or any fsspec URL whose backend is installed:
-  ``hf://`` with huggingface_hub, ``s3://`` ...; glob patterns in those are expanded, :mod:`pretrain.data.remote`).
+The bottom of the data layers: it imports none of them. Above it, :mod:`pretrain.data.remote`
+(fsspec), :mod:`pretrain.data.urls` (a shard URL's bytes, patterns of URLs), the readers
+(:mod:`pretrain.data.readers`: what a shard holds, and how it is read), :mod:`pretrain.data.hub`, and
+:mod:`pretrain.data.sources` (what ``data.train`` / ``data.val`` name).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import select
-import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-import braceexpand
-
+from pretrain.errors import UserError
 from pretrain.files import atomic_write
 
 INDEX_NAME = "index.json"
@@ -34,7 +26,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image")
 log = logging.getLogger(__name__)
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard source that cannot be used; the message names the shards or the file."""
 
 
@@ -68,44 +60,6 @@ class ShardSet:
 
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
-
-
-def resolve(source: str | list[str], split: str, columns=None, timeout: float | None = None) -> ShardSet:
-    """The shards a source names; for a writer directory, those of ``split`` (``train`` or ``val``),
-    or of its only split (a validation folder written on its own); for a directory without an index
-    (a Hub dataset repo) or Parquet files, with what their names and footers say
-    (:mod:`pretrain.data.hub`; ``columns``: the Parquet columns a user named; ``timeout``: seconds a
-    remote request for a footer may take, ``data.shard_timeout``)."""
-    from pretrain.data import hub  # here: hub reads footers through the readers, which import this module
-    from pretrain.data.readers.parquet import Columns
-
-    columns = columns or Columns()
-    if isinstance(source, str) and is_local(source) and Path(source).expanduser().is_dir():
-        directory = Path(source).expanduser()
-        if (directory / INDEX_NAME).exists():
-            return read_index(directory, split)
-        return hub.resolve_repo(directory, split, columns)
-    return hub.described(expand(source), columns, timeout)
-
-
-def expand(source: str | list[str]) -> list[str]:
-    """The shard URLs a brace pattern or list names, remote glob patterns (``hf://.../train-*.parquet``)
-    expanded; ShardError when there are none, or when a remote URL's fsspec backend is not installed."""
-    from pretrain.data import remote  # here: remote raises this module's errors
-
-    items = [source] if isinstance(source, str) else list(source)
-    urls = []
-    for url in (url for item in items for url in braceexpand.braceexpand(item)):
-        urls += remote.expand_glob(url) if remote.is_remote(url) and remote.has_glob(url) else [url]
-    if not urls:
-        raise ShardError(f"no shards in {source!r}")
-    first_of_protocol: dict[str, str] = {}
-    for url in urls:
-        if remote.is_remote(url):
-            first_of_protocol.setdefault(url.split("://", 1)[0], url)
-    for url in first_of_protocol.values():
-        remote.filesystem(url)  # a missing backend is named now, not when a data worker opens the shard
-    return [os.path.expanduser(u) if is_local(u) else u for u in urls]
 
 
 def read_index(directory: Path, split: str) -> ShardSet:
@@ -166,58 +120,3 @@ def missing_shards(urls: list[str]) -> list[str]:
 
 class ShardStalled(OSError):
     """A streamed shard sent no data for longer than its timeout."""
-
-
-class PipeShard(io.RawIOBase):
-    """The output of a ``pipe:`` shard's shell command, read with a stall timeout.
-
-    The command runs in its own process group; closing the stream kills the whole group, so a
-    stalled or abandoned command (and whatever it started) never outlives its shard.
-    """
-
-    def __init__(self, command: str, timeout: float | None) -> None:
-        super().__init__()
-        self.command, self.timeout = command, timeout
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, start_new_session=True)
-        self.fd = self.proc.stdout.fileno()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        ready, _, _ = select.select([self.fd], [], [], self.timeout)
-        if not ready:
-            raise ShardStalled(f"pipe:{self.command}: no data for {self.timeout:g} s (data.shard_timeout)")
-        data = os.read(self.fd, len(buffer))
-        buffer[:len(data)] = data
-        if not data and self.proc.wait() != 0:
-            raise OSError(f"pipe:{self.command}: exited with status {self.proc.returncode}")
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.proc.stdout.close()
-            self.proc.wait()
-        super().close()
-
-
-def open_shard(url: str, timeout: float | None = None) -> IO[bytes]:
-    """A shard's bytes, to read from start to end; a ``pipe:`` command that sends nothing, or a remote
-    request that returns nothing, for ``timeout`` seconds raises ShardStalled."""
-    if is_local(url):
-        return open(url, "rb")
-    scheme = url.split(":", 1)[0]
-    if scheme == "pipe":
-        return io.BufferedReader(PipeShard(url.removeprefix("pipe:"), timeout), buffer_size=1 << 20)
-    if scheme in ("http", "https"):
-        from webdataset.gopen import gopen
-
-        return gopen(url, "rb")
-    from pretrain.data import remote  # hf://, s3://, gs://, ... through whatever backend the user installed
-
-    return remote.open_stream(url, timeout)

@@ -50,6 +50,7 @@ from pretrain.data.decode import load_rgb
 from pretrain.data.hub import repo_shards, resolve_repo
 from pretrain.data.readers.parquet import Columns, footer
 from pretrain.data.shards import IMAGE_EXTENSIONS, ShardError, write_index
+from pretrain.errors import UserError, reported
 from pretrain.files import atomic_write
 from pretrain.rundir import RunDirBusy, hold
 
@@ -59,7 +60,7 @@ REENCODE_QUALITY = 90
 PROGRESS_DIR = ".write"
 
 
-class WriteError(ValueError):
+class WriteError(UserError, ValueError):
     """A source or an output directory that cannot be used; the message names it."""
 
 
@@ -519,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"--workers {args.workers}: must be at least 1")
     per_shard = None if args.shard_bytes else (args.per_shard or 1000)
+    return reported(_write, args, per_shard)
+
+
+def _write(args: argparse.Namespace, per_shard: int | None) -> int:
+    """Write the shards ``args`` asks for and print what was written."""
     started = time.perf_counter()
     pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(args.workers) if args.workers > 1 else None
     try:
@@ -529,9 +535,6 @@ def main(argv: list[str] | None = None) -> int:
                               val_fraction=args.val_fraction, seed=args.seed, max_side=args.max_side,
                               problems=problems, progress=not args.no_progress, pool=pool, split=args.split,
                               shard_format=args.format, columns=columns)
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if pool is not None:
             pool.close()

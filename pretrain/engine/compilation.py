@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pretrain.config import ConfigError
+from pretrain.sections import ConfigError
 
 
 def compile_backbone(module: nn.Module) -> None:

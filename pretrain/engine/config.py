@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pretrain.config import Config, ConfigError, merge
 from pretrain.engine.imports import import_deepspeed
+from pretrain.sections import Config, ConfigError, merge
 
 
 def offload_config(cfg: Config) -> dict:

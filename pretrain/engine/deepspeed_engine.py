@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from pretrain.config import Config
 from pretrain.dist import DistEnv
 from pretrain.engine.checkpoint_io import ShardFiles, load_keeping_group_settings
 from pretrain.engine.clipping import clip_each_parameter
@@ -28,6 +27,7 @@ from pretrain.engine.partitions import MasterSlice
 from pretrain.engine.precision import (cast_attention_masks, check_accelerator, compute_dtype, keep_buffer_dtypes,
                                        loss_scale_state, report_loss_scale_floor_in_trainer)
 from pretrain.engine.universal import load_universal
+from pretrain.sections import Config
 
 
 class Engine:

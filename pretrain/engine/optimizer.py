@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from pretrain.config import Config
 from pretrain.dist import DistEnv
 from pretrain.engine.imports import import_deepspeed
+from pretrain.sections import Config
 
 
 class SkipAndFreeze:

@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from pretrain.config import Config, merge
 from pretrain.dist import DistEnv
 from pretrain.engine.config import deepspeed_config
 from pretrain.engine.imports import import_deepspeed
 from pretrain.engine.precision import compute_dtype
+from pretrain.sections import Config, merge
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ import os
 import torch
 import torch.nn as nn
 
-from pretrain.config import ConfigError
 from pretrain.engine.imports import import_deepspeed
+from pretrain.sections import ConfigError
 
 
 def loss_scale_state(optimizer) -> tuple[float, float] | None:

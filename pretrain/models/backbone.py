@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 from timm.layers import set_fused_attn
 
-from pretrain.config import ConfigError, ModelConfig
 from pretrain.models.pos_embed import use_dino_interpolation
+from pretrain.sections import ConfigError, ModelConfig
 
 T = TypeVar("T", bound=nn.Module)
 

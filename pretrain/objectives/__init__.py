@@ -1,6 +1,8 @@
 """Objectives by name; each module defines ``Config`` (its config section) and ``Objective``.
 
-The trainer names none of them: it builds whatever ``objective.name`` selects from this table.
+The trainer names none of them: it builds whatever ``objective.name`` selects from this table
+(:mod:`pretrain.objectives.build`). pretrain.config reads it for the objective's config section, so
+this package imports nothing: an objective's module is imported when it is looked up.
 """
 
 OBJECTIVES = {

@@ -24,11 +24,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import MAX_IMAGE_SIZE, ConfigError, require
 from pretrain.data.views import MultiCropView
 from pretrain.models.heads import DINOHead
 from pretrain.objectives import base, monitors, ssl
 from pretrain.objectives.monitors import embedding_std
+from pretrain.sections import MAX_IMAGE_SIZE, ConfigError, require
 
 
 # Bounds on what the checks before training build on the meta device (a tensor per size, a module per

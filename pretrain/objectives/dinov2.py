@@ -34,11 +34,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError
 from pretrain.dist import DistEnv
 from pretrain.models.heads import DINOHead
 from pretrain.models.masked import MaskToken, MaskTokenInit, unpooled
 from pretrain.objectives import dino, monitors
+from pretrain.sections import ConfigError
 
 
 # -- the pieces, as pure functions -------------------------------------------------------------------

@@ -17,11 +17,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError
 from pretrain.data.views import TwoView
 from pretrain.models.heads import MoBYMLP
 from pretrain.objectives import base, dino, ssl
 from pretrain.objectives.monitors import embedding_std
+from pretrain.sections import ConfigError
 
 
 @dataclass

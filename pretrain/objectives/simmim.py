@@ -32,11 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.config import ConfigError, ObjectiveConfig
 from pretrain.data.transforms import SupervisedTrainView, normalize
 from pretrain.models.backbone import create_backbone
 from pretrain.models.masked import MaskToken, MaskTokenInit, unpooled
 from pretrain.objectives import base
+from pretrain.sections import ConfigError, ObjectiveConfig
 
 
 @dataclass

@@ -15,7 +15,6 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn as nn
 
-from pretrain.config import ObjectiveConfig, require
 from pretrain.data.transforms import normalize
 from pretrain.data.views import Photometric
 from pretrain.models.backbone import create_backbone
@@ -23,6 +22,7 @@ from pretrain.models.teacher import MomentumTeacher
 from pretrain.objectives import base
 from pretrain.objectives.monitors import CollapseWatch
 from pretrain.schedules import cosine
+from pretrain.sections import ObjectiveConfig, require
 
 
 @dataclass

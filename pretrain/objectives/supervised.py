@@ -15,10 +15,10 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 
-from pretrain.config import ConfigError, ObjectiveConfig
 from pretrain.data.transforms import EvalView, SupervisedTrainView, normalize
 from pretrain.models.backbone import create_backbone
 from pretrain.objectives import base
+from pretrain.sections import ConfigError, ObjectiveConfig
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pretrain.dist import free_port, init_distributed
-from pretrain.data.shards import resolve
+from pretrain.data.sources import resolve
 from pretrain.data.stream import Loader, ShardDataset
 from tests.helpers import KeyOnlyView
 from tests.unit.data_samples import FORMATS, write_counted_shards

@@ -11,8 +11,8 @@ import torch
 from finetune.config import KnnConfig
 from finetune.features import FeatureCache, Features
 from finetune.knn import accuracy, classify
-from pretrain.checkpoint import export_backbone
 from pretrain.dist import DistEnv
+from pretrain.export import export_backbone
 from tests.conftest import run_module
 
 KWARGS = {"img_size": 32, "num_classes": 10, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2,

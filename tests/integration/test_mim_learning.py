@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pretrain.config import load_config
+from pretrain.export import load_export
 from pretrain.models.backbone import create_backbone
-from pretrain.probe import load_export, probe_accuracy
+from pretrain.probe import probe_accuracy
 from tests.conftest import REPO, load_export as load_timm_export, run_module
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ import torch
 from tests.conftest import TINY_SWIN, run_module
 from pretrain.config import load_config
 from pretrain.models.backbone import create_backbone
-from pretrain.probe import load_export, probe_accuracy
+from pretrain.export import load_export
+from pretrain.probe import probe_accuracy
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ import torch
 from pretrain.config import load_config
 from pretrain.dist import init_distributed
 from pretrain.engine import build_module, compute_dtype
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from pretrain.trainer import Trainer
 from tests.helpers import finish_worker
 from tests.integration.ssl_teacher_worker import run_case as run_teacher_case

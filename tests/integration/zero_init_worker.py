@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from pretrain.config import load_config
 from pretrain.dist import init_distributed
 from pretrain.engine import build_module, partitioned_numel
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from tests.helpers import end_worker
 
 

@@ -69,7 +69,8 @@ def test_nvme_offload_is_refused_where_the_async_io_op_cannot_build(monkeypatch,
 OTHER_DTYPE_BUILD = """
 import pretrain.engine.partitions as engine
 from pretrain.dist import init_distributed
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from tests.conftest import TINY_VIT
 from tests.helpers import synthetic_config
 engine.FP32_BUILD = {"bf16": {"enabled": True}, "fp16": {"enabled": False}}

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from pretrain.config import ConfigError
-from pretrain.data import shards
+from pretrain.data import sources
 from pretrain.data.builtin import PHOTOS, prepare
 from pretrain.data.stream import ShardDataset
 from pretrain.data.transforms import EvalView
 
 
 def split(out, name: str) -> tuple[np.ndarray, np.ndarray]:
-    dataset = ShardDataset(shards.resolve(str(out), name).urls, EvalView(32, crop_pct=1.0), 512,
+    dataset = ShardDataset(sources.resolve(str(out), name).urls, EvalView(32, crop_pct=1.0), 512,
                            rank=0, world_size=1, seed=0, train=False)
     batches = list(dataset)
     return (np.concatenate([b["image"].numpy() for b in batches]), np.concatenate([b["label"].numpy() for b in batches]))
@@ -26,7 +26,7 @@ def test_skimage_patches_are_written_as_labelled_shards_with_disjoint_splits(tmp
     out = tmp_path / "patches"
     assert prepare("skimage_patches", out)
     assert not prepare("skimage_patches", out)  # written once
-    assert shards.resolve(str(out), "train").classes == list(PHOTOS)
+    assert sources.resolve(str(out), "train").classes == list(PHOTOS)
     train_images, train_labels = split(out, "train")
     val_images, val_labels = split(out, "val")
     assert train_images.shape[1:] == (3, 32, 32) and len(train_images) + len(val_images) == 121 * len(PHOTOS)

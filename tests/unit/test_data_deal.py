@@ -162,7 +162,7 @@ def test_loader_finishes_the_epoch_of_two_ranks_with_one_rank_and_two_workers(tm
     ordinary epoch."""
     from itertools import islice
 
-    from pretrain.data.shards import resolve
+    from pretrain.data.sources import resolve
     from pretrain.data.stream import Loader, ShardDataset
     from tests.unit.data_samples import write_counted_shards
 

@@ -30,7 +30,8 @@ from pretrain.bench.remote import LocalHub  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.data import check, readers, write  # noqa: E402
 from pretrain.data.readers.parquet import Columns, layout  # noqa: E402
-from pretrain.data.shards import BrokenShard, ShardError, resolve  # noqa: E402
+from pretrain.data.shards import BrokenShard, ShardError  # noqa: E402
+from pretrain.data.sources import resolve  # noqa: E402
 from pretrain.data.decode import BadSample, decode  # noqa: E402
 from pretrain.data.stream import Loader, ShardDataset  # noqa: E402
 from pretrain.data.transforms import EvalView  # noqa: E402

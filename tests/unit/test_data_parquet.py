@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pretrain.data import check, readers, write
-from pretrain.data.shards import BrokenShard, resolve
+from pretrain.data.shards import BrokenShard
+from pretrain.data.sources import resolve
 from pretrain.data.faults import SkipRateError
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.data.shards import ShardError, resolve
+from pretrain.data.shards import ShardError
+from pretrain.data.sources import resolve
 from pretrain.data.faults import SkipRateError
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView, SupervisedTrainView

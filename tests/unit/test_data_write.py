@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pretrain.data import check, write
-from pretrain.data.shards import resolve
+from pretrain.data.sources import resolve
 from pretrain.data.stream import Loader, ShardDataset
 from pretrain.data.transforms import EvalView
 from tests.unit.data_samples import FORMATS, image_bytes, write_counted_shards

@@ -16,7 +16,8 @@ import sys
 import torch
 from pretrain.dist import init_distributed
 from pretrain.engine import Engine
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from tests.conftest import TINY_VIT
 from tests.helpers import synthetic_config
 cfg = synthetic_config(f"engine.precision={sys.argv[1]}", f"engine.zero_stage={sys.argv[2]}", "data.image_size=32",

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from pretrain.dist import init_distributed
 from pretrain.engine import Engine
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from tests.helpers import synthetic_config
 from tests.unit.test_fast_path import SWIN
 attention = F.scaled_dot_product_attention
@@ -91,7 +92,8 @@ ENGINE_CHECK = """
 import torch
 from pretrain.dist import init_distributed
 from pretrain.engine import Engine
-from pretrain.objectives.base import RunContext, build_objective
+from pretrain.objectives.base import RunContext
+from pretrain.objectives.build import build_objective
 from tests.conftest import TINY_VIT
 from tests.helpers import synthetic_config
 cfg = synthetic_config("engine.precision=fp32", "engine.compile=true", *TINY_VIT)

@@ -13,7 +13,7 @@ from finetune.features import FeatureCache, FeatureExtractor, Features, compute
 from finetune.knn import accuracy, classify
 from finetune.linear import augmented_batches, fit_grid, report, train_heads
 from pretrain.config import ModelConfig
-from pretrain.data.shards import resolve
+from pretrain.data.sources import resolve
 from pretrain.dist import DistEnv
 from pretrain.models.backbone import create_backbone
 

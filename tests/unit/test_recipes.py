@@ -154,7 +154,7 @@ def test_a_drifting_recipe_fails():
 
 
 # Values each objective's source fixes, in code or config, that a recipe citing it must list in its
-# table whether it writes them or inherits them (the defaults of pretrain/config.py may differ).
+# table whether it writes them or inherits them (the defaults of pretrain/sections.py may differ).
 SOURCE_FIXED = {
     "dino": ["objective.norm_last_layer", "objective.interpolation", "model.pos_embed_interpolation",
              "optim.lr_scaling", "optim.scale_min_lr"],

@@ -7,10 +7,10 @@ import pytest
 import timm
 
 from finetune.__main__ import check as check_finetune
-from pretrain.checkpoint import export_backbone
 from pretrain.config import ConfigError, load_config
 from pretrain.data.builtin import prepare
 from pretrain.engine import check_deepspeed_overrides
+from pretrain.export import export_backbone
 from tests.conftest import REPO
 from tests.helpers import synthetic_config
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pretrain.data import remote
-from pretrain.data.shards import IMAGE_EXTENSIONS, BrokenShard, ShardStalled, is_local, open_shard
+from pretrain.data.shards import IMAGE_EXTENSIONS, BrokenShard, ShardStalled, is_local
+from pretrain.data.urls import open_shard
 
 SUFFIXES = (".parquet",)
 KEY = "__key__"

@@ -12,7 +12,8 @@ import tarfile
 from contextlib import closing
 from typing import IO, Iterator
 
-from pretrain.data.shards import BrokenShard, ShardStalled, open_shard
+from pretrain.data.shards import BrokenShard, ShardStalled
+from pretrain.data.urls import open_shard
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 COMPRESSED_SUFFIXES = SUFFIXES[1:]
