@@ -58,7 +58,7 @@ class TrainStep:
             if micro < accum - 1:
                 self.engine.step()
         skip, stop = self.guard.agree(stop_requested)
-        return StepTaken(skip, stop, lr, wd, boundary_step(self.engine, skip, measure_grad_norm))
+        return StepTaken(skip, stop, lr, wd, self.engine.step(skip=skip, measure_grad_norm=measure_grad_norm))
 
     def hyperparameters(self, step: int) -> tuple[float, float]:
         o, p = self.cfg.optim, self.plan
@@ -83,14 +83,3 @@ class TrainStep:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
-
-def boundary_step(engine, skip: bool, measure_grad_norm: bool) -> float | None:
-    """The optimizer step at the accumulation boundary (skipped when ``skip``) and, when asked, the
-    gradient norm before clipping: measured here, before the step, where DeepSpeed keeps none (ZeRO-0
-    in fp32), else the engine's after it. Where the norm comes from is the engine's business: this
-    belongs in the engine, as ``Engine.step(skip, measure_grad_norm)`` returning it."""
-    local = engine.local_grad_norm() if measure_grad_norm and not engine.tracks_grad_norm else None
-    engine.step(skip=skip)
-    if not measure_grad_norm or local is not None:
-        return local
-    return engine.grad_norm()

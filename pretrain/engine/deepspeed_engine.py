@@ -71,8 +71,13 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self, skip: bool = False) -> None:
-        """One micro-step; at the accumulation boundary the optimizer steps (or skips, on request)."""
+    def step(self, skip: bool = False, measure_grad_norm: bool = False) -> float | None:
+        """One micro-step; at the accumulation boundary the optimizer steps (or skips, on request).
+        With ``measure_grad_norm`` (at the boundary), the global gradient norm before clipping, from
+        where this engine has it: measured before the step where DeepSpeed keeps none (ZeRO-0 in
+        fp32), else DeepSpeed's (or per-parameter clipping's) after it."""
+        measured_here = measure_grad_norm and not self.tracks_grad_norm
+        norm = self.local_grad_norm() if measured_here else None
         self._unclipped_norm = None
         clip = self.cfg.train.clip_grad
         if clip and self.cfg.train.clip_mode == "per_param" and not skip and \
@@ -83,6 +88,7 @@ class Engine:
             self.engine.step()
         finally:
             self.optimizer.skip = False
+        return self.grad_norm() if measure_grad_norm and not measured_here else norm
 
     def clip_each_parameter(self, clip: float) -> float:
         """DINO's per-parameter clipping (:func:`clip_each_parameter`); the global norm before it."""
