@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 
 from finetune.config import ROOTS, FullConfig
-from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
-from pretrain.errors import reported
+from pretrain.errors import CheckpointError, reported
 
 from finetune.reference import STAGE_MODULES
 

@@ -131,7 +131,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _exported_network(run_dir: Path, tag: str | None) -> dict[str, torch.Tensor]:
     """The network a pre-training run's export would hold (DINO's teacher, not its student), from
     its checkpoint ``tag`` (default: the latest), verified as a resume verifies it."""
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.errors import CheckpointError
     from pretrain.run_backbone import checkpoint_backbone
 
     try:
@@ -145,7 +145,7 @@ def _exported_network(run_dir: Path, tag: str | None) -> dict[str, torch.Tensor]
 def _consolidate(directory: Path, tag: str | None) -> dict[str, torch.Tensor]:
     """The fp32 weights of a DeepSpeed checkpoint, gathered from its ZeRO partitions, verified and
     read weights-only (:func:`pretrain.state.reading.consolidated`)."""
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.errors import CheckpointError
     from pretrain.state.reading import consolidated
 
     try:

@@ -13,10 +13,9 @@ import os
 from pathlib import Path
 
 from pretrain import DEMO_RECIPE
-from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, dump_config, for_world_size, load_config
 from pretrain.dist import STOPPED_EXIT_CODE, exit_without_teardown
-from pretrain.errors import reported
+from pretrain.errors import CheckpointError, reported
 from pretrain.step_guard import NonFiniteLossError
 
 DEMO_PROCESSES = 2

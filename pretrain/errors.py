@@ -16,6 +16,11 @@ class UserError(Exception):
     """Base of the errors the user fixes (ConfigError, ShardError, RunDirBusy, WeightsError, WriteError)."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or must not be loaded; the message names the file. Raised
+    by the engine's shards and by pretrain.state alike, so it lives below both."""
+
+
 def reported(run: Callable[..., int], *args, failures: tuple[type[BaseException], ...] = ()) -> int:
     """``run(*args)``'s exit code, with a UserError or one of ``failures`` reported as ``error: ...``."""
     try:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, load_config, read_recipe
 from pretrain.dist import DistEnv
+from pretrain.errors import CheckpointError
 from pretrain.objectives.base import RunContext
 from pretrain.objectives.build import build_objective
 from pretrain.state.checkpoints import Checkpoints

@@ -8,8 +8,8 @@ one rank's ``Loader.state_dict()`` instead; it resumes on as many processes only
 
 from __future__ import annotations
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
+from pretrain.errors import CheckpointError
 
 
 class DataPosition:

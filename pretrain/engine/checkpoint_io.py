@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.engine.imports import import_deepspeed
+from pretrain.errors import CheckpointError
 
 
 MODEL_STATES = "*model_states.pt"  # every DeepSpeed checkpoint has one or (ZeRO-3) one per rank

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from pretrain import hooks
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
+from pretrain.errors import CheckpointError
 from pretrain.files import atomic_write
 from pretrain.state.layout import (CHECKPOINTS_DIR, LATEST_NAME, META_NAME, TAG_PATTERN, file_checksum, tag_for,
                                    verify_files)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
 from pretrain.engine import NoAdamMoments, write_universal
+from pretrain.errors import CheckpointError
 from pretrain.files import atomic_write
 from pretrain.state.layout import META_NAME, file_checksum, verify_files
 

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.errors import CheckpointError
 
 if TYPE_CHECKING:  # only its methods are called: the launcher reads the layout without importing torch
     from pretrain.dist import DistEnv

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
 from pretrain.engine import (MODEL_STATES, checkpoint_fp32_weights, holds_shards, merged_buffers,
                              naming_refused_files, refused_file_error, weights_only_loading)
+from pretrain.errors import CheckpointError
 from pretrain.state.layout import CHECKPOINTS_DIR, LATEST_NAME, META_NAME, TORCH_FILES, read_meta, verify_files
 
 # How a checkpoint directory is recognized, for messages about one that is not.

@@ -9,9 +9,9 @@ import re
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
 from pretrain.engine import weights_only_loading
+from pretrain.errors import CheckpointError
 from pretrain.state.conversion import UNIVERSAL_DIR, convert_to_universal
 from pretrain.state.layout import tag_for
 from tests.conftest import run_module

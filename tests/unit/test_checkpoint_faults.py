@@ -14,8 +14,8 @@ import signal
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
+from pretrain.errors import CheckpointError
 from pretrain.state.checkpoints import Checkpoints
 from pretrain.state.layout import tag_for
 from tests.conftest import flip_bytes, write_code_payload

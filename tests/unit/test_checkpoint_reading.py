@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.errors import CheckpointError
 from pretrain.state.layout import file_checksum, tag_for
 from pretrain.state.reading import consolidated, fp32_state, locate
 from tests.conftest import flip_bytes, write_code_payload

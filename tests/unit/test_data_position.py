@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.data.position import DataPosition
 from pretrain.dist import DistEnv
+from pretrain.errors import CheckpointError
 from pretrain.state.stateful import Stateful
 
 PLAN = {"generations": [[2, 1, 0]]}

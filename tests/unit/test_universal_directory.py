@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError
 from pretrain.dist import DistEnv
+from pretrain.errors import CheckpointError
 from pretrain.state import conversion
 from tests.conftest import flip_bytes
 
