@@ -16,6 +16,7 @@ from pathlib import Path
 
 from launch import events
 from pretrain.errors import UserError, reported
+from pretrain.state.layout import CHECKPOINTS_DIR, LATEST_NAME
 
 ERROR_LINES = 8
 ERROR_PATTERN = re.compile(r"error|exception|traceback|killed|cancelled|aborted", re.I)
@@ -65,7 +66,7 @@ def run_state(run_dir: Path) -> str | None:
 
 
 def last_checkpoint(run_dir: Path) -> str | None:
-    path = run_dir / "checkpoints" / "latest"
+    path = run_dir / CHECKPOINTS_DIR / LATEST_NAME
     return path.read_text().strip() if path.exists() else None
 
 
@@ -110,7 +111,7 @@ def summarize(run_dir: str | Path) -> list[str] | None:
     state = run_state(run_dir)
     if state:
         out.append(f"run: {state}")
-    out.append(f"last checkpoint: {run_dir / 'checkpoints' / checkpoint if checkpoint else 'none'}")
+    out.append(f"last checkpoint: {run_dir / CHECKPOINTS_DIR / checkpoint if checkpoint else 'none'}")
     finished = max((i for i, e in enumerate(record) if e["event"] == "finished"), default=-1)
     failures = [e for e in record[finished + 1:] if e["event"] == "failed"]  # not those a later run fixed
     if failures:
