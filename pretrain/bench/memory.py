@@ -173,11 +173,11 @@ def worker(args) -> None:
     held = {}
     step = trainer.engine.step
 
-    def measured_step(skip: bool = False) -> None:
+    def measured_step(skip: bool = False, measure_grad_norm: bool = False) -> float | None:
         """Before the last optimizer step, when the gradients are held too."""
         if trainer.step == args.steps - 1:
             held.update(live_tensor_bytes(dist.device, trainer.engine.engine.optimizer))
-        step(skip)
+        return step(skip, measure_grad_norm)
 
     trainer.engine.step = measured_step
     trainer.fit()

@@ -5,8 +5,8 @@ benchmarks), so that a second engine (PyTorch's FSDP2) would be one more module 
 
 - building: :func:`build_module` (the model, partitioned from the start where the engine shards
   parameters), then ``Engine(module, param_groups, cfg, dist)``;
-- one step: ``forward``, ``backward``, ``step(skip)``, ``set_hyperparameters``, ``fp16_overflow``,
-  ``grad_norm``; ``train`` / ``eval``;
+- one step: ``forward``, ``backward``, ``step(skip, measure_grad_norm)``, ``set_hyperparameters``,
+  ``fp16_overflow``, ``grad_norm``; ``train`` / ``eval``;
 - the fp32 master weights: ``master_slices`` (what a momentum teacher follows, no communication),
   ``full_fp32_state_dict`` (whole, a collective), ``weights_finite``;
 - its shards of a checkpoint: ``save(directory, tag, client_state) -> files written``,
