@@ -58,7 +58,8 @@ class FinetuneObjective(supervised.Objective):
         return groups
 
     def after_step(self, step: int, engine) -> None:
-        if self.ema is not None:
+        # timm's EMA takes its weight as a number: whether the step was applied is read on the host.
+        if self.ema is not None and bool(engine.applied()):
             self.ema.update(self.model, step=step)
 
     @torch.no_grad()

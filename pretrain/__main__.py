@@ -44,13 +44,14 @@ def preflight(cfg: Config, world_size: int) -> None:
     import timm
 
     from pretrain.dist import DistEnv
-    from pretrain.engine import check_accelerator, check_deepspeed_overrides, check_offload
+    from pretrain.engine import check_accelerator, check_deepspeed_overrides, check_offload, resolve_autocast
     from pretrain.objectives.base import RunContext
     from pretrain.objectives.build import check_model_inputs
     from pretrain.rundir import check_run_dir
     from pretrain.plan import check_resume, make_plan, resolve_sources
+    from pretrain.state.checkpointer import checkpoint_precision
 
-    cfg = for_world_size(cfg, world_size)
+    cfg = resolve_autocast(for_world_size(cfg, world_size), checkpoint_precision(cfg))
     check_run_dir(cfg.run.dir)
     if not timm.is_model(cfg.model.name):
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model")
@@ -61,7 +62,7 @@ def preflight(cfg: Config, world_size: int) -> None:
     plan = make_plan(cfg, world_size, train_set)
     check_resume(cfg, world_size, train_set)
     check_model_inputs(cfg, RunContext(plan.num_classes, plan.total_steps, plan.steps_per_epoch,
-                                       DistEnv(world_size=world_size), cfg.engine.precision))
+                                       DistEnv(world_size=world_size), cfg.engine.precision, cfg.engine.autocast))
 
 
 def config(argv: list[str]) -> Config:

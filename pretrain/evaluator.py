@@ -43,7 +43,8 @@ class Evaluator:
                 placeholder = placeholder or self._placeholder_batch()
             else:
                 placeholder = batch
-            out = self.objective.val_step(self._to_device(placeholder))
+            with self.engine.autocast():
+                out = self.objective.val_step(self._to_device(placeholder))
             if batch is not None:
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pretrain.config import Config, save_config
 from pretrain.dist import DistEnv
+from pretrain.engine import describe_precision
 from pretrain.files import atomic_write
 from pretrain.plan import Plan
 from pretrain.step_guard import StepGuard
@@ -30,11 +31,13 @@ class RunSummary:
         self.run_dir, self.plan, self.dist = run_dir, plan, dist
         self.resumed: str | None = None
         self.resized: dict | None = None
+        self.precision: str | None = None  # the mode the run trains in (pretrain.engine.describe_precision)
 
     def start(self, cfg: Config, resumed: str | None, step: int, resized: dict | None) -> None:
         """Creates the run directory with ``config.yaml`` and a running ``run.json``; ``resumed``: the
         checkpoint's tag, ``resized``: its :func:`pretrain.state.checkpointer.resize_note`."""
         self.resumed, self.resized = resumed, resized
+        self.precision = describe_precision(cfg.engine)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -52,6 +55,6 @@ class RunSummary:
         return {"resized": {k: v for k, v in self.resized.items() if k != "message"}} if self.resized else {}
 
     def _write(self, extra: dict) -> None:
-        summary = {**self.plan.__dict__, **extra}
+        summary = {**self.plan.__dict__, "precision": self.precision, **extra}
         atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
 

@@ -242,6 +242,10 @@ class TrainConfig:
 class EngineConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # bf16 as torch.autocast on fp32 weights (true: the fast path, no per-step casts or overflow checks)
+    # or as DeepSpeed's bf16 (false: bf16 weights and gradients, fp32 masters; less memory under ZeRO);
+    # auto: autocast at ZeRO 0-2, DeepSpeed's at ZeRO-3, and a resumed run keeps its checkpoint's mode.
+    autocast: bool | Literal["auto"] = "auto"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
     compile: bool = False  # torch.compile the backbone (the first steps then take minutes)
     zero_init: bool = True  # ZeRO-3: build the model partitioned (deepspeed.zero.Init), never whole on a rank
@@ -252,6 +256,10 @@ class EngineConfig:
 
     def validate(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        require(self.autocast in (True, False, "auto"), "engine.autocast", self.autocast, "must be true, false or auto")
+        require(self.autocast is not True or self.precision == "bf16", "engine.autocast", self.autocast,
+                f"autocasts to bf16 only (engine.precision is {self.precision}: fp16 trains with DeepSpeed's loss "
+                f"scaling, fp32 needs no autocast)")
         require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
                 "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
         require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,

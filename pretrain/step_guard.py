@@ -3,12 +3,16 @@
 A non-finite loss (on any rank) skips its step, which is counted; ``max_in_a_row`` of them in a row
 stop the run. A step DeepSpeed skipped for an fp16 gradient overflow is counted too; the run stops
 once ``max_in_a_row`` in a row overflowed at the minimum loss scale, where lowering the scale can
-no longer help. In fp32 and bf16, where DeepSpeed skips steps with non-finite gradients and has no
-scale to lower, ``max_in_a_row`` such steps in a row stop it. Every stop names the step and the last
-complete checkpoint.
+no longer help. In fp32 and bf16, where there is no scale to lower, ``max_in_a_row`` steps in a row
+with non-finite gradients stop it. Every stop names the step and the last complete checkpoint.
 
-Whether a loss was finite is noted on the device, micro-batch by micro-batch, and the ranks agree on
-skipping a step in the step's single host sync (which carries the stop requests too).
+Nothing here waits for the device within a step: whether a loss was finite is noted on the device
+micro-batch by micro-batch, the ranks agree on skipping a step (and on a stop request) with an
+all-reduce whose result stays there, and the engine skips the step on the device. Each step's flags
+are kept, as device tensors, until :meth:`StepGuard.settle` reads them all at once (at log steps,
+before a save, at the end): it then accounts for every step in order as :meth:`StepGuard.record`
+would have after each, so the counts, the log lines and the step a stop names are the same; only
+the stop itself comes at the read.
 """
 
 from __future__ import annotations
@@ -26,17 +30,21 @@ class NonFiniteLossError(RuntimeError):
 
 class StepGuard:
     def __init__(self, max_in_a_row: int, last_checkpoint: Callable[[], str | None],
-                 dist: DistEnv = DistEnv()) -> None:
+                 dist: DistEnv | None = None) -> None:
         """``max_in_a_row`` is ``train.max_nonfinite``; ``last_checkpoint()`` names the checkpoint a
-        stop message points to; ``dist``: the ranks that agree on each skip."""
+        stop message points to; ``dist``: the ranks that agree on each skip (one process by default)."""
         self.max_in_a_row = max_in_a_row
         self.last_checkpoint = last_checkpoint
-        self.dist = dist
+        self.dist = dist if dist is not None else DistEnv()
         self.nonfinite_steps = 0  # in all (kept in checkpoints)
         self.overflow_steps = 0  # steps DeepSpeed skipped, in all (kept in checkpoints)
         self.nonfinite_in_a_row = 0
         self.overflows_at_floor = 0  # skipped in a row at the minimum fp16 loss scale, or without one
-        self.nonfinite = torch.zeros((), device=dist.device)  # 1.0 once a loss of this step was not finite here
+        self.nonfinite = torch.zeros((), device=self.dist.device)  # 1.0 once a loss of this step was not finite here
+        # Steps not yet accounted for: (step, [loss not finite, stop asked, gradients not finite]) on the
+        # device, and DeepSpeed's host-side overflow verdicts (fp16), by step.
+        self._unread: list[tuple[int, torch.Tensor]] = []
+        self._overflows: dict[int, tuple] = {}
 
     # -- within a step ------------------------------------------------------------------------------
     def start_step(self) -> None:
@@ -49,12 +57,38 @@ class StepGuard:
         self.nonfinite = torch.maximum(self.nonfinite, (~loss_ok).float())
         return torch.where(loss_ok, loss.detach().float(), 0.0)
 
-    def agree(self, stop_requested: bool) -> tuple[bool, bool]:
-        """(skip: some rank's loss was not finite in this step, stop: some rank was asked to stop);
-        a collective, and the step's single host sync (the one place that waits for the device)."""
-        stop_flag = torch.tensor(float(stop_requested), device=self.dist.device)
-        skip, stop = (bool(f) for f in self.dist.all_reduce(torch.stack([self.nonfinite, stop_flag]), "max").tolist())
-        return skip, stop
+    def agree(self, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(skip: 1.0 where some rank's loss was not finite in this step, stop: 1.0 where some rank
+        was asked to stop), 0-d device tensors; a collective that nothing waits for here."""
+        flags = torch.stack([self.nonfinite, torch.tensor(float(stop_requested), device=self.dist.device)])
+        if self.dist.world_size > 1:
+            flags = self.dist.all_reduce(flags, "max")
+        return flags[0], flags[1]
+
+    def note(self, step: int, skip: torch.Tensor, stop: torch.Tensor, nonfinite_gradients: torch.Tensor | None,
+             overflow: tuple[float, float] | tuple[None, None] | None) -> None:
+        """Keep ``step``'s verdicts for :meth:`settle`: ``skip`` and ``stop`` from :meth:`agree`,
+        ``nonfinite_gradients`` (1.0: the engine skipped it for them, on the device; None where it
+        cannot tell) and ``overflow``, DeepSpeed's own verdict on the host (see :meth:`record`)."""
+        grads = nonfinite_gradients if nonfinite_gradients is not None else torch.zeros_like(skip)
+        self._unread.append((step, torch.stack([skip, stop, grads.to(skip.dtype)])))
+        if overflow is not None:
+            self._overflows[step] = overflow
+
+    def settle(self, write: Callable[[str], None]) -> bool:
+        """Account for the steps noted since the last call, in order (one host read), as
+        :meth:`record`; whether some rank asked to stop. NonFiniteLossError stops the run."""
+        if not self._unread:
+            return False
+        steps = [step for step, _ in self._unread]
+        flags = torch.stack([f for _, f in self._unread]).tolist()
+        overflows, self._unread, self._overflows = self._overflows, [], {}
+        stop = False
+        for step, (skip, asked, grads) in zip(steps, flags):
+            stop = stop or bool(asked)
+            overflow = None if skip else overflows.get(step, (None, None) if grads else None)
+            self.record(step, bool(skip), overflow, write)
+        return stop
 
     # -- after a step -------------------------------------------------------------------------------
     def record(self, step: int, nonfinite: bool, overflow: tuple[float, float] | tuple[None, None] | None,
@@ -79,7 +113,7 @@ class StepGuard:
         self.overflow_steps += 1
         if scale is None:  # nothing to lower: every such step counts towards the stop
             self.overflows_at_floor += 1
-            write(f"step {step}: non-finite gradients, step skipped by DeepSpeed "
+            write(f"step {step}: non-finite gradients, step skipped "
                   f"({self.overflow_steps} such steps in all)")
             self._stop_at_limit(self.overflows_at_floor,
                                 f"step {step}: the gradients were not finite in {self.overflows_at_floor} steps in "

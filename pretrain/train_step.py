@@ -22,8 +22,9 @@ from pretrain.step_guard import StepGuard
 
 @dataclass(frozen=True)
 class StepTaken:
-    skipped: bool  # a loss was not finite on some rank: the optimizer did not step
-    stop: bool  # some rank was asked to stop: all save and stop after this step
+    # 0-d device tensors, read by the step guard at its next settling (no host sync within a step):
+    skipped: torch.Tensor  # 1.0: a loss was not finite on some rank, the optimizer did not step
+    stop: torch.Tensor  # 1.0: some rank was asked to stop, all save and stop
     lr: float
     weight_decay: float
     grad_norm: float | None  # when asked for, where the engine can tell it
@@ -38,7 +39,7 @@ class TrainStep:
     def __call__(self, step: int, batches: Iterator[dict], stop_requested: bool,
                  measure_grad_norm: bool) -> StepTaken:
         """Optimizer step ``step`` on the next ``train.grad_accum`` batches; ``stop_requested``: this
-        rank was asked to stop (the ranks agree on it with the skip, in the step's one host sync)."""
+        rank was asked to stop (the ranks agree on it with the skip, on the device)."""
         lr, wd = self.hyperparameters(step)
         self.engine.set_hyperparameters(lr, wd, step, self.lr_of_scale(step))
         self.engine.train()

@@ -21,7 +21,7 @@ from pretrain.data.loaders import build_train_loader, build_val_loader
 from pretrain.data.position import DataPosition
 from pretrain.data.prefetch import DeviceBatches
 from pretrain.dist import DistEnv, save_on_signals
-from pretrain.engine import Engine, build_module
+from pretrain.engine import Engine, build_module, describe_precision, resolve_autocast
 from pretrain.evaluator import Evaluator
 from pretrain.export import export_backbone
 from pretrain.metrics import Metrics, memory_gib
@@ -31,7 +31,7 @@ from pretrain.objectives.base import Objective, RunContext
 from pretrain.objectives.build import build_objective
 from pretrain.plan import make_plan, resolve_sources
 from pretrain.run_summary import RunSummary, run_state
-from pretrain.state.checkpointer import Checkpointer
+from pretrain.state.checkpointer import Checkpointer, checkpoint_precision
 from pretrain.step_guard import StepGuard
 from pretrain.train_step import StepTaken, TrainStep
 
@@ -46,13 +46,14 @@ class Trainer:
     def __init__(self, cfg: Config, dist: DistEnv,
                  make_objective: Callable[[Config, RunContext], Objective] = build_objective) -> None:
         """``make_objective`` builds the objective (later stages pass one that loads initial weights)."""
+        cfg = resolve_autocast(cfg, checkpoint_precision(cfg))
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run.dir)
         train_set, val_set = resolve_sources(cfg)
         self.plan = make_plan(cfg, dist.world_size, train_set)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist,
-                         cfg.engine.precision)
+                         cfg.engine.precision, cfg.engine.autocast)
         build = lambda: make_objective(cfg, ctx)  # noqa: E731
         self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
@@ -62,6 +63,7 @@ class Trainer:
         self.evaluator = Evaluator(self.objective, self.engine, val_loader, dist, cfg.train.eval_every,
                                    cfg.data.image_size)
         self.step = 0
+        self._end = self.plan.total_steps  # where this invocation stops (fit: train.stop_at too)
         # Its stop message names the last checkpoint: the checkpointer's, built below with the guard in it.
         self.guard = StepGuard(cfg.train.max_nonfinite, lambda: self.checkpointer.latest(), dist)
         self.stop_requested = False  # set from a signal handler; acted on at the next step boundary
@@ -107,7 +109,7 @@ class Trainer:
         """Train from the last checkpoint (if any) to ``train.steps`` or ``train.stop_at``, or until a
         stop request; returns the final validation metrics (empty when it stopped early)."""
         resumed = self.resume()
-        end = min(self.plan.total_steps, self.cfg.train.stop_at or self.plan.total_steps)
+        end = self._end = min(self.plan.total_steps, self.cfg.train.stop_at or self.plan.total_steps)
         metrics = self._start_run(resumed)
         # Copied (and decoded) to the device ahead of the step that needs them.
         batches = DeviceBatches(self.train_loader, self.dist.device)
@@ -136,6 +138,7 @@ class Trainer:
         resized = self.checkpointer.resized
         self.summary.start(self.cfg, resumed, self.step, resized)
         metrics = Metrics(self.run_dir, self.dist, self.step, self.plan.total_steps, self.cfg.train.progress)
+        metrics.write(f"precision: {describe_precision(self.cfg.engine)}")
         if resumed:
             metrics.write(f"resumed from {self.checkpointer.directory / resumed} at step {self.step}")
         if resized:
@@ -143,20 +146,23 @@ class Trainer:
         return metrics
 
     def _step(self, batches: DeviceBatches, metrics: Metrics) -> bool:
-        """One training step, accounted for and logged; whether the ranks agreed to stop after it."""
+        """One training step, accounted for and logged; whether the ranks agreed to stop after it.
+        Only a step that logs, saves or ends the run reads anything on the host (the guard settles)."""
         step = self.step
         hooks.fire("step", rank=self.dist.rank, step=step)
         log_now = self.window.logs_after(step)
         taken = self.train_step(step, batches, self.stop_requested, measure_grad_norm=log_now)
-        self.guard.record(step, taken.skipped, None if taken.skipped else self.engine.fp16_overflow(), metrics.write)
-        if not taken.skipped:
-            self.objective.after_step(step, self.engine)
+        self.guard.note(step, taken.skipped, taken.stop, self.engine.nonfinite_gradients, self.engine.fp16_overflow())
+        self.objective.after_step(step, self.engine)
         self.step = step + 1
         self.step_times.append(time.perf_counter())
         self.window.steps += 1
+        stop = False
+        if log_now or self.checkpointer.due(self.step) or self.step >= self._end:
+            stop = self.guard.settle(metrics.write)
         if log_now:
             self._log(metrics, batches, taken)
-        return taken.stop
+        return stop
 
     def _log(self, metrics: Metrics, batches: DeviceBatches, taken: StepTaken) -> None:
         """The window's metrics with this step's own (collectives)."""

@@ -32,14 +32,14 @@ from pretrain.engine.imports import import_deepspeed
 from pretrain.engine.optimizer import SkippableAdamW
 from pretrain.engine.partitions import (MasterSlice, build_module, is_partitioned, kept_whole, local_shard,
                                         partitioned_numel, partitioned_shape, refresh_gathered)
-from pretrain.engine.precision import (check_accelerator, compute_dtype, loss_scale_state,
-                                       report_loss_scale_floor_in_trainer)
+from pretrain.engine.precision import (check_accelerator, compute_dtype, describe_precision, loss_scale_state,
+                                       report_loss_scale_floor_in_trainer, resolve_autocast, weights_dtype)
 from pretrain.engine.universal import NoAdamMoments, write_universal
 
 __all__ = ["MODEL_STATES", "Engine", "MasterSlice", "NoAdamMoments", "SkippableAdamW", "build_module",
            "check_accelerator", "check_deepspeed_overrides", "check_offload", "checkpoint_fp32_weights",
-           "compute_dtype", "deepspeed_config", "holds_shards", "import_deepspeed", "is_partitioned", "kept_whole",
+           "compute_dtype", "deepspeed_config", "describe_precision", "holds_shards", "import_deepspeed", "is_partitioned", "kept_whole",
            "local_shard", "loss_scale_state", "merged_buffers", "naming_refused_files", "offload_config",
            "partitioned_numel", "partitioned_shape", "refresh_gathered", "refused_file_error",
-           "report_loss_scale_floor_in_trainer", "weights_only_loading", "write_universal",
+           "report_loss_scale_floor_in_trainer", "resolve_autocast", "weights_dtype", "weights_only_loading", "write_universal",
            "zero_checkpoint_fp32_weights"]

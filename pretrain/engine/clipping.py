@@ -14,11 +14,12 @@ from pretrain.engine.imports import import_deepspeed
 from pretrain.engine.precision import loss_scale_state
 
 
-def clip_each_parameter(module: nn.Module, wrapper, dist: DistEnv, clip: float) -> float:
+def clip_each_parameter(module: nn.Module, wrapper, dist: DistEnv, clip: float) -> torch.Tensor:
     """Scale each parameter's gradient by ``clip / (norm + 1e-6)`` where that is below 1, ``norm``
     being the norm of the parameter's whole (unscaled) gradient; returns the global norm before
-    clipping. A collective: call on every rank after the last backward of an optimizer step, before
-    DeepSpeed's step. ``wrapper``: DeepSpeed's optimizer.
+    clipping (a 0-d device tensor: nothing here waits for the device). A collective: call on every
+    rank after the last backward of an optimizer step, before DeepSpeed's step. ``wrapper``:
+    DeepSpeed's optimizer.
 
     The reduced gradients are read where DeepSpeed keeps them until its step (see
     :func:`local_grads`). Where a parameter's gradient is split over ranks, each rank's pieces'
@@ -32,13 +33,14 @@ def clip_each_parameter(module: nn.Module, wrapper, dist: DistEnv, clip: float) 
     if not replicated:
         dist.all_reduce(squares)
     norms = squares.sqrt() / loss_scale(wrapper)
-    coefs = (clip / (norms + 1e-6)).tolist()
-    for p, grad, coef in zip(params, grads, coefs):
-        if coef < 1 and grad is not None:
+    # Multiplying by exactly 1.0 where the norm is under the threshold leaves those gradients as they are.
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0).float()
+    for p, grad, coef in zip(params, grads, coefs.unbind()):
+        if grad is not None:
             grad.mul_(coef)
             if hasattr(p, "ds_id"):  # ZeRO-3 hands out an fp32 copy of a lower-precision partition
                 import_deepspeed().utils.safe_set_local_grad(p, grad)
-    return float(norms.pow(2).sum().sqrt())
+    return norms.pow(2).sum().sqrt().float()
 
 
 def local_grads(params: list[nn.Parameter]) -> tuple[list[torch.Tensor | None], bool]:

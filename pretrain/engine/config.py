@@ -35,7 +35,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # Per-parameter clipping is the engine's own (Engine.clip_each_parameter); DeepSpeed clips the global norm.
         "gradient_clipping": (cfg.train.clip_grad or 0.0) if cfg.train.clip_mode == "global" else 0.0,
         "zero_optimization": {"stage": cfg.engine.zero_stage},
-        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        # Under autocast the weights are fp32 and DeepSpeed's bf16 is off. Its non-finite-gradient
+        # check is a host sync; the engine skips such steps on the device (pretrain.engine.device_skip).
+        "bf16": {"enabled": cfg.engine.precision == "bf16" and cfg.engine.autocast is not True,
+                 "check_grad_overflow": False},
+        # DeepSpeed enters torch.autocast in its forward only when told (it turns an outer one off). No
+        # lower-precision modules: gradients are reduced in fp32, as DDP reduces them under autocast.
+        "torch_autocast": {"enabled": cfg.engine.autocast is True, "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "fp16": {"enabled": cfg.engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,  # a torch AdamW: fused on GPUs, portable on CPU
@@ -54,7 +61,8 @@ OWNED_KEYS = {
     "train_micro_batch_size_per_gpu": ("data.batch_size", "data.batch_size or data.global_batch"),
     "gradient_accumulation_steps": ("train.grad_accum", "train.grad_accum"),
     "zero_optimization.stage": ("engine.zero_stage", "engine.zero_stage"),
-    "bf16.enabled": ("engine.precision", "engine.precision"),
+    "bf16.enabled": ("engine.precision and engine.autocast", "engine.precision or engine.autocast"),
+    "torch_autocast.enabled": ("engine.autocast", "engine.autocast"),
     "fp16.enabled": ("engine.precision", "engine.precision"),
     "gradient_clipping": ("train.clip_grad, with train.clip_mode=global", "train.clip_grad and train.clip_mode"),
 }

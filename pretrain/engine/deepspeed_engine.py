@@ -20,27 +20,39 @@ from pretrain.engine.checkpoint_io import ShardFiles, load_keeping_group_setting
 from pretrain.engine.clipping import clip_each_parameter
 from pretrain.engine.compilation import compile_backbone
 from pretrain.engine.config import check_offload, deepspeed_config
+from pretrain.engine.device_skip import invalid_norm, leave_norm_checks_to_the_device
 from pretrain.engine.imports import import_deepspeed
 from pretrain.engine.masters import full_fp32_state_dict, master_slices, weights_finite
 from pretrain.engine.optimizer import apply_hyperparameters, make_optimizer
 from pretrain.engine.partitions import MasterSlice
-from pretrain.engine.precision import (cast_attention_masks, check_accelerator, compute_dtype, keep_buffer_dtypes,
-                                       loss_scale_state, report_loss_scale_floor_in_trainer)
+from pretrain.engine.precision import (autocast_context, cast_attention_masks, check_accelerator, keep_buffer_dtypes,
+                                       loss_scale_state, report_loss_scale_floor_in_trainer, resolve_autocast,
+                                       weights_dtype)
 from pretrain.engine.universal import load_universal
 from pretrain.sections import Config
 
 
 class Engine:
     def __init__(self, module: nn.Module, param_groups: list[dict], cfg: Config, dist: DistEnv) -> None:
+        """``cfg.engine.autocast`` is resolved (a bool: :func:`~pretrain.engine.precision.resolve_autocast`)."""
+        if cfg.engine.autocast == "auto":  # built outside a trainer, for a fresh run
+            cfg = resolve_autocast(cfg, None)
         self.cfg, self.dist = cfg, dist
-        check_accelerator(cfg.engine.precision)
+        e = cfg.engine
+        check_accelerator(e.precision)
         check_offload(cfg)
-        if cfg.engine.compile:
+        if e.compile:
             compile_backbone(module)
         self.optimizer = make_optimizer(param_groups, cfg, dist)
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", 1.0)
         self.ds_config = deepspeed_config(cfg, dist.world_size)
+        # Without ZeRO on fp32 weights DeepSpeed steps the torch optimizer itself, and its clipping
+        # reads the norm on the host: the engine measures (and clips by) the norm on the device instead.
+        self.torch_optimizer_steps = e.zero_stage == 0 and weights_dtype(e) == torch.float32
+        self.clip_global = cfg.train.clip_mode == "global" and bool(cfg.train.clip_grad)
+        if self.torch_optimizer_steps:
+            self.ds_config["gradient_clipping"] = 0.0
         # DeepSpeed's unfused mixed-precision wrapper (bf16/fp16 without ZeRO) steps the optimizer once on
         # zero gradients at start-up: Adam's step count would be one ahead and its first real update
         # 0.744x torch's. That step is skipped like any other.
@@ -53,9 +65,19 @@ class Engine:
             self.optimizer.skip = False
         self.module = self.engine.module
         keep_buffer_dtypes(self.module, buffers)
-        if cfg.engine.precision != "fp32":
-            cast_attention_masks(self.module, compute_dtype(cfg.engine.precision))
-        self._unclipped_norm: float | None = None
+        if weights_dtype(e) != torch.float32:
+            cast_attention_masks(self.module, weights_dtype(e))
+        if e.zero_stage == 0 and dist.world_size == 1:
+            self.engine.enable_backward_allreduce = False  # one process: nothing to average, and no copies for it
+        self._skip: bool | torch.Tensor = False
+        self._norm: torch.Tensor | None = None  # the last optimizer step's gradient norm, before clipping
+        self._nonfinite_gradients: torch.Tensor | None = None
+        if self.torch_optimizer_steps:
+            self.optimizer.nonfinite_gradients = lambda: self._nonfinite_gradients
+        elif e.zero_stage > 0 and e.precision != "fp16":
+            # The ZeRO optimizers' global norm, all-reduced, is set before they step the inner optimizer.
+            leave_norm_checks_to_the_device()
+            self.optimizer.nonfinite_gradients = self._zero_nonfinite_gradients
         report_loss_scale_floor_in_trainer(self.engine.optimizer)
         self._files = ShardFiles(self.engine.checkpoint_engine)
 
@@ -65,64 +87,97 @@ class Engine:
         """The scheduled values for optimizer step ``step`` (:func:`apply_hyperparameters`)."""
         apply_hyperparameters(self.optimizer, lr, weight_decay, step, lr_of_scale)
 
+    def autocast(self):
+        """The context the objective computes in outside :meth:`forward` (evaluation): torch.autocast
+        where the run autocasts (DeepSpeed's forward enters it itself, ``torch_autocast``)."""
+        return autocast_context(self.cfg.engine, self.dist.device)
+
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self, skip: bool = False, measure_grad_norm: bool = False) -> float | None:
-        """One micro-step; at the accumulation boundary the optimizer steps (or skips, on request).
-        With ``measure_grad_norm`` (at the boundary), the global gradient norm before clipping, from
-        where this engine has it: measured before the step where DeepSpeed keeps none (ZeRO-0 in
-        fp32), else DeepSpeed's (or per-parameter clipping's) after it."""
-        measured_here = measure_grad_norm and not self.tracks_grad_norm
-        norm = self.local_grad_norm() if measured_here else None
-        self._unclipped_norm = None
-        clip = self.cfg.train.clip_grad
-        if clip and self.cfg.train.clip_mode == "per_param" and not skip and \
-                self.engine.is_gradient_accumulation_boundary():
-            self._unclipped_norm = self.clip_each_parameter(clip)
+    def step(self, skip: bool | torch.Tensor = False, measure_grad_norm: bool = False) -> float | None:
+        """One micro-step; at the accumulation boundary the optimizer steps, or leaves everything as
+        it was where ``skip`` (a bool, or a 0-d device tensor: 1.0) or the gradients are not finite.
+        Nothing here waits for the device, except: ``measure_grad_norm`` (at the boundary) returns
+        the global gradient norm before clipping; fp16 and DeepSpeed's bf16 without ZeRO check
+        overflows on the host (DeepSpeed's own wrappers)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self._norm = self._nonfinite_gradients = None
+        self._skip = skip
+        if boundary:
+            self._norm = self._clip_or_measure()
+            if self._norm is not None:
+                self._nonfinite_gradients = invalid_norm(self._norm)
         self.optimizer.skip = skip
         try:
             self.engine.step()
         finally:
             self.optimizer.skip = False
-        return self.grad_norm() if measure_grad_norm and not measured_here else norm
+        return self.grad_norm() if measure_grad_norm and boundary else None
 
-    def clip_each_parameter(self, clip: float) -> float:
+    def _clip_or_measure(self) -> torch.Tensor | None:
+        """Before the boundary step: per-parameter clipping (every stage), or where the engine steps
+        torch's optimizer itself, the global norm (clipped by it with ``train.clip_mode=global``)."""
+        clip = self.cfg.train.clip_grad
+        if clip and self.cfg.train.clip_mode == "per_param":
+            return self.clip_each_parameter(clip)
+        if not self.torch_optimizer_steps:
+            return None  # DeepSpeed's wrapper measures (and clips) it
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.dist.device)
+        if self.clip_global:
+            torch.nn.utils.clip_grads_with_norm_(grads, clip, norm, foreach=True)
+        return norm
+
+    def clip_each_parameter(self, clip: float) -> torch.Tensor:
         """DINO's per-parameter clipping (:func:`clip_each_parameter`); the global norm before it."""
         return clip_each_parameter(self.module, self.engine.optimizer, self.dist, clip)
 
+    def _zero_nonfinite_gradients(self) -> torch.Tensor:
+        norm = getattr(self.engine.optimizer, "_global_grad_norm", None)
+        return torch.zeros((), device=self.dist.device) if norm is None else invalid_norm(torch.as_tensor(norm))
+
+    @property
+    def nonfinite_gradients(self) -> torch.Tensor | None:
+        """After a boundary step: 1.0 (a device tensor) where it was skipped because its gradients were
+        not finite, where the engine knows it on the device; None elsewhere (DeepSpeed's own checks:
+        :meth:`fp16_overflow`)."""
+        if self._nonfinite_gradients is not None:
+            return self._nonfinite_gradients
+        if self.optimizer.nonfinite_gradients is not None and not self.torch_optimizer_steps:
+            return self.optimizer.nonfinite_gradients()
+        return None
+
+    def applied(self) -> torch.Tensor:
+        """After a boundary step: 1.0 (a 0-d device tensor) where the optimizer stepped, 0.0 where it
+        left everything as it was (asked to skip, non-finite gradients, a DeepSpeed overflow). The
+        momentum teachers scale their update by it; nothing waits for the device."""
+        if not self.engine.was_step_applied():
+            return torch.zeros((), device=self.dist.device)
+        skipped = torch.as_tensor(self._skip, dtype=torch.float32, device=self.dist.device)
+        grads = self.nonfinite_gradients
+        if grads is not None:
+            skipped = torch.maximum(skipped, grads)
+        return 1.0 - skipped
+
     def fp16_overflow(self) -> tuple[float, float] | tuple[None, None] | None:
         """After an optimizer step: (loss scale, its minimum) when DeepSpeed skipped the step for a
-        gradient overflow (and lowered the fp16 scale, down to the minimum); None otherwise. Its ZeRO
-        optimizers skip steps whose gradients are not finite in fp32 and bf16 too ("OVERFLOW!
-        Skipping step"), with no scale to lower: (None, None)."""
+        gradient overflow (and lowered the fp16 scale, down to the minimum); None otherwise. Where
+        DeepSpeed checks non-finite gradients on the host without a scale to lower (DeepSpeed's
+        bf16 without ZeRO): (None, None)."""
         if self.engine.was_step_applied():
             return None
         return loss_scale_state(self.engine.optimizer) or (None, None)
 
     def grad_norm(self) -> float | None:
-        """Global gradient norm of the last optimizer step, before clipping, where DeepSpeed tracks it
-        (or where per-parameter clipping measured it)."""
-        if self._unclipped_norm is not None:
-            return self._unclipped_norm
-        norm = self.engine.get_global_grad_norm()
+        """Global gradient norm of the last optimizer step, before clipping (a host read)."""
+        norm = self._norm if self._norm is not None else self.engine.get_global_grad_norm()
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
-
-    def local_grad_norm(self) -> float:
-        """Norm of the gradients held right now (for ZeRO-0 without mixed precision, where DeepSpeed
-        keeps no norm); call before the boundary ``step``."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-    @property
-    def tracks_grad_norm(self) -> bool:
-        return self.cfg.engine.zero_stage > 0 or self.cfg.engine.precision != "fp32" or \
-            (self.cfg.train.clip_mode == "per_param" and bool(self.cfg.train.clip_grad))
 
     def train(self) -> None:
         self.engine.train()

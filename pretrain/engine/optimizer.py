@@ -23,19 +23,36 @@ class SkipAndFreeze:
     none, which would still decay the weights and age the step count.)
     """
 
-    skip = False
+    # A bool, or a 0-d device tensor (1.0: skip), held for one ``engine.step()``.
+    skip: bool | torch.Tensor = False
+    # Set by the engine where the gradients' finiteness is known on the device (their global norm):
+    # a 0-d tensor, 1.0 when they are not finite; such a step is skipped too.
+    nonfinite_gradients: Callable[[], torch.Tensor] | None = None
+    # Whether the optimizer takes a device flag (torch's fused AdamW: ``found_inf``); else it is read
+    # on the host.
+    skips_on_device = False
 
     def step(self, closure=None):
-        if self.skip:
+        skip = self.skip
+        if self.nonfinite_gradients is not None:
+            flag = self.nonfinite_gradients()
+            skip = flag if skip is False else torch.maximum(torch.as_tensor(skip, dtype=flag.dtype), flag)
+        if torch.is_tensor(skip) and not self.skips_on_device:
+            skip = bool(skip)
+        if skip is True:
             return None
         groups = self.param_groups
-        if not any(g.get("frozen") for g in groups):
-            return super().step(closure)
-        self.param_groups = [g for g in groups if not g.get("frozen")]
+        if torch.is_tensor(skip):
+            # Weights, moments and step counts stay as they were where it is 1.0 (its dtype must be fp32).
+            self.found_inf = skip.float()
         try:
+            if not any(g.get("frozen") for g in groups):
+                return super().step(closure)
+            self.param_groups = [g for g in groups if not g.get("frozen")]
             return super().step(closure)
         finally:
             self.param_groups = groups
+            self.found_inf = None
 
     def state_dict(self):
         """The optimizer's state dict, with a state for every parameter: one that has none yet (a
@@ -56,7 +73,10 @@ class SkipAndFreeze:
 
 
 class SkippableAdamW(SkipAndFreeze, torch.optim.AdamW):
-    """torch's AdamW (fused on GPUs), with :class:`SkipAndFreeze`."""
+    """torch's fused AdamW (on GPUs and CPUs alike: one kernel for all tensors, and a step it skips
+    on the device), with :class:`SkipAndFreeze`."""
+
+    skips_on_device = True
 
     def first_state(self, param: torch.Tensor, group: dict) -> dict:
         # torch's own lazy initialization (step's dtype and device follow fused/capturable), run on a
@@ -77,7 +97,7 @@ def make_optimizer(param_groups: list[dict], cfg: Config, dist: DistEnv) -> torc
     o = cfg.optim
     if cfg.engine.offload == "none":
         return SkippableAdamW(param_groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                              fused=(dist.device.type == "cuda") or None)
+                              fused=True)
     import_deepspeed()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 from pretrain.dist import DistEnv
 from pretrain.engine.config import deepspeed_config
 from pretrain.engine.imports import import_deepspeed
-from pretrain.engine.precision import compute_dtype
+from pretrain.engine.precision import weights_dtype
 from pretrain.sections import Config, merge
 
 
@@ -99,13 +99,13 @@ def build_module(make: Callable[[], nn.Module], cfg: Config, dist: DistEnv) -> n
             _InPlaceOnWholeParameters():
         module = make()
     check_partition_dtypes(module, torch.float32, "as deepspeed.zero.Init built them")
-    dtype = compute_dtype(cfg.engine.precision)
+    dtype = weights_dtype(cfg.engine)
     if dtype != torch.float32:
         for param in module.parameters():
             if hasattr(param, "ds_tensor") and param.dtype != dtype:
                 param.ds_tensor.data = param.ds_tensor.data.to(dtype)
                 param.data = torch.empty(0, dtype=dtype, device=param.data.device)
-        check_partition_dtypes(module, dtype, f"cast to engine.precision={cfg.engine.precision}'s compute dtype")
+        check_partition_dtypes(module, dtype, f"cast to the weights' dtype of engine.precision={cfg.engine.precision}")
     return module
 
 

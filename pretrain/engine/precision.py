@@ -3,13 +3,15 @@ touching what must stay in its own dtype (buffers, masks); fp16's loss scale as 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 import torch
 import torch.nn as nn
 
 from pretrain.engine.imports import import_deepspeed
-from pretrain.sections import ConfigError
+from pretrain.sections import Config, ConfigError, EngineConfig
 
 
 def loss_scale_state(optimizer) -> tuple[float, float] | None:
@@ -36,6 +38,51 @@ def report_loss_scale_floor_in_trainer(optimizer) -> None:
 def compute_dtype(precision: str) -> torch.dtype:
     """The dtype the engine computes in for ``engine.precision`` (its fp32 masters aside)."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def weights_dtype(engine: EngineConfig) -> torch.dtype:
+    """The dtype the module's weights (and the objectives' inputs) are held in: fp32 under autocast,
+    else ``engine.precision``'s."""
+    return torch.float32 if engine.autocast is True else compute_dtype(engine.precision)
+
+
+def autocast_context(engine: EngineConfig, device: torch.device):
+    """torch.autocast to bf16 on ``device`` where the run autocasts, else nothing."""
+    if engine.autocast is True:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def describe_precision(engine: EngineConfig) -> str:
+    """The precision mode a run trains in, for its log and run.json."""
+    if engine.precision == "fp32":
+        return "fp32"
+    if engine.autocast is True:
+        return "bf16 autocast on fp32 weights"
+    return f"{engine.precision} weights and gradients with fp32 masters (DeepSpeed's {engine.precision})"
+
+
+def resolve_autocast(cfg: Config, saved: dict | None) -> Config:
+    """``cfg`` with ``engine.autocast`` a bool. ``saved``: the meta data of the checkpoint the run
+    resumes, if any; its mode is kept, since the optimizer state of one does not load into the
+    other (checkpoints that record none were written in DeepSpeed's bf16, the only mode then).
+    ``auto`` is autocast at ZeRO 0-2, where DeepSpeed's bf16 saves nothing or little and costs a
+    cast and an overflow check per step, and DeepSpeed's at ZeRO-3, where halving the gathered
+    weights and the reduced gradients is the point of the stage."""
+    e = cfg.engine
+    if e.precision != "bf16":
+        autocast = False
+    elif saved is not None and saved.get("precision") == e.precision:
+        written = bool(saved.get("autocast", False))
+        if e.autocast not in ("auto", written):
+            raise ConfigError(f"engine.autocast={e.autocast}: the checkpoint this run resumes was written with "
+                              f"engine.autocast={written} ({'fp32' if written else 'bf16'} weights), whose optimizer "
+                              f"state the other mode cannot load; set engine.autocast={written} or auto, or "
+                              f"train.resume=false")
+        autocast = written
+    else:
+        autocast = e.autocast if e.autocast != "auto" else e.zero_stage < 3
+    return dataclasses.replace(cfg, engine=dataclasses.replace(e, autocast=autocast))
 
 
 def check_accelerator(precision: str) -> None:

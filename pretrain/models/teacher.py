@@ -77,19 +77,22 @@ class MomentumTeacher(nn.Module):
     # -- the update -----------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, momentum: float, engine) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, on fp32 master weights.
+        """teacher <- momentum * teacher + (1 - momentum) * student, on fp32 master weights, where
+        the optimizer step was applied (``engine.applied()``, a device flag: a skipped step leaves
+        the teacher exactly as it was, without a host sync to find out).
 
         Call after every optimizer step, on every rank (ZeRO-1/2 and ZeRO-3 use collectives).
         """
         if self._bound is None:
             self._bound = self._bind(engine)
         b = self._bound
+        weight = engine.applied() * (1.0 - momentum)  # lerp by exactly 0 where skipped
         if b.states and b.masters[0].dtype == torch.float32:
-            # One pass over memory, in place: state += (1 - momentum) * (master - state).
-            torch._foreach_lerp_(b.states, b.masters, 1.0 - momentum)
+            # One pass over memory, in place: state += weight * (master - state).
+            torch._foreach_lerp_(b.states, b.masters, weight)
         else:  # the student's rounded partitions (masters on NVMe): one fp32 copy of a parameter at a time
             for state, master in zip(b.states, b.masters):
-                state.lerp_(master.float(), 1.0 - momentum)
+                state.lerp_(master.float(), weight)
         if b.exchange is not None:
             b.exchange()
         torch._foreach_copy_(b.shards, b.sources)

@@ -27,11 +27,13 @@ class RunContext:
     steps_per_epoch: int
     dist: DistEnv
     precision: str = "fp32"  # engine.precision
+    autocast: bool = False  # engine.autocast, resolved: bf16 by torch.autocast on fp32 weights
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the engine computes in: objectives cast their inputs to it."""
-        return compute_dtype(self.precision)
+        """The dtype of the weights, which objectives cast their inputs to (fp32 under autocast,
+        which casts to bf16 inside the ops that compute in it)."""
+        return torch.float32 if self.autocast else compute_dtype(self.precision)
 
 
 class Objective(nn.Module):
@@ -54,7 +56,8 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def after_step(self, step: int, engine) -> None:
-        """Called after every optimizer step (momentum teachers update here)."""
+        """Called after every optimizer step, applied or skipped (``engine.applied()``, a device flag,
+        tells which): momentum teachers update here."""
 
     def val_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Sums over the batch, including ``count``; the trainer reports ``sum / count`` per key."""

@@ -18,10 +18,26 @@ from pretrain.engine import partitioned_shape
 from pretrain.plan import Plan
 from pretrain.state.checkpoints import Checkpoints
 from pretrain.state.conversion import convert_to_universal
-from pretrain.state.layout import checkpoint_identity, step_of
+from pathlib import Path
+
+from pretrain.state.layout import CHECKPOINTS_DIR, checkpoint_identity, latest_meta, step_of
 from pretrain.state.stateful import Stateful
 
 WORLD_SIZE = "world_size"  # the client state's own entry: how many processes saved it
+PRECISION = "precision_mode"  # meta.json's: engine.precision and the resolved engine.autocast
+
+
+def checkpoint_precision(cfg: Config) -> dict | None:
+    """The precision mode of the checkpoint a run with ``cfg`` would resume, looked up before anything
+    is built (the engine is built in it; :func:`pretrain.engine.resolve_autocast`): ``{"precision",
+    "autocast"}``, or None for a fresh run. Checkpoints that record none were written in DeepSpeed's
+    mixed precision (no autocast), the only mode before it was recorded."""
+    if not cfg.train.resume:
+        return None
+    found = latest_meta(Path(cfg.run.dir) / CHECKPOINTS_DIR)
+    if found is None:
+        return None
+    return found[1].get(PRECISION, {"precision": cfg.engine.precision, "autocast": False})
 
 
 class Checkpointer:
@@ -82,6 +98,7 @@ class Checkpointer:
         numbers a resume on another world size reports (:func:`resize_note`)."""
         shapes = {name: list(partitioned_shape(p)) for name, p in self.engine.module.named_parameters()}
         return {**checkpoint_identity(self.cfg, shapes), WORLD_SIZE: self.dist.world_size,
+                PRECISION: {"precision": self.cfg.engine.precision, "autocast": self.cfg.engine.autocast},
                 "data_workers": self.cfg.data.workers, "global_batch": self.plan.global_batch,
                 "peak_lr": self.plan.peak_lr, "total_steps": self.plan.total_steps}
 

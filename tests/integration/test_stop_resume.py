@@ -20,7 +20,7 @@ from tests.faults import fault_env
 RECIPE = str(REPO / "configs/pretrain/digits_supervised.yaml")
 STEPS = 8
 JOB = [*QUIET, *TINY_VIT, "engine.precision=fp32", "engine.zero_stage=1", "train.epochs=null", f"train.steps={STEPS}",
-       "train.ckpt_every=0", "train.log_every=3", "train.eval_every=0", "data.batch_size=16", "optim.warmup_steps=2",
+       "train.ckpt_every=5", "train.log_every=3", "train.eval_every=0", "data.batch_size=16", "optim.warmup_steps=2",
        "data.val=null", "data.prepare=none"]
 
 
@@ -46,8 +46,9 @@ def test_a_stopped_run_says_so_and_its_resumed_losses_are_the_uninterrupted_ones
     assert summary(tmp_path / "whole")["state"] == "finished"
 
     run_dir = tmp_path / "stopped"
-    # Rank 1 alone receives SIGUSR1 as step 4 starts; the ranks agree to stop after it, at step 5,
-    # which is inside the logging window of steps 4-6.
+    # Rank 1 alone receives SIGUSR1 as step 4 starts; the ranks agree on it on the device and read
+    # the verdict at the next step that logs or saves: the save after step 5, inside the logging
+    # window of steps 4-6.
     stopped = launch(run_dir, digits_dir, signal_at="USR1:1:4")
     assert stopped.returncode == STOPPED_EXIT_CODE, stopped.stderr[-5000:]
     assert "stopped on request at step 5; checkpoint saved" in stopped.stdout + stopped.stderr

@@ -17,8 +17,28 @@ from pretrain.objectives.monitors import CollapseWatch
 class PlainEngine:
     """The engine's view of fp32 training without ZeRO: every parameter is its own master."""
 
+    def __init__(self, applied: float = 1.0) -> None:
+        self.flag = torch.tensor(applied)
+
     def master_slices(self, params):
         return [MasterSlice(p.data.view(-1), 0, False) for p in params]
+
+    def applied(self) -> torch.Tensor:
+        return self.flag
+
+
+def test_a_skipped_step_leaves_the_teacher_exactly_as_it_was():
+    net = student()
+    teacher = MomentumTeacher({"net": net}, DistEnv(), {"net": student})
+    teacher.update(0.9, PlainEngine())
+    before = teacher.master.clone()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # what a step would have moved
+    teacher.update(0.9, PlainEngine(applied=0.0))
+    assert torch.equal(teacher.master, before)
+    teacher.update(0.9, PlainEngine())
+    assert not torch.equal(teacher.master, before)
 
 
 def student() -> nn.Module:
@@ -68,6 +88,9 @@ class RoundedEngine:
     def master_slices(self, params):
         assert list(params) == self.params
         return [MasterSlice(r, 0, False) for r in self.rounded]
+
+    def applied(self) -> torch.Tensor:
+        return torch.tensor(1.0)
 
 
 def test_ema_of_rounded_weights_when_the_masters_are_on_disk():

@@ -1,6 +1,7 @@
-"""The gradient norm a log line shows comes from where the engine has it: measured before the step
-at ZeRO-0 in fp32 (DeepSpeed keeps none there), DeepSpeed's after it otherwise; both are the norm of
-the gradients the objective's loss gives, and a step that does not log measures nothing."""
+"""The gradient norm a log line shows comes from where the engine has it: measured on the device
+before the step at ZeRO-0 on fp32 weights (the engine steps torch's optimizer there), DeepSpeed's
+otherwise; both are the norm of the gradients the objective's loss gives, and only a step that logs
+reads it on the host."""
 
 from __future__ import annotations
 
@@ -42,7 +43,6 @@ for stage in (0, 1):
     cfg = config(stage)
     module = objective(cfg)
     engine = Engine(module, module.param_groups(), cfg, dist)
-    assert engine.tracks_grad_norm == (stage > 0)
     for measure in (False, True):
         loss, _ = engine.forward(batch, 0)
         engine.backward(loss)

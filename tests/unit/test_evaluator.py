@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from pretrain.dist import DistEnv
@@ -23,6 +25,9 @@ class ModeEngine:
 
     def train(self) -> None:
         self.modes.append("train")
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
 
 def evaluator(val_loader=None, every: int = 0) -> Evaluator:

@@ -38,8 +38,11 @@ def test_swin_fused_attention_matches_the_unfused_path_with_shifted_windows():
 
 
 # Under bf16 the engine's Swin must hand fused attention a mask of the query's dtype: CUDA refuses
-# any other, the CPU kernel does not, so the check wraps the attention function.
+# any other, the CPU kernel does not, so the check wraps the attention function. In DeepSpeed's bf16
+# the engine casts the masks with the weights; under autocast they stay fp32 with the weights, and
+# the attention must run inside autocast, which casts query and mask to bf16 together on CUDA.
 BF16_SWIN_CHECK = """
+import sys
 import torch
 import torch.nn.functional as F
 from pretrain.dist import init_distributed
@@ -48,27 +51,33 @@ from pretrain.objectives.base import RunContext
 from pretrain.objectives.build import build_objective
 from tests.helpers import synthetic_config
 from tests.unit.test_fast_path import SWIN
-attention = F.scaled_dot_product_attention
-def same_dtypes(q, k, v, attn_mask=None, **kwargs):
-    assert attn_mask is None or attn_mask.dtype == q.dtype, (q.dtype, attn_mask.dtype)
+attention, calls = F.scaled_dot_product_attention, []
+def recorded(q, k, v, attn_mask=None, **kwargs):
+    calls.append((q.dtype, None if attn_mask is None else attn_mask.dtype, torch.is_autocast_enabled("cpu")))
     return attention(q, k, v, attn_mask=attn_mask, **kwargs)
-F.scaled_dot_product_attention = same_dtypes
-cfg = synthetic_config("engine.precision=bf16", "data.image_size=32", "objective.mixup=0", "objective.cutmix=0",
-                       "objective.reprob=0", *SWIN)
+F.scaled_dot_product_attention = recorded
+autocast = sys.argv[1] == "true"
+cfg = synthetic_config("engine.precision=bf16", f"engine.autocast={sys.argv[1]}", "data.image_size=32",
+                       "objective.mixup=0", "objective.cutmix=0", "objective.reprob=0", *SWIN)
 dist = init_distributed()
-objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
+objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision, autocast))
 engine = Engine(objective, objective.param_groups(), cfg, dist)
 masks = [m.attn_mask for m in engine.module.modules() if getattr(m, "attn_mask", None) is not None]
-assert masks and {m.dtype for m in masks} == {torch.bfloat16}
+assert masks and {m.dtype for m in masks} == {torch.float32 if autocast else torch.bfloat16}
 batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([1, 2])}
 loss, _ = engine.forward(batch, 0)
-assert torch.isfinite(loss)
+assert torch.isfinite(loss) and calls
+if autocast:
+    assert all(inside for _, _, inside in calls), calls
+else:
+    assert all(mask in (None, query) for query, mask, _ in calls), calls
 print("masks follow bf16")
 """
 
 
-def test_swin_masks_follow_the_engines_precision():
-    result = subprocess.run([sys.executable, "-c", BF16_SWIN_CHECK], cwd=REPO, env=python_env(),
+@pytest.mark.parametrize("autocast", ["true", "false"])
+def test_swin_masks_follow_the_engines_precision(autocast):
+    result = subprocess.run([sys.executable, "-c", BF16_SWIN_CHECK, autocast], cwd=REPO, env=python_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "masks follow bf16" in result.stdout, result.stderr[-3000:]
 
