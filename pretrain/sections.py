@@ -240,7 +240,9 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 0
+    # 0-3, or "auto": the lowest stage whose model states and activations fit the devices, chosen when
+    # the run starts (pretrain.zero_stage; the offload settings narrow the choice to the stages they need)
+    zero_stage: int | Literal["auto"] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
     compile: bool = False  # torch.compile the backbone (the first steps then take minutes)
@@ -251,16 +253,18 @@ class EngineConfig:
     offload_path: str | None = None
 
     def validate(self) -> None:
-        require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
-        require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
-                "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
-        require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,
+        require(self.zero_stage in (0, 1, 2, 3, "auto"), "engine.zero_stage", self.zero_stage,
+                "must be 0, 1, 2, 3 or auto")
+        auto = self.zero_stage == "auto"
+        require(self.offload == "none" or auto or self.zero_stage > 0, "engine.offload", self.offload,
+                "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3, or auto (it is 0)")
+        require(self.offload != "all" or auto or self.zero_stage == 3, "engine.offload", self.offload,
                 f"offloads parameters too, which only ZeRO-3 partitions; needs engine.zero_stage=3 "
                 f"(it is {self.zero_stage}), or engine.offload=optimizer")
         require(self.offload_path is None or self.offload != "none", "engine.offload_path", self.offload_path,
                 "is where engine.offload writes; set engine.offload=optimizer or all")
-        require(self.offload_path is None or self.zero_stage == 3, "engine.offload_path", self.offload_path,
-                f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 (it is {self.zero_stage})")
+        require(self.offload_path is None or auto or self.zero_stage == 3, "engine.offload_path", self.offload_path,
+                f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 or auto (it is {self.zero_stage})")
 
 
 @dataclass

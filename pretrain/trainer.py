@@ -34,6 +34,7 @@ from pretrain.run_summary import RunSummary, run_state
 from pretrain.state.checkpointer import Checkpointer
 from pretrain.step_guard import StepGuard
 from pretrain.train_step import StepTaken, TrainStep
+from pretrain.zero_stage import resolve_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist,
                          cfg.engine.precision)
+        # engine.zero_stage=auto becomes a stage here, before anything builds on it (pretrain.zero_stage).
+        cfg, self.zero_stage_choice = resolve_zero_stage(cfg, dist, ctx)
+        self.cfg = cfg
         build = lambda: make_objective(cfg, ctx)  # noqa: E731
         self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
@@ -71,7 +75,7 @@ class Trainer:
         # What a resumed run needs besides the engine's state, by the names checkpoints keep it under.
         self.checkpointer = Checkpointer(cfg, self.plan, dist, self.engine, {
             "trainer": self, "step_guard": self.guard, "log_window": self.window, "data": self.data_position})
-        self.summary = RunSummary(self.run_dir, self.plan, dist)
+        self.summary = RunSummary(self.run_dir, self.plan, dist, self.zero_stage_choice)
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
     # -- its own state: the step (the run's other state is its components', see pretrain.state) -------
