@@ -15,6 +15,7 @@ from pretrain.engine import describe_precision
 from pretrain.files import atomic_write
 from pretrain.plan import Plan
 from pretrain.step_guard import StepGuard
+from pretrain.zero_stage import ZeroStageChoice
 
 
 def run_state(step: int, total_steps: int, stopped_on_request: bool) -> str:
@@ -27,8 +28,12 @@ def run_state(step: int, total_steps: int, stopped_on_request: bool) -> str:
 
 
 class RunSummary:
-    def __init__(self, run_dir: Path, plan: Plan, dist: DistEnv) -> None:
+    def __init__(self, run_dir: Path, plan: Plan, dist: DistEnv,
+                 zero_stage_choice: ZeroStageChoice | None = None) -> None:
+        """``zero_stage_choice``: how ``engine.zero_stage: auto`` was resolved (None: the config names the stage)."""
         self.run_dir, self.plan, self.dist = run_dir, plan, dist
+        self.zero_stage = {"zero_stage_auto": {"stage": zero_stage_choice.stage, "reason": zero_stage_choice.reason}} \
+            if zero_stage_choice else {}
         self.resumed: str | None = None
         self.resized: dict | None = None
         self.precision: str | None = None  # the mode the run trains in (pretrain.engine.describe_precision)
@@ -55,6 +60,6 @@ class RunSummary:
         return {"resized": {k: v for k, v in self.resized.items() if k != "message"}} if self.resized else {}
 
     def _write(self, extra: dict) -> None:
-        summary = {**self.plan.__dict__, "precision": self.precision, **extra}
+        summary = {**self.plan.__dict__, "precision": self.precision, **self.zero_stage, **extra}
         atomic_write(self.run_dir / "run.json", json.dumps(summary, indent=1).encode())
 

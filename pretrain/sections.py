@@ -240,7 +240,9 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 0
+    # 0-3, or "auto": the lowest stage whose model states and activations fit the devices, chosen when
+    # the run starts (pretrain.zero_stage; the offload settings narrow the choice to the stages they need)
+    zero_stage: int | Literal["auto"] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     # bf16 as torch.autocast on fp32 weights (true: the fast path, no per-step casts or overflow checks)
     # or as DeepSpeed's bf16 (false: bf16 weights and gradients, fp32 masters; less memory under ZeRO);
@@ -255,20 +257,22 @@ class EngineConfig:
     offload_path: str | None = None
 
     def validate(self) -> None:
-        require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        require(self.zero_stage in (0, 1, 2, 3, "auto"), "engine.zero_stage", self.zero_stage,
+                "must be 0, 1, 2, 3 or auto")
         require(self.autocast in (True, False, "auto"), "engine.autocast", self.autocast, "must be true, false or auto")
         require(self.autocast is not True or self.precision == "bf16", "engine.autocast", self.autocast,
                 f"autocasts to bf16 only (engine.precision is {self.precision}: fp16 trains with DeepSpeed's loss "
                 f"scaling, fp32 needs no autocast)")
-        require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
-                "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
-        require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,
+        auto = self.zero_stage == "auto"
+        require(self.offload == "none" or auto or self.zero_stage > 0, "engine.offload", self.offload,
+                "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3, or auto (it is 0)")
+        require(self.offload != "all" or auto or self.zero_stage == 3, "engine.offload", self.offload,
                 f"offloads parameters too, which only ZeRO-3 partitions; needs engine.zero_stage=3 "
                 f"(it is {self.zero_stage}), or engine.offload=optimizer")
         require(self.offload_path is None or self.offload != "none", "engine.offload_path", self.offload_path,
                 "is where engine.offload writes; set engine.offload=optimizer or all")
-        require(self.offload_path is None or self.zero_stage == 3, "engine.offload_path", self.offload_path,
-                f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 (it is {self.zero_stage})")
+        require(self.offload_path is None or auto or self.zero_stage == 3, "engine.offload_path", self.offload_path,
+                f"offload to NVMe (ZeRO-Infinity) needs engine.zero_stage=3 or auto (it is {self.zero_stage})")
 
 
 @dataclass

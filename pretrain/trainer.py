@@ -8,6 +8,7 @@ as if it had never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from pretrain.run_summary import RunSummary, run_state
 from pretrain.state.checkpointer import Checkpointer, checkpoint_precision
 from pretrain.step_guard import StepGuard
 from pretrain.train_step import StepTaken, TrainStep
+from pretrain.zero_stage import resolve_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +48,18 @@ class Trainer:
     def __init__(self, cfg: Config, dist: DistEnv,
                  make_objective: Callable[[Config, RunContext], Objective] = build_objective) -> None:
         """``make_objective`` builds the objective (later stages pass one that loads initial weights)."""
-        cfg = resolve_autocast(cfg, checkpoint_precision(cfg))
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.run.dir)
         train_set, val_set = resolve_sources(cfg)
         self.plan = make_plan(cfg, dist.world_size, train_set)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         ctx = RunContext(self.plan.num_classes, self.plan.total_steps, self.plan.steps_per_epoch, dist,
-                         cfg.engine.precision, cfg.engine.autocast)
+                         cfg.engine.precision)
+        # engine.zero_stage=auto becomes a stage here, before anything builds on it (pretrain.zero_stage);
+        # then engine.autocast=auto, which follows the stage and the checkpoint's mode.
+        cfg, self.zero_stage_choice = resolve_zero_stage(cfg, dist, ctx)
+        cfg = self.cfg = resolve_autocast(cfg, checkpoint_precision(cfg))
+        ctx = dataclasses.replace(ctx, autocast=cfg.engine.autocast)
         build = lambda: make_objective(cfg, ctx)  # noqa: E731
         self.objective = (build_module(build, cfg, dist) if self.build_partitioned else build()).to(dist.device)
         self.engine = Engine(self.objective, self.objective.param_groups(), cfg, dist)
@@ -73,7 +79,7 @@ class Trainer:
         # What a resumed run needs besides the engine's state, by the names checkpoints keep it under.
         self.checkpointer = Checkpointer(cfg, self.plan, dist, self.engine, {
             "trainer": self, "step_guard": self.guard, "log_window": self.window, "data": self.data_position})
-        self.summary = RunSummary(self.run_dir, self.plan, dist)
+        self.summary = RunSummary(self.run_dir, self.plan, dist, self.zero_stage_choice)
         self.step_times: list[float] = []  # perf_counter at the end of each step (benchmarks read it)
 
     # -- its own state: the step (the run's other state is its components', see pretrain.state) -------

@@ -18,7 +18,8 @@ benchmarks), so that a second engine (PyTorch's FSDP2) would be one more module 
 - parameters as built, also when partitioned: :func:`partitioned_shape`, :func:`partitioned_numel`,
   :func:`local_shard`, :func:`is_partitioned`, :func:`kept_whole`, :func:`refresh_gathered`.
 
-One module per concern: ``config`` (the DeepSpeed config and its checks), ``precision``,
+One module per concern: ``config`` (the DeepSpeed config and its checks), ``memory_model`` (what a rank
+holds per parameter and per micro-batch, for each stage and precision), ``precision``,
 ``optimizer`` (and its groups), ``partitions``, ``masters``, ``clipping``, ``compilation``,
 ``checkpoint_io`` and ``universal`` (its shards, and re-sharding them), ``deepspeed_engine``.
 """

@@ -81,7 +81,8 @@ def resolve_autocast(cfg: Config, saved: dict | None) -> Config:
                               f"train.resume=false")
         autocast = written
     else:
-        autocast = e.autocast if e.autocast != "auto" else e.zero_stage < 3
+        # (engine.zero_stage=auto is resolved before this in a run; a check before it takes it as below 3)
+        autocast = e.autocast if e.autocast != "auto" else e.zero_stage != 3
     return dataclasses.replace(cfg, engine=dataclasses.replace(e, autocast=autocast))
 
 
