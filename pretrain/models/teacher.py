@@ -86,13 +86,14 @@ class MomentumTeacher(nn.Module):
         if self._bound is None:
             self._bound = self._bind(engine)
         b = self._bound
-        weight = engine.applied() * (1.0 - momentum)  # lerp by exactly 0 where skipped
-        if b.states and b.masters[0].dtype == torch.float32:
-            # One pass over memory, in place: state += weight * (master - state).
-            torch._foreach_lerp_(b.states, b.masters, weight)
-        else:  # the student's rounded partitions (masters on NVMe): one fp32 copy of a parameter at a time
-            for state, master in zip(b.states, b.masters):
-                state.lerp_(master.float(), weight)
+        # A 0-d device tensor, exactly 0 where the step was skipped. torch's foreach lerp takes its
+        # weight as a number only (a host read), so the update is state += weight * (master - state)
+        # in chunks, each holding one chunk's differences at a time.
+        weight = engine.applied() * (1.0 - momentum)
+        for states, masters in _chunks(b.states, b.masters):
+            deltas = torch._foreach_sub([m.float() for m in masters], states)
+            torch._foreach_mul_(deltas, weight)
+            torch._foreach_add_(states, deltas)
         if b.exchange is not None:
             b.exchange()
         torch._foreach_copy_(b.shards, b.sources)
@@ -213,6 +214,22 @@ class MomentumTeacher(nn.Module):
     def _partitioned(self) -> bool:
         """ZeRO-3: ``master`` holds this rank's partitions, laid out as the teacher's."""
         return bool(self._teachers) and is_partitioned(self._teachers[0])
+
+
+# Elements per chunk of the teacher's update: its differences then take at most 256 MiB (fp32).
+UPDATE_CHUNK = 2**26
+
+
+def _chunks(states: list[torch.Tensor], masters: list[torch.Tensor]):
+    """(states, masters) in consecutive chunks of about :data:`UPDATE_CHUNK` elements."""
+    start, size = 0, 0
+    for i, state in enumerate(states):
+        size += state.numel()
+        if size >= UPDATE_CHUNK:
+            yield states[start:i + 1], masters[start:i + 1]
+            start, size = i + 1, 0
+    if start < len(states):
+        yield states[start:], masters[start:]
 
 
 def _copy_of(student: nn.Module, build: Callable[[], nn.Module], dist: DistEnv) -> nn.Module:
