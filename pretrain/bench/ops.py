@@ -8,7 +8,8 @@ value on the host (``item``, ``tolist``, ``bool`` of a tensor, and ops whose out
 the values: ``nonzero``, boolean indexing) stalls the GPU's queue; both can be counted on a CPU. For
 each row, a few optimizer steps of vitscale's trainer (synthetic uint8 batches, bf16) and of a bare
 loop (pretrain.bench.bare_steps) run under a dispatch-counting mode; per steady-state step (the
-first is warm-up, the last one logs) the table gives the ops dispatched, the host syncs (each with
+first two are warm-up: ZeRO-3 records its prefetch trace in the second, asking every rank for
+its module and parameter order element by element; the last one logs) the table gives the ops dispatched, the host syncs (each with
 the line that asked for it), the bytes copied, the ratio of vitscale's ops to the bare loop's, and
 the same for the ops that are not views (``kernels``: a view or an alias launches no GPU kernel).
 
@@ -54,12 +55,13 @@ INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}  # with a b
 SYNC_METHODS = {"tolist", "numpy"}  # reads of a whole tensor on the host (no aten op on a CPU tensor)
 COPY_OPS = {"copy_", "_to_copy"}
 HERE = os.path.abspath(__file__)
+WARMUP_STEPS = 2  # not counted: first calls, and ZeRO-3's trace, recorded in its second step
 
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m pretrain.bench ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per loop (the first and last not counted)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per loop (the first two and the last not counted)")
     p.add_argument("--nproc", type=int, default=2, help="processes for ZeRO 1-3")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true",
@@ -136,7 +138,8 @@ def counted(run, steps: int) -> dict:
     counter = StepCounter()
     with HostReads(counter), counter:
         run(counter.mark)
-    measured = counter.steps[2:steps]  # [0]: before the first step, [1]: the warm-up step, [steps]: the log step
+    # [0]: before the first step, [1] and [2]: the warm-up steps, [steps]: the log step
+    measured = counter.steps[1 + WARMUP_STEPS:steps]
     syncs = Counter()
     for step in measured:
         syncs.update(step["syncs"])
@@ -294,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if "WORLD_SIZE" in os.environ:
         worker(args)
         return 0
-    if args.steps < 3:
-        print("--steps: at least 3 (a warm-up step, a counted one, a logging one)", file=sys.stderr)
+    if args.steps < WARMUP_STEPS + 2:
+        print(f"--steps: at least {WARMUP_STEPS + 2} ({WARMUP_STEPS} warm-up steps, a counted one, a logging one)",
+              file=sys.stderr)
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
