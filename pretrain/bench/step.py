@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pretrain import hooks
 from pretrain.config import load_config
 from pretrain.data.transforms import normalize
 from pretrain.dist import init_distributed, leave_process_group
@@ -62,11 +63,24 @@ def time_trainer(cfg, dist, args) -> float:
 
 
 def trainer_rate(trainer: Trainer, warmup: int) -> float:
-    """Steps per second of ``trainer.fit()`` after ``warmup`` untimed steps. Every step ends in a
-    host sync (the trainer's non-finite check), so its timestamps hold on GPUs too."""
-    trainer.fit()
-    times = trainer.step_times[warmup - 1:]
-    return (len(times) - 1) / (times[-1] - times[0])
+    """Steps per second of ``trainer.fit()`` from the start of step ``warmup`` to the start of its
+    last step. The trainer's steps do not wait for the device, so both stamps are taken after
+    waiting for it (the last step, which logs and saves, is not timed)."""
+    last = trainer.plan.total_steps - 1
+    stamps: dict[int, float] = {}
+
+    def stamp(point: str, step: int | None = None, **fields) -> None:
+        if point == "step" and step in (warmup, last):
+            if trainer.dist.device.type == "cuda":
+                torch.cuda.synchronize(trainer.dist.device)
+            stamps[step] = time.perf_counter()
+
+    hooks.observe(stamp)
+    try:
+        trainer.fit()
+    finally:
+        hooks.forget(stamp)
+    return (last - warmup) / (stamps[last] - stamps[warmup])
 
 
 def time_bare_loop(cfg, dist, args) -> float:
