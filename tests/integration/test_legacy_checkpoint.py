@@ -40,5 +40,8 @@ def test_a_checkpoint_written_before_the_redesign_resumes_exactly(tmp_path):
     assert losses(resumed) == pytest.approx(losses(tmp_path / "whole"), rel=0, abs=0)
     whole, again = (load_file(str(d / "export" / "backbone.safetensors")) for d in (tmp_path / "whole", resumed))
     assert whole.keys() == again.keys()
-    for key in whole:
-        assert torch.equal(whole[key], again[key]), key
+    # The checkpoint's steps ran torch's single-tensor AdamW (vitscale used the fused one on CUDA
+    # only, then); the uninterrupted run's ran the fused one, whose rounding differs in the last
+    # bits: the weights agree to those, the losses exactly.
+    worst = max((whole[key] - again[key]).abs().max().item() for key in whole)
+    assert worst <= 1e-6, worst  # measured: 1.2e-7, one ulp of the largest weights
