@@ -149,35 +149,33 @@ class Photometric:
 
     def _jitter(self, x: torch.Tensor) -> torch.Tensor:
         """Brightness, contrast, saturation and hue, each image by its own factors, in an order
-        drawn for the batch. The order is a tensor: each place in it computes every operation and
-        keeps the one the order names (reading the order on the host would wait for the device)."""
+        drawn for the batch. The order is a tensor (reading it on the host would wait for the
+        device): each place in it computes the operations it may name and keeps the one it names.
+        Brightness, contrast and saturation are one blend, ``lerp(anchor, x, factor)``, towards
+        black, the mean gray or the gray image, so a place computes one blend and one hue shift."""
         n = x.shape[0]
         amounts = {"b": self.brightness, "c": self.contrast, "s": self.saturation, "h": self.hue}
         ops = [op for op, amount in amounts.items() if amount > 0]
-        factors = {op: torch.empty(n, 1, 1, 1, device=x.device).uniform_(*_factor_range(op, amounts[op]))
-                   for op in ops}
+        index = {op: i for i, op in enumerate(ops)}
+        factors = torch.stack([torch.empty(n, device=x.device).uniform_(*_factor_range(op, amounts[op]))
+                               for op in ops], dim=1)
         order = torch.randperm(len(ops), device=x.device)
         for place in range(len(ops)):
-            applied = x
-            for index, op in enumerate(ops):
-                applied = torch.where(order[place] == index, _colour_op(op, x, factors[op]), applied)
-            x = applied.clamp(0, 1)
+            op = order[place]
+            factor = factors.index_select(1, op.view(1)).view(n, 1, 1, 1)
+            gray = _gray(x)
+            anchor = torch.where(op == index.get("b", -1), 0.0,
+                                 torch.where(op == index.get("c", -1), gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+            y = torch.lerp(anchor.expand_as(x), x, factor)
+            if "h" in index:
+                y = torch.where(op == index["h"], _shift_hue(x, factor), y)
+            x = y.clamp(0, 1)
         return x
 
 
 def _factor_range(op: str, amount: float) -> tuple[float, float]:
     """Hue shifts by up to ``amount`` turns either way; the others scale by 1 +- ``amount``."""
     return (-amount, amount) if op == "h" else (1.0 - amount, 1.0 + amount)
-
-
-def _colour_op(op: str, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    if op == "b":
-        return x * factor
-    if op == "c":
-        return torch.lerp(_gray(x).mean(dim=(1, 2, 3), keepdim=True), x, factor)
-    if op == "s":
-        return torch.lerp(_gray(x), x, factor)
-    return _shift_hue(x, factor)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
