@@ -243,7 +243,10 @@ class EngineConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
-    compile: bool = False  # torch.compile the backbone (the first steps then take minutes)
+    compile: bool = False  # torch.compile the objective's step (the first steps then take minutes)
+    # torch.compile's backend: inductor (generated kernels), aot_eager (traced forward and backward,
+    # run by eager kernels: no code generation; for checks), eager (the captured graph run as is).
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     zero_init: bool = True  # ZeRO-3: build the model partitioned (deepspeed.zero.Init), never whole on a rank
     # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (and with "all" the ZeRO-3 parameter
     # partitions) live: host memory, or files under offload_path (NVMe; ZeRO-3 only).
@@ -252,6 +255,8 @@ class EngineConfig:
 
     def validate(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), "engine.zero_stage", self.zero_stage, "must be 0, 1, 2 or 3")
+        require(self.compile or self.compile_backend == "inductor", "engine.compile_backend", self.compile_backend,
+                "is the backend of engine.compile; set engine.compile=true")
         require(self.offload == "none" or self.zero_stage > 0, "engine.offload", self.offload,
                 "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3 (it is 0)")
         require(self.offload != "all" or self.zero_stage == 3, "engine.offload", self.offload,

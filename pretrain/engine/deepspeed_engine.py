@@ -18,7 +18,7 @@ import torch.nn as nn
 from pretrain.dist import DistEnv
 from pretrain.engine.checkpoint_io import ShardFiles, load_keeping_group_settings
 from pretrain.engine.clipping import clip_each_parameter
-from pretrain.engine.compilation import compile_backbone
+from pretrain.engine.compilation import compile_steps
 from pretrain.engine.config import check_offload, deepspeed_config
 from pretrain.engine.imports import import_deepspeed
 from pretrain.engine.masters import full_fp32_state_dict, master_slices, weights_finite
@@ -36,7 +36,7 @@ class Engine:
         check_accelerator(cfg.engine.precision)
         check_offload(cfg)
         if cfg.engine.compile:
-            compile_backbone(module)
+            compile_steps(module, cfg.engine.compile_backend)
         self.optimizer = make_optimizer(param_groups, cfg, dist)
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", 1.0)
