@@ -249,7 +249,10 @@ class EngineConfig:
     # auto: autocast at ZeRO 0-2, DeepSpeed's at ZeRO-3, and a resumed run keeps its checkpoint's mode.
     autocast: bool | Literal["auto"] = "auto"
     deepspeed: dict = field(default_factory=dict)  # raw DeepSpeed config, merged over the generated one
-    compile: bool = False  # torch.compile the backbone (the first steps then take minutes)
+    compile: bool = False  # torch.compile the objective's step (the first steps then take minutes)
+    # torch.compile's backend: inductor (generated kernels), aot_eager (traced forward and backward,
+    # run by eager kernels: no code generation; for checks), eager (the captured graph run as is).
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     zero_init: bool = True  # ZeRO-3: build the model partitioned (deepspeed.zero.Init), never whole on a rank
     # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (and with "all" the ZeRO-3 parameter
     # partitions) live: host memory, or files under offload_path (NVMe; ZeRO-3 only).
@@ -263,6 +266,8 @@ class EngineConfig:
         require(self.autocast is not True or self.precision == "bf16", "engine.autocast", self.autocast,
                 f"autocasts to bf16 only (engine.precision is {self.precision}: fp16 trains with DeepSpeed's loss "
                 f"scaling, fp32 needs no autocast)")
+        require(self.compile or self.compile_backend == "inductor", "engine.compile_backend", self.compile_backend,
+                "is the backend of engine.compile; set engine.compile=true")
         auto = self.zero_stage == "auto"
         require(self.offload == "none" or auto or self.zero_stage > 0, "engine.offload", self.offload,
                 "offloads the state ZeRO partitions; needs engine.zero_stage 1, 2 or 3, or auto (it is 0)")

@@ -112,6 +112,7 @@ class Photometric:
     The recipe of BYOL/DINO/MoBY: colour jitter (with probability ``jitter``; brightness, contrast,
     saturation, hue in a random order per batch), grayscale, Gaussian blur (sigma uniform in
     ``blur_sigma``), solarization at 128. Each image draws its own factors and coin flips.
+    Every draw is a tensor on the device, so a call makes no host sync and traces as one graph.
     """
 
     jitter: float = 0.8
@@ -131,25 +132,9 @@ class Photometric:
         def coin(p: float) -> torch.Tensor:
             return (torch.rand(n, 1, 1, 1, device=x.device) < p) if p > 0 else None
 
-        def factor(spread: float, center: float = 1.0) -> torch.Tensor:
-            return torch.empty(n, 1, 1, 1, device=x.device).uniform_(center - spread, center + spread)
-
         jitter = coin(self.jitter)
         if jitter is not None:
-            ops = [op for op, amount in (("b", self.brightness), ("c", self.contrast), ("s", self.saturation),
-                                         ("h", self.hue)) if amount > 0]
-            for i in torch.randperm(len(ops)).tolist():
-                op = ops[i]
-                if op == "b":
-                    y = x * factor(self.brightness)
-                elif op == "c":
-                    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-                    y = torch.lerp(mean, x, factor(self.contrast))
-                elif op == "s":
-                    y = torch.lerp(_gray(x), x, factor(self.saturation))
-                else:
-                    y = _shift_hue(x, factor(self.hue, 0.0))
-                x = torch.where(jitter, y.clamp_(0, 1), x)
+            x = torch.where(jitter, self._jitter(x), x)
         gray = coin(self.grayscale)
         if gray is not None:
             x = torch.where(gray, _gray(x).expand_as(x), x)
@@ -161,6 +146,36 @@ class Photometric:
         if solarize is not None:
             x = torch.where(solarize & (x >= 128 / 255), 1.0 - x, x)
         return x
+
+    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """Brightness, contrast, saturation and hue, each image by its own factors, in an order
+        drawn for the batch. The order is a tensor (reading it on the host would wait for the
+        device): each place in it computes the operations it may name and keeps the one it names.
+        Brightness, contrast and saturation are one blend, ``lerp(anchor, x, factor)``, towards
+        black, the mean gray or the gray image, so a place computes one blend and one hue shift."""
+        n = x.shape[0]
+        amounts = {"b": self.brightness, "c": self.contrast, "s": self.saturation, "h": self.hue}
+        ops = [op for op, amount in amounts.items() if amount > 0]
+        index = {op: i for i, op in enumerate(ops)}
+        factors = torch.stack([torch.empty(n, device=x.device).uniform_(*_factor_range(op, amounts[op]))
+                               for op in ops], dim=1)
+        order = torch.randperm(len(ops), device=x.device)
+        for place in range(len(ops)):
+            op = order[place]
+            factor = factors.index_select(1, op.view(1)).view(n, 1, 1, 1)
+            gray = _gray(x)
+            anchor = torch.where(op == index.get("b", -1), 0.0,
+                                 torch.where(op == index.get("c", -1), gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+            y = torch.lerp(anchor.expand_as(x), x, factor)
+            if "h" in index:
+                y = torch.where(op == index["h"], _shift_hue(x, factor), y)
+            x = y.clamp(0, 1)
+        return x
+
+
+def _factor_range(op: str, amount: float) -> tuple[float, float]:
+    """Hue shifts by up to ``amount`` turns either way; the others scale by 1 +- ``amount``."""
+    return (-amount, amount) if op == "h" else (1.0 - amount, 1.0 + amount)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from pretrain.dist import DistEnv
 from pretrain.engine.checkpoint_io import ShardFiles, load_keeping_group_settings
 from pretrain.engine.clipping import clip_each_parameter
-from pretrain.engine.compilation import compile_backbone
+from pretrain.engine.compilation import compile_steps
 from pretrain.engine.config import check_offload, deepspeed_config
 from pretrain.engine.device_skip import invalid_norm, leave_norm_checks_to_the_device
 from pretrain.engine.imports import import_deepspeed
@@ -42,7 +42,7 @@ class Engine:
         check_accelerator(e.precision)
         check_offload(cfg)
         if e.compile:
-            compile_backbone(module)
+            compile_steps(module, e.compile_backend)
         self.optimizer = make_optimizer(param_groups, cfg, dist)
         for group in self.optimizer.param_groups:
             group.setdefault("lr_scale", 1.0)

@@ -51,9 +51,32 @@ class Objective(nn.Module):
         return None
 
     # -- training -----------------------------------------------------------------------------------
+    # The methods engine.compile compiles (pretrain.engine.compilation): functions of tensors, and of
+    # Python values that seldom change, so that one graph serves every step.
+    compiled_steps: tuple[str, ...] = ("micro_step",)
+
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics) of one micro-batch; metrics are detached scalar tensors."""
+        return self.micro_step(batch, **self.step_inputs(batch, step))
+
+    def step_inputs(self, batch: dict, step: int) -> dict:
+        """What :meth:`micro_step` needs of step ``step`` beyond the batch, made on the host: numbers
+        that change every step as 0-d tensors (:meth:`step_scalar`), flags that seldom change as
+        Python values (each value is a graph of its own), draws that only the host makes."""
+        return {}
+
+    def micro_step(self, batch: dict, **inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of one micro-batch: the views made on the device, the forwards, heads and
+        loss, and the state every micro-batch moves (centres, queues). Without host syncs: compiled,
+        it is one graph."""
         raise NotImplementedError
+
+    def step_scalar(self, value: float) -> torch.Tensor:
+        """``value`` as a 0-d float32 tensor on the device: an input of the compiled step, where a
+        Python float would be a constant of it (a new graph each step). ``torch.full`` fills on
+        the device; ``torch.tensor(value, device=...)`` copies from the host, which waits for the
+        device's queue to drain."""
+        return torch.full((), value, dtype=torch.float32, device=self.ctx.dist.device)
 
     def after_step(self, step: int, engine) -> None:
         """Called after every optimizer step, applied or skipped (``engine.applied()``, a device flag,

@@ -97,7 +97,7 @@ class Config(ssl.Config):
 
 
 def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, student_temp: float,
-              teacher_temp: float, global_crops: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+              teacher_temp: float | torch.Tensor, global_crops: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, teacher probabilities). ``student``: logits of every crop, crop-major ((crops * B) x K);
     ``teacher``: logits of the global crops, crop-major ((global_crops * B) x K)."""
     teacher_p = F.softmax((teacher.float() - center) / teacher_temp, dim=-1)
@@ -172,14 +172,18 @@ class Objective(ssl.Objective):
         return torch.cat([global_features, self.student["backbone"](self._inputs(local, self.photometric[2]))])
 
     # -- training --------------------------------------------------------------------------------------
-    def forward(self, batch: dict, step: int):
+    def step_inputs(self, batch: dict, step: int) -> dict:
+        # The prototypes' freeze is a flag of the graph: a second graph once they unfreeze.
+        return {"teacher_temp": self.step_scalar(self.teacher_temp(step)), "frozen": self.prototypes_detached(step)}
+
+    def micro_step(self, batch: dict, teacher_temp: torch.Tensor, frozen: bool):
         o = self.cfg.objective
         global_crops = self.global_inputs(batch)
         teacher_out = self.teacher("head", self.teacher("backbone", global_crops))
         features = self.and_local_features(self.student["backbone"](global_crops), batch)
         # The prototypes are frozen in the first epoch(s): no gradient here, no update (param_groups).
-        student_out = self.student["head"](features, freeze_last_layer=self.prototypes_detached(step))
-        loss, teacher_p = dino_loss(student_out, teacher_out, self.center, o.student_temp, self.teacher_temp(step))
+        student_out = self.student["head"](features, freeze_last_layer=frozen)
+        loss, teacher_p = dino_loss(student_out, teacher_out, self.center, o.student_temp, teacher_temp)
         metrics = self._monitors(student_out, teacher_out, teacher_p, features)
         self._update_center(teacher_out)
         return loss, metrics
@@ -202,7 +206,6 @@ class Objective(ssl.Objective):
         values = {"teacher_entropy": entropy / k, "teacher_batch_entropy": batch_entropy / k, "kl": kl,
                   "embedding_std": embedding_std(features[:len(teacher_out)]),
                   "center_norm": self.center.norm()}
-        self.watch.record(values)
         return values
 
     def collapse_limits(self) -> tuple[dict[str, float], dict[str, float]]:

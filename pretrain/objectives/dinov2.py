@@ -19,8 +19,10 @@ schedules, frozen prototypes and export. What DINOv2 adds:
 * layer-wise lr decay and a lower lr for the patch embedding (:meth:`Objective.lr_scale`).
 
 The loss is ``dino_loss_weight * DINO + ibot_loss_weight * iBOT + koleo_loss_weight * KoLeo``
-(DINOv2's defaults 1, 1, 0.1). The mask is drawn in ``forward`` from the model-side random stream
-that the trainer seeds from (seed, rank, step, micro-step), so a resumed run draws the same masks.
+(DINOv2's defaults 1, 1, 0.1). The mask is drawn on the host (``step_inputs``) from the model-side
+random stream that the trainer seeds from (seed, rank, step, micro-step), so a resumed run draws the
+same masks. The heads see the masked patches' tokens padded to the most patches the masks can hold
+(:func:`masked_patch_rows`), as DINOv2's do: the same shapes every step, one compiled graph.
 ViT backbones only: iBOT needs patch tokens at the patch level the mask is drawn on.
 """
 
@@ -36,32 +38,42 @@ import torch.nn.functional as F
 
 from pretrain.dist import DistEnv
 from pretrain.models.heads import DINOHead
-from pretrain.models.masked import MaskToken, MaskTokenInit, unpooled
+from pretrain.models.masked import MaskToken, MaskTokenInit, accept_masks, accepts_masks
 from pretrain.objectives import dino, monitors
 from pretrain.sections import ConfigError
 
 
 # -- the pieces, as pure functions -------------------------------------------------------------------
 @torch.no_grad()
-def sinkhorn_knopp(logits: torch.Tensor, teacher_temp: float, dist: DistEnv, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, teacher_temp: float | torch.Tensor, dist: DistEnv, iterations: int = 3,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher probabilities (B x K) from ``logits`` (B x K) by Sinkhorn-Knopp over the batch of
     every rank (a collective): ``exp(logits / teacher_temp)``, then ``iterations`` times each
     prototype's column scaled to total 1/K and each sample's row to 1/B (B: samples of all ranks);
     finally scaled by B, so that each row sums to 1 and each prototype gets about B/K of the mass.
-    The logits' global maximum is subtracted first (the normalisation cancels it): no overflow."""
+    The logits' global maximum is subtracted first (the normalisation cancels it): no overflow.
+    ``valid`` (B bool): only these rows are samples; the others (padding) come out as zeros."""
     logits = logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None], -math.inf)
     top = logits.max().reshape(1) if logits.numel() else logits.new_full((1,), -math.inf)
     dist.all_reduce(top, "max")
     q = torch.exp((logits - top) / teacher_temp)
-    samples = logits.new_full((1,), float(len(logits)))
+    if valid is None:
+        samples = logits.new_full((1,), float(len(logits)))
+    else:  # where(): with no valid row anywhere, top is -inf and the padding's exp(nan) must not spread
+        q = torch.where(valid[:, None], q, 0.0)
+        samples = valid.sum().float().reshape(1)
     dist.all_reduce(samples)
     prototypes = logits.shape[1]
+    # The floors only keep rows (and batches) with nothing in them at zero instead of 0 / 0.
+    tiny = torch.finfo(q.dtype).tiny
     total = q.sum().reshape(1)
-    q /= dist.all_reduce(total)
+    q /= dist.all_reduce(total).clamp_min(tiny)
     for _ in range(iterations):
         columns = q.sum(dim=0, keepdim=True)
-        q /= dist.all_reduce(columns) * prototypes
-        q /= q.sum(dim=1, keepdim=True) * samples
+        q /= (dist.all_reduce(columns) * prototypes).clamp_min(tiny)
+        q /= (q.sum(dim=1, keepdim=True) * samples).clamp_min(tiny)
     return q * samples
 
 
@@ -77,15 +89,31 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log(distances + eps).mean()
 
 
-def ibot_loss(student_logits: torch.Tensor, teacher_p: torch.Tensor, masks: torch.Tensor,
+def ibot_loss(student_logits: torch.Tensor, teacher_p: torch.Tensor, weight: torch.Tensor, images: int,
               student_temp: float) -> torch.Tensor:
-    """iBOT's patch loss (DINOv2's ``iBOTPatchLoss.forward_masked``). ``masks``: N x L bool, the
-    masked patches of N images; ``student_logits`` and ``teacher_p``: M x K, one row per masked
-    patch in ``masks.nonzero()`` order. Each patch's cross-entropy ``-sum_k p_t log softmax(s /
-    student_temp)`` is weighted by 1 / (its image's masked patches), summed, and divided by N."""
+    """iBOT's patch loss (DINOv2's ``iBOTPatchLoss.forward_masked``) over the masked patches of
+    ``images`` images. ``student_logits`` and ``teacher_p``: M x K, a row per masked patch and rows
+    of padding; ``weight``: M, each row's (:func:`masked_patch_rows`). Each patch's cross-entropy
+    ``-sum_k p_t log softmax(s / student_temp)`` is weighted by 1 / (its image's masked patches),
+    padding by 0; summed, and divided by ``images``."""
     cross_entropy = -torch.sum(teacher_p * F.log_softmax(student_logits.float() / student_temp, dim=-1), dim=-1)
-    weight = (1.0 / masks.sum(dim=-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
-    return (cross_entropy * weight).sum() / masks.shape[0]
+    return (cross_entropy * weight).sum() / images
+
+
+def masked_patch_rows(masks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, weight) of ``rows`` rows (``masks``: N x L bool on the host). ``index``: the masked
+    patches' positions among the N * L patches, in ``masks.nonzero()`` order, then 0 as padding (at
+    least as many rows as masked patches); ``weight``: 1 / (its image's masked patches), 0 for the
+    padding (iBOT's weighting, :func:`ibot_loss`). A fixed number of rows makes the same shapes
+    every step: the compiled step is one graph, as DINOv2's heads run on a buffer of its upper bound."""
+    positions = masks.flatten().nonzero()[:, 0]
+    per_image = 1.0 / masks.sum(dim=1).clamp(min=1).float()
+    rows = max(rows, len(positions))
+    index = torch.zeros(rows, dtype=torch.long)
+    weight = torch.zeros(rows)
+    index[:len(positions)] = positions
+    weight[:len(positions)] = per_image[positions // masks.shape[1]]
+    return index, weight
 
 
 def block_mask(height: int, width: int, count: int, rng=random, min_patches: int = 4,
@@ -119,6 +147,15 @@ def block_mask(height: int, width: int, count: int, rng=random, min_patches: int
             break
         masked += added
     return mask
+
+
+def masked_patches_bound(crops: int, patches: int, probability: float = 0.5,
+                         ratio: tuple[float, float] = (0.1, 0.5)) -> int:
+    """The most patches :func:`draw_masks` masks in ``crops`` crops of ``patches`` patches: each
+    masked crop at most the top of its stratum (DINOv2's ``upperbound``)."""
+    masked = int(crops * probability)
+    bounds = torch.linspace(ratio[0], ratio[1], masked + 1).tolist()
+    return sum(int(patches * bounds[i + 1]) for i in range(masked))
 
 
 def draw_masks(crops: int, height: int, width: int, probability: float = 0.5,
@@ -191,18 +228,17 @@ class Config(dino.Config):
             raise ConfigError(f"objective.per_gpu_batch={self.per_gpu_batch}: each rank's batch (data.batch_size="
                               f"{cfg.data.batch_size}, from data.global_batch over the processes) must be a multiple "
                               f"of it; run on data.global_batch / {self.per_gpu_batch} processes or a divisor of that")
-        if cfg.engine.compile:
-            raise ConfigError("engine.compile=true: not supported with objective.name=dinov2 (the mask enters the "
-                              "backbone through hooks, as SimMIM's); set engine.compile=false")
 
 
 class Objective(dino.Objective):
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
         backbone = self.student["backbone"]
-        if not hasattr(backbone, "num_prefix_tokens") or not hasattr(backbone, "patch_embed"):
+        if not hasattr(backbone, "num_prefix_tokens") or not accepts_masks(backbone):
             raise ConfigError(f"model.name={cfg.model.name!r}: objective.name=dinov2 needs a ViT (patch tokens at "
                               f"the patch level the mask is drawn on)")
+        for network in (backbone, self.teacher.nets["backbone"]):
+            accept_masks(network)  # the student's masked and both networks' unpooled tokens
         patch = backbone.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, (tuple, list)) else patch
         o = cfg.objective
@@ -255,43 +291,54 @@ class Objective(dino.Objective):
 
     def _tokens(self, backbone, images: torch.Tensor, masks: torch.Tensor | None = None):
         """(pooled features, patch tokens N x L x C) of ``backbone`` on ``images``, masked by ``masks``."""
-        with unpooled(backbone, None if masks is None else self.mask_token, masks):
-            tokens = backbone(images)
+        tokens = backbone(images, mask_token=None if masks is None else self.mask_token, mask=masks, unpooled=True)
         return backbone.forward_head(tokens, pre_logits=True), tokens[:, backbone.num_prefix_tokens:]
 
-    def _teacher_p(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    def _teacher_p(self, logits: torch.Tensor, center: torch.Tensor, temp: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.cfg.objective.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temp, self.ctx.dist)
+            return sinkhorn_knopp(logits, temp, self.ctx.dist, valid=valid)
         return F.softmax((logits.float() - center) / temp, dim=-1)
 
-    def forward(self, batch: dict, step: int):
+    def step_inputs(self, batch: dict, step: int) -> dict:
+        """DINO's, and the masks of the global crops, drawn on the host as DINOv2's collate draws
+        them, with the rows of the masked patches padded to their upper bound."""
         o = self.cfg.objective
-        global_crops = self.global_inputs(batch)
-        side = global_crops.shape[-1] // self.patch_size
-        groups = self.image_groups(len(global_crops) // 2)
+        images, side = len(batch["global"]), batch["global"].shape[-1] // self.patch_size
+        groups = self.image_groups(images)
         # Crop-major: each group's masks go to its images' first crops, then to their second crops.
         drawn = [draw_masks(2 * g, side, side, o.mask_probability, o.mask_ratio).view(2, g, side, side)
                  for g in groups]
-        masks = torch.cat(drawn, dim=1).flatten(0, 1).to(global_crops.device)
-        flat = masks.flatten(1)
-        frozen = self.prototypes_detached(step)
-        temp = self.teacher_temp(step)
+        masks = torch.cat(drawn, dim=1).flatten(0, 1)
+        bound = sum(masked_patches_bound(2 * g, side * side, o.mask_probability, o.mask_ratio) for g in groups)
+        index, weight = masked_patch_rows(masks.flatten(1), bound)
+        device = self.ctx.dist.device
+        return {**super().step_inputs(batch, step), "masks": _to_device(masks, device),
+                "patch_index": _to_device(index, device), "patch_weight": _to_device(weight, device)}
+
+    def micro_step(self, batch: dict, teacher_temp: torch.Tensor, frozen: bool, masks: torch.Tensor,
+                   patch_index: torch.Tensor, patch_weight: torch.Tensor):
+        o = self.cfg.objective
+        global_crops = self.global_inputs(batch)
+        groups = self.image_groups(len(global_crops) // 2)
+        valid = patch_weight > 0  # the masked patches' rows; the others pad them to a fixed number
 
         with torch.no_grad():
             teacher = self.teacher.nets["backbone"]
             teacher_cls, teacher_patches = self._tokens(teacher, global_crops)
             teacher_out = self.teacher.nets["head"](teacher_cls)
-            teacher_patch_out = self.teacher.nets[self._ibot_head()](teacher_patches[flat])
-            teacher_p = self._teacher_p(teacher_out, self.center, temp)
-            teacher_patch_p = self._teacher_p(teacher_patch_out, self.ibot_center, temp)
+            teacher_patch_out = self.teacher.nets[self._ibot_head()](_rows(teacher_patches, patch_index))
+            teacher_p = self._teacher_p(teacher_out, self.center, teacher_temp)
+            teacher_patch_p = self._teacher_p(teacher_patch_out, self.ibot_center, teacher_temp, valid)
 
         student_cls, student_patches = self._tokens(self.student["backbone"], global_crops, masks)
         features = self.and_local_features(student_cls, batch)
         student_out = self.student["head"](features, freeze_last_layer=frozen)
-        student_patch_out = self.student[self._ibot_head()](student_patches[flat], freeze_last_layer=frozen)
+        student_patch_out = self.student[self._ibot_head()](_rows(student_patches, patch_index),
+                                                            freeze_last_layer=frozen)
 
         dino_part = dino.dino_cross_entropy(student_out, teacher_p, o.student_temp)
-        ibot_part = ibot_loss(student_patch_out, teacher_patch_p, flat, o.student_temp)
+        ibot_part = ibot_loss(student_patch_out, teacher_patch_p, patch_weight, len(masks), o.student_temp)
         # Per global crop and per group of images, averaged over the groups (one group: DINOv2's sum).
         koleo_part = sum(koleo_loss(g) for c in student_cls.chunk(2) for g in c.split(groups)) / len(groups)
         loss = o.dino_loss_weight * dino_part + o.ibot_loss_weight * ibot_part + o.koleo_loss_weight * koleo_part
@@ -299,21 +346,38 @@ class Objective(dino.Objective):
         metrics = self._monitors(student_out, teacher_out, teacher_p, features)
         with torch.no_grad():
             k = math.log(teacher_patch_p.shape[-1])
-            patch_entropy = monitors.entropy(teacher_patch_p).mean() / k \
-                if len(teacher_patch_p) else teacher_patch_p.new_zeros(())
+            patch_entropy = _mean_over(monitors.entropy(teacher_patch_p), valid) / k
         metrics.update(dino_loss=dino_part.detach(), ibot_loss=ibot_part.detach(), koleo_loss=koleo_part.detach(),
-                       ibot_teacher_entropy=patch_entropy, masked_ratio=flat.float().mean())
+                       ibot_teacher_entropy=patch_entropy, masked_ratio=masks.float().mean())
         if o.centering == "centering":
             self._update_center(teacher_out)
-            self._update_ibot_center(teacher_patch_out)
+            self._update_ibot_center(teacher_patch_out, valid)
         return loss, metrics
 
     @torch.no_grad()
-    def _update_ibot_center(self, teacher_patch_out: torch.Tensor) -> None:
-        """EMA of the teacher's mean output over the masked patches, averaged over the ranks (DINOv2's
-        ``iBOTPatchLoss.update_center``: each rank's mean, however many patches it masked)."""
-        mean = teacher_patch_out.float().mean(dim=0, keepdim=True) if len(teacher_patch_out) else \
-            self.ibot_center.new_zeros(self.ibot_center.shape)
+    def _update_ibot_center(self, teacher_patch_out: torch.Tensor, valid: torch.Tensor) -> None:
+        """EMA of the teacher's mean output over the masked patches (the ``valid`` rows), averaged over
+        the ranks (DINOv2's ``iBOTPatchLoss.update_center``: each rank's mean, however many patches
+        it masked; none: zero)."""
+        mean = _mean_over(teacher_patch_out.float(), valid).reshape(self.ibot_center.shape)
         self.ctx.dist.all_reduce(mean)
         m = self.cfg.objective.center_momentum
         self.ibot_center.mul_(m).add_(mean / self.ctx.dist.world_size, alpha=1 - m)
+
+
+def _rows(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``index`` of the N x L x C patch tokens, as (N * L) x C."""
+    return patches.flatten(0, 1).index_select(0, index)
+
+
+def _mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` (M or M x K) over its ``rows`` (M bool), along the first dimension; 0 over none."""
+    weight = rows.to(values.dtype).reshape(-1, *([1] * (values.ndim - 1)))
+    return (values * weight).sum(dim=0) / rows.sum().clamp(min=1)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, so the copy does not wait for the GPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

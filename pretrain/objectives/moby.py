@@ -96,7 +96,7 @@ class Objective(ssl.Objective):
     def _key(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.target("projector", self.target("encoder", x)).float(), dim=1)
 
-    def forward(self, batch: dict, step: int):
+    def micro_step(self, batch: dict):
         o = self.cfg.objective
         views = batch["views"]
         x1, x2 = self._inputs(views[:, 0], self.photometric[0]), self._inputs(views[:, 1], self.photometric[1])
@@ -105,7 +105,6 @@ class Objective(ssl.Objective):
         loss = moby_loss(q1, q2, k1, k2, self.queue1.clone(), self.queue2.clone(), o.temperature)
         metrics = {"embedding_std": embedding_std(q1), "key_std": embedding_std(k1),
                    "positive_sim": (q1.detach() * k2).sum(1).mean()}
-        self.watch.record(metrics)
         self._enqueue(k1, k2)
         return loss, metrics
 
@@ -115,10 +114,13 @@ class Objective(ssl.Objective):
         if self.ctx.dist.world_size > 1:
             gathered = self.ctx.dist.all_gather_cat(keys)
             keys = gathered.view(-1, *keys.shape).transpose(0, 1).flatten(1, 2)  # (2, world * B, D), rank-major
-        ptr, n = int(self.queue_ptr), keys.shape[1]
-        self.queue1[:, ptr:ptr + n] = keys[0].T.to(self.queue1.dtype)
-        self.queue2[:, ptr:ptr + n] = keys[1].T.to(self.queue2.dtype)
-        self.queue_ptr.fill_((ptr + n) % self.queue1.shape[1])
+        n = keys.shape[1]
+        # The write position stays a tensor (reading it on the host would wait for the device); whole
+        # global batches fill the queue, so the columns never run past its end.
+        columns = self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)
+        self.queue1.index_copy_(1, columns, keys[0].T.to(self.queue1.dtype))
+        self.queue2.index_copy_(1, columns, keys[1].T.to(self.queue2.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.queue1.shape[1])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

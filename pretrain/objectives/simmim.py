@@ -11,12 +11,12 @@ input on the masked pixels only, divided by the number of masked pixels and by t
 official ``SimMIM.forward``).
 
 The backbone stays a plain timm model, which is what is exported: the mask token and the decoder
-live beside it. They enter the backbone's own forward through hooks (pretrain.models.masked) on its
-patch embedding, its final norm and itself (which returns the unpooled feature map while masked), so
-that everything timm and DeepSpeed attach to that forward (ZeRO-3 gathering the model's own
-parameters, such as ViT's position embedding; activation checkpointing) stays in place.
+live beside it. The mask and the token enter the backbone's own call as arguments (its forward
+takes them: pretrain.models.masked), so that everything timm and DeepSpeed attach to that call
+(ZeRO-3 gathering the model's own parameters, such as ViT's position embedding; activation
+checkpointing) stays in place, and a compiled step traces the mask like any other tensor.
 
-The mask is drawn on the device in ``forward``, not in the data workers (the official code draws it
+The mask is drawn on the device in ``micro_step``, not in the data workers (the official code draws it
 in the dataset): the trainer seeds the model-side randomness from (seed, rank, step, micro-step), so
 the mask does not depend on the data pipeline's workers or position and a resumed run draws the
 same masks; and the view stays the plain crop-and-flip one, which can also decode on the device.
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pretrain.data.transforms import SupervisedTrainView, normalize
 from pretrain.models.backbone import create_backbone
-from pretrain.models.masked import MaskToken, MaskTokenInit, unpooled
+from pretrain.models.masked import MaskToken, MaskTokenInit, accept_masks, accepts_masks
 from pretrain.objectives import base
 from pretrain.sections import ConfigError, ObjectiveConfig
 
@@ -64,12 +64,6 @@ class Config(ObjectiveConfig):
             raise ConfigError(f"objective.hflip={self.hflip!r}: must be in [0, 1]")
 
     def validate_run(self, cfg) -> None:
-        if cfg.engine.compile:
-            # Measured on CPU (torch 2.14.1): the compiled backbone reconstructed fully masked
-            # images differently from the eager one; the per-call hooks are not followed correctly.
-            raise ConfigError("engine.compile=true: not supported with objective.name=simmim (the mask enters the "
-                              "backbone through hooks that the compiled backbone does not apply correctly); "
-                              "set engine.compile=false")
         if cfg.data.image_size % self.mask_patch_size:
             raise ConfigError(f"objective.mask_patch_size={self.mask_patch_size}: must divide "
                               f"data.image_size={cfg.data.image_size}")
@@ -102,6 +96,10 @@ class Objective(base.Objective):
         super().__init__(cfg, ctx)
         o, model = cfg.objective, cfg.model
         self.encoder = create_backbone(model, cfg.data.image_size, 0)
+        if not accepts_masks(self.encoder):
+            raise ConfigError(f"model.name={model.name!r}: objective.name=simmim masks timm's ViT and Swin (V1, V2) "
+                              f"backbones only")
+        accept_masks(self.encoder)
         patch = self.encoder.patch_embed.patch_size
         self.patch_size = patch[0] if isinstance(patch, (tuple, list)) else patch
         if o.mask_patch_size % self.patch_size:
@@ -124,8 +122,7 @@ class Objective(base.Objective):
     # -- the masked encoder ----------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The encoder's unpooled features (N x C x H/stride x W/stride) of ``images`` masked by ``mask``."""
-        with unpooled(self.encoder, self.mask_token, mask):
-            x = self.encoder(images)
+        x = self.encoder(images, mask_token=self.mask_token, mask=mask, unpooled=True)
         if x.ndim == 3:  # ViT: N x (prefix + L) x C tokens, row-major over the patch grid
             x = x[:, self.prefix_tokens:]
             side = images.shape[-2] // self.stride
@@ -136,7 +133,7 @@ class Objective(base.Objective):
         return self.decoder(self.encode(images, mask))
 
     # -- training --------------------------------------------------------------------------------------
-    def forward(self, batch: dict, step: int):
+    def micro_step(self, batch: dict):
         o, d = self.cfg.objective, self.cfg.data
         target = normalize(batch["image"], d.mean, d.std, torch.float32)
         mask = random_block_mask(len(target), target.shape[-1], o.mask_patch_size, self.patch_size, o.mask_ratio,

@@ -110,6 +110,12 @@ class Objective(base.Objective):
         d = self.cfg.data
         return normalize(photometric(images).mul_(255.0), d.mean, d.std, self.ctx.compute_dtype)
 
+    # -- training --------------------------------------------------------------------------------------
+    def forward(self, batch: dict, step: int):
+        loss, metrics = super().forward(batch, step)
+        self.watch.record(metrics)  # outside the compiled step: the watch reads them at log steps
+        return loss, metrics
+
     # -- after each step -------------------------------------------------------------------------------
     def after_step(self, step: int, engine) -> None:
         self.momentum_teacher().update(self.momentum(step), engine)

@@ -1,7 +1,8 @@
 """Supervised classification: soft-target cross-entropy with Mixup/CutMix and label smoothing.
 
 The classifier is the timm model's own head, sized from the dataset's classes (21,841 for
-ImageNet-21K). Random erasing and Mixup run on the device, on the normalized batch.
+ImageNet-21K). Random erasing and Mixup run on the device, on the normalized batch, drawing on the
+device (pretrain.data.erasing, pretrain.data.mixing: timm's recipes, without host syncs).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
-from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 
+from pretrain.data.erasing import RandomErasing
+from pretrain.data.mixing import MixupCutmix
 from pretrain.data.transforms import EvalView, SupervisedTrainView, normalize
 from pretrain.models.backbone import create_backbone
 from pretrain.objectives import base
@@ -63,22 +64,23 @@ class Config(ObjectiveConfig):
             raise ConfigError(f"data.decode_on_device=true: objective.auto_augment={self.auto_augment!r} and "
                               f"objective.color_jitter={self.color_jitter} work on decoded images in the data "
                               f"workers; set objective.auto_augment=null objective.color_jitter=0")
-        if self.uses_mixup and self.mixup_mode == "batch" and cfg.data.batch_size % 2:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: Mixup/CutMix in batch mode needs an even "
-                              f"batch (or objective.mixup=0 objective.cutmix=0)")
+        if self.uses_mixup and cfg.data.batch_size % 2:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size}: Mixup/CutMix needs an even batch (each "
+                              f"image is mixed with its mirror in the batch; or objective.mixup=0 objective.cutmix=0)")
 
 
 class Objective(base.Objective):
+    compiled_steps = ("micro_step", "val_sums")
+
     def __init__(self, cfg, ctx: base.RunContext) -> None:
         super().__init__(cfg, ctx)
         o = cfg.objective
         self.model = create_backbone(cfg.model, cfg.data.image_size, ctx.num_classes)
         self.mixup = None
         if o.uses_mixup:
-            self.mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob,
-                               switch_prob=o.mixup_switch_prob, mode=o.mixup_mode,
-                               label_smoothing=o.label_smoothing, num_classes=ctx.num_classes)
-        self.erasing = RandomErasing(o.reprob, mode=o.remode, device=str(ctx.dist.device)) if o.reprob else None
+            self.mixup = MixupCutmix(o.mixup, o.cutmix, o.mixup_prob, o.mixup_switch_prob, o.mixup_mode,
+                                     o.label_smoothing, ctx.num_classes)
+        self.erasing = RandomErasing(o.reprob, o.remode) if o.reprob else None
         self.soft_ce = SoftTargetCrossEntropy()
 
     def backbone(self):
@@ -95,7 +97,7 @@ class Objective(base.Objective):
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.cfg.data.mean, self.cfg.data.std, torch.float32)
 
-    def forward(self, batch: dict, step: int):
+    def micro_step(self, batch: dict):
         images, labels = self._inputs(batch["image"]), batch["label"]
         if self.erasing is not None:
             images = self.erasing(images)
@@ -110,10 +112,14 @@ class Objective(base.Objective):
 
     @torch.no_grad()
     def val_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        # self.model is read here, outside the compiled sums: a subclass may swap in other weights (an EMA).
+        return self.val_sums(self.model, batch)
+
+    def val_sums(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         images, labels = self._inputs(batch["image"]), batch["label"]
-        logits = self.model(images.to(self.ctx.compute_dtype)).float()
+        logits = model(images.to(self.ctx.compute_dtype)).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5.eq(labels[:, None])
         return {"loss": F.cross_entropy(logits, labels, reduction="sum"),
                 "top1": hits[:, 0].sum().float(), "top5": hits.any(dim=1).sum().float(),
-                "count": torch.tensor(float(len(labels)), device=logits.device)}
+                "count": torch.full((), float(len(labels)), device=logits.device)}

@@ -16,7 +16,8 @@ from tests.helpers import TINY_DINOV2, tiny_config, tiny_objective
 
 from pretrain.config import ConfigError
 from pretrain.dist import DistEnv
-from pretrain.objectives.dinov2 import block_mask, draw_masks, ibot_loss, koleo_loss, sinkhorn_knopp
+from pretrain.objectives.dinov2 import (block_mask, draw_masks, ibot_loss, koleo_loss, masked_patch_rows,
+                                       masked_patches_bound, sinkhorn_knopp)
 
 
 def reference_sinkhorn(logits, temp, iterations):
@@ -74,11 +75,13 @@ def test_koleo_pushes_the_nearest_neighbours_apart():
     assert koleo_loss(step) < koleo_loss(x.detach())
 
 
-def test_ibot_loss_equals_its_formula():
+def test_ibot_loss_equals_its_formula_and_padding_counts_for_nothing():
     torch.manual_seed(3)
     masks = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)  # 3 images, 4 patches
-    student = torch.randn(4, 5)  # one row per masked patch, image-major
-    teacher_p = torch.softmax(torch.randn(4, 5), dim=1)
+    index, weight = masked_patch_rows(masks, 6)  # 4 masked patches, 2 rows of padding
+    assert index.tolist() == [0, 2, 3, 9, 0, 0] and weight.tolist() == pytest.approx([1 / 3] * 3 + [1, 0, 0])
+    student = torch.randn(6, 5)  # one row per masked patch, image-major, then the padding's
+    teacher_p = torch.softmax(torch.randn(6, 5), dim=1)
     per_image, row = [], 0
     for image in masks:
         ce = []
@@ -87,7 +90,28 @@ def test_ibot_loss_equals_its_formula():
             row += 1
         per_image.append(torch.stack(ce).mean() if ce else torch.tensor(0.0))
     expected = torch.stack(per_image).sum() / 3  # the unmasked image counts, as zero
-    torch.testing.assert_close(ibot_loss(student, teacher_p, masks, 0.1), expected)
+    torch.testing.assert_close(ibot_loss(student, teacher_p, weight, 3, 0.1), expected)
+    # More masked patches than rows asked for: every one still gets a row.
+    assert len(masked_patch_rows(masks, 2)[0]) == 4
+
+
+def test_sinkhorn_knopp_leaves_padding_rows_out():
+    torch.manual_seed(4)
+    logits = torch.randn(9, 5) * 0.5
+    valid = torch.tensor([True] * 6 + [False] * 3)
+    padded = sinkhorn_knopp(torch.cat([logits[:6], logits[6:] + 50.0]), 0.1, DistEnv(), valid=valid)
+    torch.testing.assert_close(padded[:6], sinkhorn_knopp(logits[:6], 0.1, DistEnv()))
+    assert torch.equal(padded[6:], torch.zeros(3, 5))
+    nothing = sinkhorn_knopp(logits, 0.1, DistEnv(), valid=torch.zeros(9, dtype=torch.bool))
+    assert torch.equal(nothing, torch.zeros(9, 5))  # no masked patch anywhere: zeros, not NaN
+
+
+def test_masked_patch_bound_holds_every_draw():
+    rng = random.Random(5)
+    bound = masked_patches_bound(8, 64, 0.5, (0.1, 0.5))
+    assert bound == sum(int(64 * r) for r in (0.2, 0.3, 0.4, 0.5))
+    counts = [int(draw_masks(8, 8, 8, 0.5, (0.1, 0.5), rng).sum()) for _ in range(50)]
+    assert max(counts) <= bound and max(counts) > 0.8 * bound
 
 
 def test_block_masks_mask_about_the_count_in_blocks():

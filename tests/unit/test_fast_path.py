@@ -1,5 +1,5 @@
 """The GPU fast path's switches, checked on the CPU: fused attention gives Swin's results, including
-its shifted (masked) windows; engine.compile reaches the backbone the engine trains."""
+its shifted (masked) windows; engine.compile reaches the objective the engine trains."""
 
 from __future__ import annotations
 
@@ -92,11 +92,16 @@ def test_compile_is_validated_and_off_by_default():
     assert synthetic_config().engine.compile is False
     with pytest.raises(ConfigError, match="engine.compile"):
         synthetic_config("engine.compile=sometimes")
+    assert synthetic_config("engine.compile=true").engine.compile_backend == "inductor"
+    with pytest.raises(ConfigError, match="engine.compile_backend='tvm': expected one of"):
+        synthetic_config("engine.compile=true", "engine.compile_backend=tvm")
+    with pytest.raises(ConfigError, match="engine.compile_backend='aot_eager': is the backend of engine.compile"):
+        synthetic_config("engine.compile_backend=aot_eager")
 
 
-# What the engine does with engine.compile=true, without running the compiled model (compiling even
-# a 2-block ViT takes over a minute on one CPU core): the backbone is compiled in place, the
-# objective around it is not, and parameter names (checkpoints, exports) do not change.
+# What the engine does with engine.compile=true, without running the compiled step
+# (tests/integration/test_compile.py runs it): the objective's step methods are compiled on the
+# instance, no module is wrapped, and parameter names (checkpoints, exports) do not change.
 ENGINE_CHECK = """
 import torch
 from pretrain.dist import init_distributed
@@ -110,14 +115,16 @@ dist = init_distributed()
 objective = build_objective(cfg, RunContext(10, 1, 1, dist, cfg.engine.precision))
 names = [n for n, _ in objective.named_parameters()]
 engine = Engine(objective, objective.param_groups(), cfg, dist)
-assert objective.backbone()._compiled_call_impl is not None
-assert objective._compiled_call_impl is None
+assert engine.module is objective
+for step in ("micro_step", "val_sums"):
+    assert hasattr(vars(objective)[step], "_torchdynamo_orig_callable"), step
+assert all(m._compiled_call_impl is None for m in objective.modules())
 assert [n for n, _ in engine.module.named_parameters()] == names
-print("compiled backbone")
+print("compiled steps")
 """
 
 
-def test_engine_compiles_the_backbone_it_trains():
+def test_engine_compiles_the_objectives_steps_in_place():
     result = subprocess.run([sys.executable, "-c", ENGINE_CHECK], cwd=REPO, env=python_env(), capture_output=True,
                             text=True, timeout=300)
-    assert result.returncode == 0 and "compiled backbone" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "compiled steps" in result.stdout, result.stderr[-3000:]

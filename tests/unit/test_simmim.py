@@ -83,6 +83,35 @@ def test_masked_patches_enter_the_encoder_as_the_mask_token(tmp_path, model):
     assert objective.decoder(features).shape == (2, 3, 32, 32)
 
 
+@pytest.mark.parametrize("model", [TINY_VIT, [*TINY_VIT, "model.kwargs.dynamic_img_size=true",
+                                              "model.pos_embed_interpolation=dino"],
+                                   [*TINY_VIT, "model.grad_checkpointing=true"], TINY_SWIN],
+                         ids=["vit", "vit-dino-pos-embed", "vit-grad-checkpointing", "swin"])
+def test_the_masked_forward_unmasked_is_timms(tmp_path, model):
+    """The encoder's masked forward writes timm's forward_features out: unmasked, it must be timm's
+    (a timm release that changes forward_features fails here), and called plainly it is timm's forward."""
+    torch.manual_seed(0)
+    encoder = tiny(tmp_path, model).encoder.train()
+    images = torch.randn(2, 3, 32, 32)
+
+    def seeded(forward):  # the same drop-path draws for both
+        torch.manual_seed(1)
+        return forward()
+
+    features = seeded(lambda: encoder(images, unpooled=True))
+    features.square().mean().backward()
+    grads = [p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad()
+    timms = seeded(lambda: type(encoder).forward_features(encoder, images))
+    timms.square().mean().backward()
+    torch.testing.assert_close(features, timms, rtol=0, atol=0)
+    for ours, theirs in zip(grads, [p.grad for p in encoder.parameters()]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(seeded(lambda: encoder(images)),
+                                   seeded(lambda: type(encoder).forward(encoder, images)), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("model", [TINY_VIT, TINY_SWIN], ids=["vit", "swin"])
 def test_forward_trains_mask_token_decoder_and_encoder_only_through_masked_pixels(tmp_path, model):
     torch.manual_seed(0)
@@ -106,8 +135,3 @@ def test_mask_patch_size_must_fit_image_and_patches(tmp_path):
         tiny(tmp_path, TINY_VIT, "objective.mask_patch_size=12")
     with pytest.raises(ConfigError, match="objective.mask_patch_size=2: must be a multiple of the patch size 4"):
         tiny(tmp_path, TINY_VIT, "objective.mask_patch_size=2")
-
-
-def test_compile_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="engine.compile=true: not supported with objective.name=simmim"):
-        tiny(tmp_path, TINY_VIT, "engine.compile=true")
