@@ -104,7 +104,9 @@ class Objective(base.Objective):
         if self.mixup is not None:
             images, targets = self.mixup(images, labels)
         else:
-            targets = F.one_hot(labels, self.ctx.num_classes).float()
+            # F.one_hot checks the labels' range on the host (two syncs); the scatter checks on the device.
+            targets = torch.zeros(len(labels), self.ctx.num_classes, device=labels.device).scatter_(
+                1, labels[:, None], 1.0)
             smoothing = self.cfg.objective.label_smoothing
             targets = targets * (1.0 - smoothing) + smoothing / self.ctx.num_classes
         logits = self.model(images.to(self.ctx.compute_dtype))
