@@ -5,8 +5,9 @@ benchmarks), so that a second engine (PyTorch's FSDP2) would be one more module 
 
 - building: :func:`build_module` (the model, partitioned from the start where the engine shards
   parameters), then ``Engine(module, param_groups, cfg, dist)``;
-- one step: ``forward``, ``backward``, ``step(skip, measure_grad_norm)``, ``set_hyperparameters``,
-  ``fp16_overflow``, ``grad_norm``; ``train`` / ``eval``;
+- one step: ``forward``, ``backward``, ``step(skip, measure_grad_norm)`` (``skip`` a device flag:
+  nothing waits for the device), ``applied()`` and ``nonfinite_gradients`` (its verdicts, on the
+  device), ``set_hyperparameters``, ``fp16_overflow``, ``grad_norm``, ``autocast()``; ``train`` / ``eval``;
 - the fp32 master weights: ``master_slices`` (what a momentum teacher follows, no communication),
   ``full_fp32_state_dict`` (whole, a collective), ``weights_finite``;
 - its shards of a checkpoint: ``save(directory, tag, client_state) -> files written``,
@@ -20,7 +21,7 @@ benchmarks), so that a second engine (PyTorch's FSDP2) would be one more module 
 
 One module per concern: ``config`` (the DeepSpeed config and its checks), ``memory_model`` (what a rank
 holds per parameter and per micro-batch, for each stage and precision), ``precision``,
-``optimizer`` (and its groups), ``partitions``, ``masters``, ``clipping``, ``compilation``,
+``optimizer`` (and its groups), ``device_skip`` (a step skipped without a host read), ``partitions``, ``masters``, ``clipping``, ``compilation``,
 ``checkpoint_io`` and ``universal`` (its shards, and re-sharding them), ``deepspeed_engine``.
 """
 
