@@ -89,10 +89,26 @@ def all_reduce_differentiable(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over the ranks of the default process group, with the gradient flowing
     back to every rank's input (for modules that hold no DistEnv: synchronized batch norm)."""
     if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        import torch.distributed.nn.functional as dist_nn
-
-        return dist_nn.all_reduce(tensor)
+        return _SumOverRanks.apply(tensor)
     return tensor
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Every rank's output is the sum of every rank's input, so each input's gradient is the sum of
+    every output's. On functional collectives, which torch.compile traces (torch.distributed.nn's
+    all-reduce breaks the graph)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", tdist.group.WORLD))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", tdist.group.WORLD))
 
 
 # The exit code of a stage that saved and stopped on a signal (SIGUSR1, or Slurm's via the launcher)
