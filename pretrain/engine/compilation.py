@@ -23,8 +23,8 @@ def compile_steps(module: nn.Module, backend: str = "inductor") -> None:
     Graph breaks: none at ZeRO 0-2 (tests/integration/test_compile.py, one process; DINO and
     DINOv2 on two processes as well, their all-reduces traced). Under ZeRO-3 DeepSpeed's gathering
     hooks run outside the graph, breaking it at the modules they hook (measured on one process:
-    59 breaks for a one-block SimMIM ViT, 122 for DINO). On more than one process MoBY's
-    synchronized batch norm breaks it: torch.distributed.nn's all-reduce is not traceable.
+    59 breaks for a one-block SimMIM ViT, 122 for DINO). MoBY's synchronized batch norm sums over
+    the ranks with functional collectives, which are traced (pretrain.dist.all_reduce_differentiable).
     """
     if not torch._dynamo.is_dynamo_supported():
         raise ConfigError("engine.compile=true: torch.compile is not supported by this Python or PyTorch build")
