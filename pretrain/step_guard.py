@@ -60,7 +60,9 @@ class StepGuard:
     def agree(self, stop_requested: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(skip: 1.0 where some rank's loss was not finite in this step, stop: 1.0 where some rank
         was asked to stop), 0-d device tensors; a collective that nothing waits for here."""
-        flags = torch.stack([self.nonfinite, torch.tensor(float(stop_requested), device=self.dist.device)])
+        # torch.full fills on the device; torch.tensor(x, device=...) would copy from the host and wait.
+        stop = torch.full((), float(stop_requested), device=self.dist.device)
+        flags = torch.stack([self.nonfinite, stop])
         if self.dist.world_size > 1:
             flags = self.dist.all_reduce(flags, "max")
         return flags[0], flags[1]

@@ -138,7 +138,11 @@ class Engine:
 
     def _zero_nonfinite_gradients(self) -> torch.Tensor:
         norm = getattr(self.engine.optimizer, "_global_grad_norm", None)
-        return torch.zeros((), device=self.dist.device) if norm is None else invalid_norm(torch.as_tensor(norm))
+        if norm is None:
+            return torch.zeros((), device=self.dist.device)
+        if not torch.is_tensor(norm):  # a number: DeepSpeed's mark of a step it skipped itself
+            norm = torch.full((), float(norm), device=self.dist.device)
+        return invalid_norm(norm)
 
     @property
     def nonfinite_gradients(self) -> torch.Tensor | None:
@@ -157,7 +161,8 @@ class Engine:
         momentum teachers scale their update by it; nothing waits for the device."""
         if not self.engine.was_step_applied():
             return torch.zeros((), device=self.dist.device)
-        skipped = torch.as_tensor(self._skip, dtype=torch.float32, device=self.dist.device)
+        skipped = self._skip.float() if torch.is_tensor(self._skip) else \
+            torch.full((), float(self._skip), device=self.dist.device)
         grads = self.nonfinite_gradients
         if grads is not None:
             skipped = torch.maximum(skipped, grads)

@@ -36,7 +36,8 @@ class SkipAndFreeze:
         skip = self.skip
         if self.nonfinite_gradients is not None:
             flag = self.nonfinite_gradients()
-            skip = flag if skip is False else torch.maximum(torch.as_tensor(skip, dtype=flag.dtype), flag)
+            skip = flag if skip is False else torch.maximum(torch.as_tensor(skip, dtype=flag.dtype,
+                                                                            device=flag.device), flag)
         if torch.is_tensor(skip) and not self.skips_on_device:
             skip = bool(skip)
         if skip is True:
