@@ -131,8 +131,11 @@ def test_dinov2_losses_are_vitscales():
     patches = int(masks.sum())
     student_patches, patch_p = torch.randn(patches, k), torch.softmax(torch.randn(patches, k), dim=-1)
     weights = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    # vitscale's rows are padded to a fixed count (weight 0), as DINOv2's heads run on its upper bound.
+    _, row_weights = dinov2.masked_patch_rows(masks, patches + 3)
+    padded = [torch.cat([rows, torch.softmax(torch.randn(3, k), dim=-1)]) for rows in (student_patches, patch_p)]
     assert torch.allclose(bare_steps.ibot_masked_loss(student_patches, patch_p, weights, len(masks), 0.1),
-                          dinov2.ibot_loss(student_patches, patch_p, masks, 0.1))
+                          dinov2.ibot_loss(*padded, row_weights, len(masks), 0.1))
 
     features = torch.randn(5, 16)
     assert torch.allclose(bare_steps.koleo(features), dinov2.koleo_loss(features))
