@@ -15,8 +15,8 @@ stage fits, ZeRO-3 (the least memory) is chosen with a warning.
 
 - ``engine.offload``: ``optimizer`` leaves stages 1-3 to choose from, ``all`` and ``engine.offload_path``
   only ZeRO-3 (the stages each works with; the offloaded state is not on the device).
-- ``engine.autocast`` (where the config has it): ``auto`` means fp32 weights at ZeRO 0-2 and
-  DeepSpeed's 16-bit weights at ZeRO-3, so each stage is weighed in the precision it would run in.
+- ``engine.autocast``: ``auto`` means fp32 weights at ZeRO 0-2 and DeepSpeed's 16-bit weights at
+  ZeRO-3 (bf16 only: fp16 never autocasts), so each stage is weighed in the precision it would run in.
 - A run that resumes keeps the stage its checkpoints were written with, the number the run dir's
   ``config.yaml`` records: a checkpoint of ZeRO-0, ZeRO-1/2 or ZeRO-3 does not load at a stage of
   another of these three groups (DeepSpeed looks for files that are not there), and a machine with more
@@ -45,6 +45,7 @@ from pretrain.config import load_yaml
 from pretrain.dist import DistEnv
 from pretrain.engine.memory_model import (AUTOCAST_COPY_BYTES, activation_bytes, frozen_bytes, model_state_bytes,
                                           teacher_state_bytes)
+from pretrain.engine.precision import autocasts
 from pretrain.sections import Config
 from pretrain.state.layout import CHECKPOINTS_DIR, LATEST_NAME
 
@@ -93,10 +94,9 @@ class ZeroStageChoice:
 
 
 def fp32_weights(stage: int, precision: str, autocast) -> bool:
-    """Whether ``stage`` keeps fp32 weights: engine.precision fp32, or autocast (``auto``: at ZeRO 0-2)."""
-    if precision == "fp32":
-        return True
-    return stage < 3 if autocast == AUTO else bool(autocast)
+    """Whether ``stage`` keeps fp32 weights: engine.precision fp32, or autocast as a run at that stage
+    would resolve it (:func:`pretrain.engine.precision.autocasts`: bf16 only, ``auto`` below ZeRO-3)."""
+    return precision == "fp32" or autocasts(precision, autocast, stage)
 
 
 def candidate_stages(offload: str, offload_path: str | None) -> tuple[int, ...]:
@@ -159,7 +159,7 @@ def resolve_zero_stage(cfg: Config, dist: DistEnv, ctx) -> tuple[Config, ZeroSta
         return cfg, None
     e = cfg.engine
     choice = choose_zero_stage(measure_workload(cfg, ctx), dist.world_size, device_budget(dist),
-                               getattr(e, "autocast", AUTO), e.offload, e.offload_path, recorded_stage(cfg))
+                               e.autocast, e.offload, e.offload_path, recorded_stage(cfg))
     if dist.is_main:
         log.log(logging.INFO if choice.fits else logging.WARNING, "%s", choice.reason)
     return dataclasses.replace(cfg, engine=dataclasses.replace(e, zero_stage=choice.stage)), choice

@@ -62,6 +62,14 @@ def describe_precision(engine: EngineConfig) -> str:
     return f"{engine.precision} weights and gradients with fp32 masters (DeepSpeed's {engine.precision})"
 
 
+def autocasts(precision: str, autocast: bool | str, zero_stage: int | str) -> bool:
+    """Whether a run that starts afresh autocasts: only bf16 does, and ``auto`` at every stage but
+    ZeRO-3 (:func:`resolve_autocast` says why)."""
+    if precision != "bf16":
+        return False
+    return zero_stage != 3 if autocast == "auto" else bool(autocast)
+
+
 def resolve_autocast(cfg: Config, saved: dict | None) -> Config:
     """``cfg`` with ``engine.autocast`` a bool. ``saved``: the meta data of the checkpoint the run
     resumes, if any; its mode is kept, since the optimizer state of one does not load into the
@@ -70,9 +78,7 @@ def resolve_autocast(cfg: Config, saved: dict | None) -> Config:
     cast and an overflow check per step, and DeepSpeed's at ZeRO-3, where halving the gathered
     weights and the reduced gradients is the point of the stage."""
     e = cfg.engine
-    if e.precision != "bf16":
-        autocast = False
-    elif saved is not None and saved.get("precision") == e.precision:
+    if e.precision == "bf16" and saved is not None and saved.get("precision") == e.precision:
         written = bool(saved.get("autocast", False))
         if e.autocast not in ("auto", written):
             raise ConfigError(f"engine.autocast={e.autocast}: the checkpoint this run resumes was written with "
@@ -82,7 +88,7 @@ def resolve_autocast(cfg: Config, saved: dict | None) -> Config:
         autocast = written
     else:
         # (engine.zero_stage=auto is resolved before this in a run; a check before it takes it as below 3)
-        autocast = e.autocast if e.autocast != "auto" else e.zero_stage != 3
+        autocast = autocasts(e.precision, e.autocast, e.zero_stage)
     return dataclasses.replace(cfg, engine=dataclasses.replace(e, autocast=autocast))
 
 
